@@ -206,8 +206,11 @@ def test_metric_contract_through_the_registry():
     out = metric.compute(model, data, metric.options(**FAST), seeded(7))
     assert all(isinstance(k, str) and isinstance(v, float) and math.isfinite(v) for k, v in out.items())
     for q in ("top_eigenvalue", "top_abs_eigenvalue", "trace", "trace_hutchpp", "hvp_eig", "hvp_trace",
-              "hvp_trace_hutchpp", "hvp_density", "eigenvalue@1", "eigenvalue@3"):
+              "hvp_trace_hutchpp", "hvp_traces", "hvp_density", "eigenvalue@1", "eigenvalue@3"):
         assert f"train/{q}" in out
+    sketch_products = 2 * FAST["hutchpp_sketch"]
+    assert out["train/hvp_traces"] == max(out["train/hvp_trace"], out["train/hvp_trace_hutchpp"] - sketch_products) \
+        + sketch_products
     assert out["train/top_eigenvalue"] == out["train/eigenvalue@1"] >= out["train/eigenvalue@2"]
     assert out["train/hvp_density"] == 20
     t, phi = density_curve(out)

@@ -328,6 +328,35 @@ def test_hutchpp_exact_when_the_sketch_spans_the_space():
     assert est.n_products == 40
 
 
+@pytest.mark.parametrize("sketch, rule, tol", [(0, "change", 1e-3), (4, "change", 1e-3), (4, "stderr", 0.05),
+                                              (10, "change", 0.0)])
+def test_traces_share_probes_and_equal_each_estimator_run_alone(sketch, rule, tol):
+    """`traces`: every sample is the dense z^T A z and (P z)^T A (P z) of the probes the generator gave,
+    each estimator stops by its own rule, and the products are 2 s + max(m_plain, m_plus)."""
+    a = symmetric(DECAYING)
+    mv = counted(a)
+    plain, plus = linalg.traces(mv, N, sketch=sketch, max_probes=60, tol=tol, generator=gen(4), rule=rule)
+    replay = gen(4)
+    s_mat = linalg.rademacher(N, replay, columns=sketch) if sketch else torch.zeros(N, 0, dtype=torch.float64)
+    q = torch.linalg.qr(a @ s_mat)[0]
+    low = float(torch.trace(q.T @ a @ q))
+    probes = [linalg.rademacher(N, replay) for _ in range(max(plain.n_products, plus.n_products - 2 * sketch))]
+    p = torch.eye(N, dtype=torch.float64) - q @ q.T
+    np.testing.assert_allclose(plain.samples, [float(z @ a @ z) for z in probes[:plain.n_products]], rtol=1e-10)
+    m_plus = plus.n_products - 2 * sketch
+    np.testing.assert_allclose(plus.samples, [float(z @ p @ a @ p @ z) for z in probes[:m_plus]], rtol=1e-9,
+                               atol=1e-9 * float(a.norm()) * N)
+    assert plus.value == pytest.approx(low + float(np.mean(plus.samples)), rel=1e-10)
+    assert mv.calls == 2 * sketch + max(plain.n_products, m_plus)
+    for samples, offset in ((plain.samples, 0.0), (plus.samples, low)):  # each stopped by its own rule, not earlier
+        assert len(samples) == 60 or linalg._should_stop(rule, tol, offset, list(samples))
+        assert not any(linalg._should_stop(rule, tol, offset, list(samples[:k])) for k in range(1, len(samples)))
+    if sketch == 0:
+        np.testing.assert_array_equal(plain.samples, plus.samples)
+    assert linalg.hutchpp(counted(a), N, sketch=sketch, max_probes=60, tol=tol, generator=gen(4),
+                          rule=rule).value == plus.value
+
+
 # --------------------------------------------------------------------------- SLQ
 def test_slq_recovers_the_exact_spectrum_at_full_dimension():
     n = 40

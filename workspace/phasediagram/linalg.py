@@ -429,20 +429,17 @@ def _should_stop(rule: str, tol: float, offset: float, samples: list[float]) -> 
     return m >= 2 and float(np.std(samples, ddof=1)) / math.sqrt(m) <= tol * abs(now)
 
 
-def _probe_mean(quadratic: Callable[[torch.Tensor], float], n: int, max_probes: int, tol: float, rule: str,
-                generator: torch.Generator, device, dtype: torch.dtype, offset: float = 0.0) -> list[float]:
+def _check_rule(rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    samples: list[float] = []
-    for _ in range(max_probes):
-        samples.append(quadratic(rademacher(n, generator, device, dtype=dtype)))
-        if _should_stop(rule, tol, offset, samples):
-            break
-    return samples
 
 
 def _stderr(samples: list[float]) -> float:
     return float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.nan
+
+
+def _trace(offset: float, samples: list[float], n_products: int) -> Trace:
+    return Trace(offset + float(np.mean(samples)), _stderr(samples), n_products, np.array(samples))
 
 
 def hutchinson(matvec: Matvec, n: int, max_probes: int = 100, tol: float = 1e-3, generator: torch.Generator | None = None,
@@ -453,10 +450,7 @@ def hutchinson(matvec: Matvec, n: int, max_probes: int = 100, tol: float = 1e-3,
     estimate is exact for a diagonal A (z_i^2 = 1). Probes are added until the stopping rule
     (see `_should_stop`, default the reference rule with |trace|) holds or `max_probes` are used.
     """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    samples = _probe_mean(lambda z: float(z @ matvec(z).to(dtype)), n, max_probes, tol, rule, generator, device,
-                          dtype)
-    return Trace(float(np.mean(samples)), _stderr(samples), len(samples), np.array(samples))
+    return traces(matvec, n, 0, max_probes, tol, generator, device, rule, dtype)[0]
 
 
 def hutchpp(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol: float = 1e-3,
@@ -472,21 +466,51 @@ def hutchpp(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol
     eigenvalues dominate (as for network Hessians). With sketch = max_probes = m/3 and tol = 0 this
     is the fixed-budget Hutch++ of the paper with m products; `stderr` covers the residual term.
     """
+    return traces(matvec, n, sketch, max_probes, tol, generator, device, rule, dtype, plain=False)[1]
+
+
+def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol: float = 1e-3,
+           generator: torch.Generator | None = None, device="cpu", rule: str = "change",
+           dtype: torch.dtype = DTYPE, plain: bool = True) -> tuple[Trace | None, Trace]:
+    """Hutchinson and Hutch++ on one stream of Rademacher probes: (plain, plus).
+
+    Each probe z costs one product A z, which serves both estimators: the plain sample is
+    z^T A z, and with P = I - Q Q^T the Hutch++ residual sample is (P z)^T A (P z) where, by
+    linearity, A P z = A z - (A Q)(Q^T z) reuses the A Q of the sketch. Each estimator takes
+    probes until its own stopping rule holds (or `max_probes`), so each equals what it would be
+    run alone on the same probes; together they cost 2 s + max(m_plain, m_plus) products instead
+    of 2 s + m_plain + m_plus. `n_products` of each counts the products its estimate rests on.
+    With `sketch = 0` both are plain Hutchinson; with `plain=False` only Hutch++ is run (first
+    element None), with `sketch >= n` its residual is zero and it needs no probe.
+    """
+    _check_rule(rule)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     s = max(0, min(sketch, n))
-    sketch_m = rademacher(n, generator, device, columns=s, dtype=dtype)
-    q = torch.linalg.qr(torch.stack([matvec(c).to(dtype) for c in sketch_m.T], dim=1))[0] if s else \
-        torch.zeros(n, 0, dtype=dtype, device=device)
-    low = float(sum(float(c @ matvec(c).to(dtype)) for c in q.T))
-
-    def residual(z: torch.Tensor) -> float:
-        pz = z - q @ (q.T @ z)
-        return float(pz @ matvec(pz).to(dtype))
-
-    samples = _probe_mean(residual, n, max_probes, tol, rule, generator, device, dtype, offset=low) if s < n \
-        else [0.0]
-    used = 2 * s + (len(samples) if s < n else 0)
-    return Trace(low + float(np.mean(samples)), _stderr(samples), used, np.array(samples))
+    if s:
+        sketch_m = rademacher(n, generator, device, columns=s, dtype=dtype)
+        q = torch.linalg.qr(torch.stack([matvec(c).to(dtype) for c in sketch_m.T], dim=1))[0]
+        aq = torch.stack([matvec(c).to(dtype) for c in q.T], dim=1)
+        low = float((q * aq).sum())
+    else:
+        q = aq = torch.zeros(n, 0, dtype=dtype, device=device)
+        low = 0.0
+    plain_samples: list[float] = []
+    plus_samples: list[float] = [] if s < n else [0.0]
+    plain_on, plus_on = plain, s < n
+    for _ in range(max_probes):
+        if not (plain_on or plus_on):
+            break
+        z = rademacher(n, generator, device, dtype=dtype)
+        az = matvec(z).to(dtype)
+        if plain_on:
+            plain_samples.append(float(z @ az))
+            plain_on = not _should_stop(rule, tol, 0.0, plain_samples)
+        if plus_on:
+            c = q.T @ z
+            plus_samples.append(float((z - q @ c) @ (az - aq @ c)))
+            plus_on = not _should_stop(rule, tol, low, plus_samples)
+    plus = _trace(low, plus_samples, 2 * s + (len(plus_samples) if s < n else 0))
+    return (_trace(0.0, plain_samples, len(plain_samples)) if plain else None), plus
 
 
 # --------------------------------------------------------------------------- spectral density

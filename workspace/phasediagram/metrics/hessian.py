@@ -14,11 +14,14 @@ only touched through Hessian-vector products (`hvp.HessianOperator`); the estima
   negative curvature dominates (then it is lambda_min < 0); it is what the reference code's power
   iteration reports.
 - `trace`, `trace_stderr`: Hutchinson with Rademacher probes; `trace_hutchpp`,
-  `trace_hutchpp_stderr`: Hutch++ (stopping rules divide by |trace|).
+  `trace_hutchpp_stderr`: Hutch++ (stopping rules divide by |trace|). Both use the same probes,
+  each probe's product serving both estimators (`linalg.traces`).
 - `density@t`: the SLQ spectral density phi(t) on a grid of eigenvalues t, smoothed by a
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
   parameter count for eigenvalues per unit). `plot_density` draws it.
-- `hvp_eig`, `hvp_trace`, `hvp_trace_hutchpp`, `hvp_density`: Hessian-vector products each used;
+- `hvp_eig`, `hvp_trace`, `hvp_trace_hutchpp`, `hvp_density`: Hessian-vector products each
+  estimate rests on; `hvp_traces`: products the two traces made together (2 s + the larger
+  probe count, as they share probes);
   `eig_converged`: 1 if the Lanczos stopping test passed within `lanczos_iters`, else 0.
 
 Hessian-vector products are in the model's dtype, and so are the Krylov and probe vectors
@@ -132,15 +135,16 @@ def _eig_values(op: HessianOperator, options: HessianOptions, generator) -> dict
 
 
 def _trace_values(op: HessianOperator, options: HessianOptions, generator) -> dict[str, float]:
-    args = dict(max_probes=options.trace_probes, tol=options.trace_tol, generator=generator, device=op.device,
-                rule=options.trace_rule, dtype=vector_dtype(op))
-    plain = linalg.hutchinson(op, op.dim, **args)
-    plus = linalg.hutchpp(op, op.dim, sketch=options.hutchpp_sketch, **args)
+    """Hutchinson and Hutch++ on one stream of probes (`linalg.traces`: each probe's product serves both)."""
+    before = op.n_products
+    plain, plus = linalg.traces(op, op.dim, options.hutchpp_sketch, options.trace_probes, options.trace_tol,
+                                generator, op.device, options.trace_rule, vector_dtype(op))
     return {key("train", "trace"): plain.value, key("train", "trace_stderr"): plain.stderr,
             key("train", "hvp_trace"): float(plain.n_products),
             key("train", "trace_hutchpp"): plus.value,
             key("train", "trace_hutchpp_stderr"): plus.stderr if options.hutchpp_sketch < op.dim else 0.0,
-            key("train", "hvp_trace_hutchpp"): float(plus.n_products)}
+            key("train", "hvp_trace_hutchpp"): float(plus.n_products),
+            key("train", "hvp_traces"): float(op.n_products - before)}
 
 
 def _density_values(op: HessianOperator, options: HessianOptions, generator) -> dict[str, float]:
