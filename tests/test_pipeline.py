@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from phasediagram import checkpoints, cli, table, train
-from phasediagram.jobs import Job, run_inprocess, run_job, run_pool, stage_jobs
+from phasediagram import jobs
+from phasediagram.jobs import Job, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs
 from phasediagram.layout import Layout
 
 from .conftest import tiny_spec
@@ -153,3 +154,31 @@ def test_metric_job_needs_trained_checkpoints(tiny):
     with pytest.raises(MissingCheckpoint, match="run the train stage first"):
         run_job(spec, layout, Job("loss_acc", spec.cells()[0]))
     assert not layout.result_path("loss_acc", spec.cells()[0]).exists()
+
+
+def test_a_cells_metric_jobs_load_each_checkpoint_once(tiny, monkeypatch, tmp_path_factory):
+    """`run_cell_metrics` (the pool's per-cell task) loads each seed's final checkpoint once for all the
+    cell's metric stages and writes the same results as one `run_job` per stage."""
+    _, layout = tiny
+    spec = tiny_spec(metrics=("loss_acc", "dist", "hessian"), metric_options={"hessian": {"density_iters": 10}})
+    cell = spec.cells()[0]
+    assert run_job(spec, layout, Job("train", cell)) == "done"
+    loads = []
+    real = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    stages = ["loss_acc", "dist", "hessian"]
+    outcomes = run_cell_metrics(spec, layout, stages, cell)
+    assert outcomes == {s: "done" for s in stages}
+    assert sorted(loads) == sorted(layout.checkpoint(cell, seed, "final") for seed in spec.seeds)
+    assert run_cell_metrics(spec, layout, stages, cell) == {s: "skipped" for s in stages}
+    monkeypatch.setattr(train, "load_model", real)
+    other = Layout(tmp_path_factory.mktemp("per_stage"), spec.name)
+    for seed in spec.seeds:  # the same checkpoints, one job per stage
+        dest = other.checkpoint(cell, seed, "final")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(layout.checkpoint(cell, seed, "final").read_bytes())
+    for stage in stages:
+        assert run_job(spec, other, Job(stage, cell)) == "done"
+        a = jobs.results.read(layout.result_path(stage, cell))
+        b = jobs.results.read(other.result_path(stage, cell))
+        assert a["rows"] == b["rows"], stage

@@ -47,7 +47,6 @@ from .grid import Cell, ExperimentSpec
 from .layout import Layout
 from .methods import ensemble_supported
 from .methods.sgd import SGD
-from .metrics.base import MetricData, key
 from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_diverged, save_epoch, save_final,
                     start_run, train_seed)
 
@@ -222,21 +221,3 @@ def scatter(ens: torch.nn.Module, opt: torch.optim.SGD, members: list[Member]) -
                                              len(members))
         for m, ps, part in zip(members, params, parts):
             m.method.opt.state[ps[name]]["momentum_buffer"] = part
-
-
-def loss_acc_members(member_models: list[torch.nn.Module], data: MetricData, batch_size: int = 1000
-                     ) -> list[dict[str, float]]:
-    """`metrics.loss_acc` of every model of a cell at once: one ensemble forward per batch.
-
-    For member s and split D (train, test): loss = (1/|D|) sum_i CE(f_s(x_i), y_i) and
-    acc = 100 (1/|D|) sum_i [argmax f_s(x_i) = y_i], in eval mode; the same keys and values as
-    `metrics.loss_acc.loss_acc(model_s, data, ...)` up to float summation order. The models are
-    not modified (their weights are copied into the ensemble). All must be of one arch and width.
-    """
-    out: list[dict[str, float]] = [{} for _ in member_models]
-    for split in ("train", "test"):
-        part = data.split(split)
-        for row, (loss, acc) in zip(out, ensemble_models.evaluate_members(member_models, part.x, part.y, batch_size)):
-            row[key(split, "loss")] = loss
-            row[key(split, "acc")] = acc
-    return out

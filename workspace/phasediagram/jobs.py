@@ -90,20 +90,38 @@ def is_done(spec: ExperimentSpec, layout: Layout, job: Job, log=print) -> bool:
 
 
 def run_job(spec: ExperimentSpec, layout: Layout, job: Job, device: str | torch.device = "cpu", log=print,
-            on_epoch=None) -> str:
+            on_epoch=None, models: CellModels | None = None) -> str:
     """Run `job` unless its valid result exists; return 'skipped' or 'done'.
 
     `on_epoch(cell, seed, epoch)` is called after each training epoch's checkpoint is written.
+    `models`, for a metric job, shares the cell's loaded checkpoints with other metric jobs.
     """
     if is_done(spec, layout, job, log):
         return "skipped"
     if job.stage == TRAIN:
         rows = _train_job(spec, layout, job.cell, device, log, on_epoch)
     else:
-        rows = _metric_job(spec, layout, job.stage, job.cell, device, log)
+        models = models if models is not None else CellModels(spec, layout, job.cell, device, log)
+        rows = _metric_job(spec, layout, job.stage, job.cell, device, models)
     results.write(layout.result_path(job.stage, job.cell), experiment=spec.name, training_hash=spec.training_hash(),
                   stage=job.stage, cell=job.cell, options=job_options(spec, job.stage), rows=rows)
     return "done"
+
+
+def run_cell_metrics(spec: ExperimentSpec, layout: Layout, stages: list[str], cell: Cell,
+                     device: str | torch.device = "cpu", log=print) -> dict[str, str | Exception]:
+    """Run the metric jobs of `stages` for `cell` one after another, loading its checkpoints once for
+    all of them; {stage: 'skipped' | 'done' | the exception that job raised}."""
+    models = CellModels(spec, layout, cell, device, log)
+    outcomes: dict[str, str | Exception] = {}
+    for stage in stages:
+        try:
+            outcomes[stage] = run_job(spec, layout, Job(stage, cell), device, log, models=models)
+        except (SpecError, CorruptFile):
+            raise
+        except Exception as exc:  # one failed metric must not stop the cell's others
+            outcomes[stage] = RuntimeError(f"{stage}:{cell.id}: {type(exc).__name__}: {exc}")
+    return outcomes
 
 
 def _train_job(spec, layout, cell, device, log, on_epoch=None) -> list[dict]:
@@ -141,37 +159,62 @@ def pairs_of(seeds: tuple[int, ...], how: str) -> list[tuple[int, int]]:
     raise ValueError(f"pairs must be 'all', 'adjacent' or 'first', got {how!r}")
 
 
-def _metric_job(spec, layout, stage, cell, device, log) -> list[dict]:
+class CellModels:
+    """The trained final checkpoints of a cell's seeds, each loaded (and checked) at most once.
+
+    `get(seed)` returns (model, status); the model is None unless status is "ok". Metric jobs
+    leave models as they found them (the metric contract), so the jobs of one cell share them.
+    Raises `MissingCheckpoint` for a seed without a valid trained checkpoint.
+    """
+
+    def __init__(self, spec: ExperimentSpec, layout: Layout, cell: Cell, device, log=print):
+        self.spec, self.layout, self.cell, self.device, self.log = spec, layout, cell, device, log
+        self._loaded: dict[int, tuple[torch.nn.Module | None, str]] = {}
+
+    def get(self, seed: int) -> tuple[torch.nn.Module | None, str]:
+        if seed not in self._loaded:
+            path = self.layout.checkpoint(self.cell, seed, "final")
+            if train.final_status(self.layout, self.spec, self.cell, seed, self.log) is None:
+                raise MissingCheckpoint(f"no valid trained checkpoint {path}: run the train stage first "
+                                        "(a corrupt one was moved aside)")
+            model, ckpt = train.load_model(path, self.device)
+            train.check_matches(ckpt, self.spec, self.cell, path)
+            self._loaded[seed] = (model if ckpt["status"] == "ok" else None, ckpt["status"])
+        return self._loaded[seed]
+
+
+def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[dict]:
     """Per-seed (single) or per-pair (pair) values of metric `stage`; runs that diverged give a
-    row with value NaN and status 'diverged' (metrics not available)."""
+    row with value NaN and status 'diverged' (metrics not available). A single-model metric with
+    a `compute_cell` form computes all seeds at once when none diverged."""
     metric = METRICS[stage]
     options = spec.options_for(stage)
     ds = dataset_for(spec, cell, layout).to(device)
     mdata = MetricData(ds.train, ds.test, ds.n_classes)
-    loaded, status = {}, {}
-    for seed in spec.seeds:
-        path = layout.checkpoint(cell, seed, "final")
-        if train.final_status(layout, spec, cell, seed, log) is None:
-            raise MissingCheckpoint(f"no valid trained checkpoint {path}: run the train stage first "
-                                    "(a corrupt one was moved aside)")
-        model, ckpt = train.load_model(path, device)
-        train.check_matches(ckpt, spec, cell, path)
-        status[seed] = ckpt["status"]
-        if ckpt["status"] == "ok":
-            loaded[seed] = model
+    loaded = {seed: models.get(seed) for seed in spec.seeds}
     row = functools.partial(results.make_row, spec.name, cell)
-    rows = []
     units = [(s,) for s in spec.seeds] if metric.kind == "single" else pairs_of(spec.seeds, getattr(options, "pairs", "all"))
-    for unit in units:
+
+    def generator(unit):
+        return torch.Generator().manual_seed(stable_seed(stage, cell.id, *unit))
+
+    def state_dir(unit):
+        return layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
+
+    together = metric.compute_cell is not None and len(units) > 1 and all(st == "ok" for _, st in loaded.values())
+    if together:
+        values = metric.compute_cell([loaded[s][0] for s in spec.seeds], mdata, options,
+                                     [generator(u) for u in units])
+    rows = []
+    for i, unit in enumerate(units):
         seed, seed_b = unit[0], (unit[1] if len(unit) > 1 else None)
-        bad = next((status[s] for s in unit if status[s] != "ok"), None)
+        bad = next((loaded[s][1] for s in unit if loaded[s][1] != "ok"), None)
         if bad is not None:
             rows.append(row(seed, seed_b, "-", stage, None, math.nan, bad, stage))
             continue
-        generator = torch.Generator().manual_seed(stable_seed(stage, cell.id, *unit))
-        state_dir = layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
-        values = metric.compute(*(loaded[s] for s in unit), replace(mdata, state_dir=state_dir), options, generator)
-        for k, v in values.items():
+        unit_values = values[i] if together else metric.compute(
+            *(loaded[s][0] for s in unit), replace(mdata, state_dir=state_dir(unit)), options, generator(unit))
+        for k, v in unit_values.items():
             split, quantity, coord = parse_key(k)
             rows.append(row(seed, seed_b, split, quantity, coord, float(v), "ok", stage))
     return rows
@@ -225,19 +268,24 @@ def _pool_init() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def _pool_task(spec_json: str, root: str, name: str, stage: str, cell: dict) -> str:
+def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: dict) -> dict[str, str | Exception]:
+    """In a pool worker: the train job (stages == ["train"]) or a cell's metric jobs; {stage: outcome}."""
     import json
 
     spec = ExperimentSpec.from_dict(json.loads(spec_json))
-    return run_job(spec, Layout(Path(root), name), Job(stage, Cell(**cell)), "cpu", log=print)
+    layout, cell_ = Layout(Path(root), name), Cell(**cell)
+    if stages == [TRAIN]:
+        return {TRAIN: run_job(spec, layout, Job(TRAIN, cell_), "cpu", log=print)}
+    return run_cell_metrics(spec, layout, stages, cell_, "cpu", log=print)
 
 
 def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: int | None = None) -> dict[str, RunReport]:
     """Run the jobs of `stages` in `workers` one-thread processes (default: one per core).
 
-    Training jobs go first, largest models first; each cell's metric jobs are submitted as soon as
-    that cell's training job ends, so metrics overlap with the rest of the training and the pool
-    starts once for the whole study. Returns a report per stage.
+    Training jobs go first, largest models first; as soon as a cell's training job ends, one task
+    runs all that cell's metric jobs (its checkpoints loaded once for all of them), so metrics
+    overlap with the rest of the training and the pool starts once for the whole study. Returns
+    a report per stage.
     """
     workers = workers or os.cpu_count() or 1
     reports = {stage: RunReport() for stage in stages}
@@ -246,25 +294,24 @@ def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: i
     total = sum(len(stage_jobs(spec, s)) for s in stages)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init) as pool, \
             _progress(total, "jobs") as bar:
-        def submit(job: Job):
-            return pool.submit(_pool_task, spec_json, str(layout.root), layout.name, job.stage, job.cell.as_dict())
+        def submit(task_stages: list[str], cell: Cell):
+            return pool.submit(_pool_task, spec_json, str(layout.root), layout.name, task_stages, cell.as_dict())
 
         futures = {}
         if TRAIN in stages:
-            futures.update({submit(j): j for j in cost_order(stage_jobs(spec, TRAIN))})
-        else:
-            futures.update({submit(Job(s, c)): Job(s, c) for c in spec.cells() for s in metric_stages})
+            futures.update({submit([TRAIN], j.cell): ([TRAIN], j.cell) for j in cost_order(stage_jobs(spec, TRAIN))})
+        elif metric_stages:
+            futures.update({submit(metric_stages, c): (metric_stages, c) for c in spec.cells()})
         while futures:
             fut = next(as_completed(futures))
-            job = futures.pop(fut)
+            task_stages, cell = futures.pop(fut)
             try:
-                outcome = fut.result()
-            except Exception as exc:  # one failed job must not stop the others
-                outcome = RuntimeError(f"{job.id}: {type(exc).__name__}: {exc}")
-            reports[job.stage].add(job, outcome)
-            if job.stage == TRAIN:
-                for stage in metric_stages:
-                    follow = Job(stage, job.cell)
-                    futures[submit(follow)] = follow
-            bar.update()
+                outcomes = fut.result()
+            except Exception as exc:  # one failed task must not stop the others
+                outcomes = {s: RuntimeError(f"{s}:{cell.id}: {type(exc).__name__}: {exc}") for s in task_stages}
+            for stage, outcome in outcomes.items():
+                reports[stage].add(Job(stage, cell), outcome)
+                bar.update()
+            if task_stages == [TRAIN] and metric_stages:
+                futures[submit(metric_stages, cell)] = (metric_stages, cell)
     return reports
