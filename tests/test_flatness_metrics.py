@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from torch.func import vmap
 from torch.nn import functional as F
 
 from phasediagram import models
@@ -20,7 +21,8 @@ from phasediagram.data import Split
 from phasediagram.grid import SpecError
 from phasediagram.metrics import METRICS, MetricData, parse_key
 from phasediagram.metrics.fisher import FisherOptions, fisher, log_det_gamma, per_example_grads
-from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy, local_energy_curve
+from phasediagram.metrics.local_energy import (LocalEnergyOptions, ensemble_loss_many, local_energy, local_energy_curve,
+                                               split_loss_fn)
 from phasediagram.metrics.nrs import NRSOptions, kl_divergence, nrs, sample_neighbour
 
 FLATNESS = ("fisher", "local_energy", "nrs")
@@ -38,7 +40,7 @@ BAD_OPTIONS = [
     ("local_energy", dict(sigmas=(0.0, math.nan))), ("local_energy", dict(sigma_value=-1.0)),
     ("local_energy", dict(n_samples=1)), ("local_energy", dict(splits=("val",))),
     ("local_energy", dict(splits=("train", "train"))), ("local_energy", dict(n_examples=0)),
-    ("local_energy", dict(batch_size=0)), ("local_energy", dict(vectorize="yes")),
+    ("local_energy", dict(batch_size=0)), ("local_energy", dict(batching="yes")),
     ("local_energy", dict(sample_chunk=0)),
     ("nrs", dict(rho=-0.01)), ("nrs", dict(rho=math.inf)), ("nrs", dict(n_neighbours=0)),
     ("nrs", dict(splits=())), ("nrs", dict(n_examples=-3)), ("nrs", dict(batch_size=True)),
@@ -156,8 +158,8 @@ def test_local_energy_matches_quadratic_closed_form(vectorize):
     H, b, w, loss = quadratic()
     sigmas = (0.0, 0.05, 0.1, 0.3)
     M = 400 if not vectorize else 3000
-    mean, se = local_energy_curve(loss, {"w": w}, sigmas, M, torch.Generator().manual_seed(3), vectorize=vectorize,
-                                  sample_chunk=500)
+    mean, se = local_energy_curve(loss, {"w": w}, sigmas, M, torch.Generator().manual_seed(3),
+                                  loss_many=vmap(loss) if vectorize else None, sample_chunk=500)
     exact = torch.tensor([s**2 / 2 * float((H.diagonal() * w**2).sum()) for s in sigmas], dtype=torch.float64)
     assert mean[0] == 0 and se[0] == 0
     assert (se[1:] > 0).all()
@@ -167,8 +169,8 @@ def test_local_energy_matches_quadratic_closed_form(vectorize):
 def test_local_energy_vmap_equals_loop():
     *_, w, loss = quadratic()
     kw = dict(sigmas=(0.0, 0.1, 0.2), n_samples=7)
-    loop = local_energy_curve(loss, {"w": w}, generator=torch.Generator().manual_seed(1), vectorize=False, **kw)
-    vec = local_energy_curve(loss, {"w": w}, generator=torch.Generator().manual_seed(1), vectorize=True,
+    loop = local_energy_curve(loss, {"w": w}, generator=torch.Generator().manual_seed(1), **kw)
+    vec = local_energy_curve(loss, {"w": w}, generator=torch.Generator().manual_seed(1), loss_many=vmap(loss),
                              sample_chunk=3, **kw)
     for a, b in zip(loop, vec):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -188,11 +190,30 @@ def test_local_energy_metric_zero_at_sigma_zero_and_reproducible():
             assert a[f"{split}/{q}@0"] == 0.0
         assert a[f"{split}/local_energy"] == a[f"{split}/local_energy@0.03"]
         assert a[f"{split}/local_energy_se@0.2"] > 0  # an untrained model is no minimum: dE may have any sign
-    vec = local_energy(model, data, dataclasses.replace(options, vectorize=True, sample_chunk=2),
-                       torch.Generator().manual_seed(7))
-    assert vec.keys() == a.keys()
-    for k in a:
-        assert vec[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), k
+    assert LocalEnergyOptions().batching == "auto"  # "ensemble" for this 1D ResNet
+    for batching in ("loop", "vmap", "ensemble"):  # the samples one by one, by vmap, as one ensemble model
+        other = local_energy(model, data, dataclasses.replace(options, batching=batching, sample_chunk=2),
+                             torch.Generator().manual_seed(7))
+        assert other.keys() == a.keys()
+        for k in a:
+            assert other[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), (batching, k)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet1d"])
+def test_local_energy_ensemble_loss_equals_each_perturbed_model(arch):
+    """`ensemble_loss_many`: K perturbed parameter sets evaluated as one ensemble give each set's own
+    loss and error, as `split_loss_fn` computes them model by model."""
+    data = toy_data()
+    model = toy_model(arch, data, width=3).eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(2)
+    sets = [{n: p * (1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype)) for n, p in params.items()}
+            for _ in range(4)]
+    stacked = {n: torch.stack([s_[n] for s_ in sets]) for n in params}
+    got = ensemble_loss_many(model, data.train, 7)(stacked)
+    one = split_loss_fn(model, data.train, 7)
+    want = torch.stack([one(s_) for s_ in sets]).to(got.dtype)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- nrs

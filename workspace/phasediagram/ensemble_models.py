@@ -322,7 +322,43 @@ def load_into_models(ensemble: nn.Module, member_models: Sequence[nn.Module]) ->
 
 
 # ------------------------------------------------------------------ evaluation of S models together
+def load_stacked(ensemble: nn.Module, model: nn.Module, stacked: dict[str, torch.Tensor]) -> None:
+    """Make member s of `ensemble` the model `model` with parameters {name: stacked[name][s]}: the
+    parameters named in `stacked` (each of shape (S, *shape)) differ per member, every other
+    parameter and buffer is `model`'s own, the same for all members."""
+    members = next(iter(stacked.values())).shape[0]
+    own = model.state_dict()
+    state = {}
+    for k, target in ensemble.state_dict().items():
+        layout = layout_of(target.shape, own[k].shape, members)
+        if k in stacked:
+            state[k] = stacked[k] if layout == "stack" else stacked[k].reshape(target.shape)
+        else:
+            state[k] = stack_tensors([own[k]] * members, layout)
+    ensemble.load_state_dict(state)
+
+
 @torch.no_grad()
+def evaluate_ensemble(ensemble: nn.Module, members: int, x: torch.Tensor, y: torch.Tensor,
+                      batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy (S,) in float64, correct predictions (S,)) of every member of `ensemble` on
+    the same (x, y), in eval mode, one ensemble forward per batch of `batch_size` examples."""
+    loss = torch.zeros(members, dtype=torch.float64, device=x.device)
+    correct = torch.zeros(members, dtype=torch.long, device=x.device)
+    was_training = ensemble.training
+    ensemble.eval()
+    try:
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            out = ensemble(xb.unsqueeze(0).expand(members, *xb.shape))
+            ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.repeat(members), reduction="none")
+            loss += ce.view(members, -1).sum(1).double()
+            correct += (out.argmax(-1) == yb).sum(1)
+    finally:
+        ensemble.train(was_training)
+    return loss / len(y), correct
+
+
 def evaluate_members(member_models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
                      batch_size: int = 1000) -> list[tuple[float, float]]:
     """Mean cross-entropy and accuracy (percent) of every model on the same (x, y), in eval mode,
@@ -332,15 +368,5 @@ def evaluate_members(member_models: Sequence[nn.Module], x: torch.Tensor, y: tor
     Equals `metrics.base.evaluate(model_s, ...)` for each s up to floating-point summation order;
     the models themselves are not touched (their weights are copied into the ensemble).
     """
-    ens = from_models(member_models).eval()
-    s = len(member_models)
-    loss = torch.zeros(s, dtype=torch.float64, device=x.device)
-    correct = torch.zeros(s, dtype=torch.long, device=x.device)
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        out = ens(xb.unsqueeze(0).expand(s, *xb.shape))
-        ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.repeat(s), reduction="none").view(s, -1)
-        loss += ce.sum(1).double()
-        correct += (out.argmax(-1) == yb).sum(1)
-    n = len(y)
-    return [(float(l) / n, 100.0 * int(c) / n) for l, c in zip(loss, correct)]
+    loss, correct = evaluate_ensemble(from_models(member_models), len(member_models), x, y, batch_size)
+    return [(float(l_), 100.0 * int(c) / len(y)) for l_, c in zip(loss, correct)]

@@ -35,12 +35,17 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
+from .. import ensemble_models
 from ..data import Split
 from .base import MetricData, check, eval_mode, key
 
 SPLITS = ("train", "test")
 REFERENCE_SIGMAS = (0.0, 0.025, 0.05, 0.075, 0.1)
 SUBSET_SEED = 0
+# "ensemble": the perturbed copies as one ensemble model (batched matmuls, `ensemble_models`);
+# "vmap": torch.func.vmap over the samples (slower on CPU); "loop": one after another;
+# "auto": "ensemble" where `ensemble_models.batched_evaluation_pays`, else "loop".
+BATCHINGS = ("auto", "ensemble", "vmap", "loop")
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,8 @@ class LocalEnergyOptions:
     splits: tuple[str, ...] = SPLITS
     n_examples: int | None = None  # None: the whole split; else a fixed subset (seed 0) of this size
     batch_size: int = 1000  # evaluation batch size (does not change the result)
-    vectorize: bool = False  # evaluate `sample_chunk` samples at once with torch.func.vmap (slower on CPU)
-    sample_chunk: int = 10  # samples per vmap call when vectorize
+    batching: str = "auto"  # how `sample_chunk` samples are evaluated together: see BATCHINGS
+    sample_chunk: int = 10  # samples evaluated together (ensemble or vmap)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -74,7 +79,7 @@ class LocalEnergyOptions:
               or (is_int(self.n_examples) and self.n_examples >= 1), "null or integer >= 1", self.n_examples)
         check("local_energy", "batch_size", is_int(self.batch_size) and self.batch_size >= 1, "integer >= 1",
               self.batch_size)
-        check("local_energy", "vectorize", isinstance(self.vectorize, bool), "true or false", self.vectorize)
+        check("local_energy", "batching", self.batching in BATCHINGS, " | ".join(BATCHINGS), self.batching)
         check("local_energy", "sample_chunk", is_int(self.sample_chunk) and self.sample_chunk >= 1, "integer >= 1",
               self.sample_chunk)
 
@@ -92,18 +97,20 @@ def draw_noise(params: Mapping[str, torch.Tensor], generator: torch.Generator) -
 @torch.no_grad()
 def local_energy_curve(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                        params: Mapping[str, torch.Tensor], sigmas: Sequence[float], n_samples: int,
-                       generator: torch.Generator, *, vectorize: bool = False,
+                       generator: torch.Generator, *,
+                       loss_many: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
                        sample_chunk: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte Carlo estimate of dE(sigma) = E_z[L(w + sigma z * w)] - L(w) and its standard error.
 
     Args:
         loss_fn: params -> L (a scalar, or a 1-D tensor of several losses estimated together).
-            With `vectorize` it must be `torch.func.vmap`-able over a leading sample dimension.
         params: the point w, a dict of tensors (not modified).
         sigmas: noise scales; sigma = 0 gives exactly 0 without evaluation.
         n_samples: M, the number of Monte Carlo samples z_m (the same z_m for every sigma).
         generator: the source of z (CPU generator; see `draw_noise`).
-        vectorize: evaluate `sample_chunk` samples per call of `vmap(loss_fn)` instead of one by one.
+        loss_many: optional, K stacked parameter sets {name: (K, *shape)} -> (K, *L.shape), the
+            losses of all K at once (e.g. `vmap(loss_fn)` or an ensemble evaluation); used for up to
+            `sample_chunk` samples per call instead of `loss_fn` sample after sample.
 
     Returns:
         (dE, SE), each of shape (len(sigmas), *L.shape), in float64.
@@ -116,11 +123,11 @@ def local_energy_curve(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor
         zs = [draw_noise(params, generator) for _ in range(min(sample_chunk, n_samples - start))]
         if not nonzero:
             continue
-        if vectorize:
+        if loss_many is not None:
             per_sigma = []
             for s in nonzero:
                 stacked = {n: p + s * torch.stack([z[n] for z in zs]) * p for n, p in params.items()}
-                per_sigma.append(vmap(loss_fn)(stacked).to(torch.float64))
+                per_sigma.append(loss_many(stacked).to(torch.float64))
             diffs.extend(torch.stack(per_sigma, dim=1) - base)
         else:
             for z in zs:
@@ -166,6 +173,26 @@ def subset_of(split: Split, n_examples: int | None) -> Split:
     return Split(split.x[idx], split.y[idx])
 
 
+def ensemble_loss_many(model: nn.Module, split: Split, batch_size: int
+                       ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """stacked params {name: (K, *shape)} -> (K, 2): [mean cross-entropy, error in %] of the K models
+    (`model` with each parameter set, its own buffers), evaluated as one ensemble over `split`
+    (`ensemble_models.evaluate_ensemble`); equals `split_loss_fn` per set up to summation order."""
+    ensembles: dict[int, nn.Module] = {}
+    p = next(model.parameters())
+
+    def loss_many(stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+        k = next(iter(stacked.values())).shape[0]
+        if k not in ensembles:
+            ensembles[k] = ensemble_models.like(model, k).to(device=p.device, dtype=p.dtype)
+        ens = ensembles[k]
+        ensemble_models.load_stacked(ens, model, stacked)
+        loss, correct = ensemble_models.evaluate_ensemble(ens, k, split.x, split.y, batch_size)
+        return torch.stack([loss, 100.0 - 100.0 * correct.double() / len(split)], dim=1)
+
+    return loss_many
+
+
 def local_energy(model, data: MetricData, options: LocalEnergyOptions, generator) -> dict[str, float]:
     """dE(sigma) and its standard error on each split for the grid of `options` (module docstring).
 
@@ -173,12 +200,18 @@ def local_energy(model, data: MetricData, options: LocalEnergyOptions, generator
     """
     grid = options.grid
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    batching = options.batching
+    if batching == "auto":
+        batching = "ensemble" if ensemble_models.batched_evaluation_pays(model) else "loop"
     out: dict[str, float] = {}
     with eval_mode(model):
         for split in options.splits:
-            loss_fn = split_loss_fn(model, subset_of(data.split(split), options.n_examples), options.batch_size)
-            mean, se = local_energy_curve(loss_fn, params, grid, options.n_samples, generator,
-                                          vectorize=options.vectorize, sample_chunk=options.sample_chunk)
+            part = subset_of(data.split(split), options.n_examples)
+            loss_fn = split_loss_fn(model, part, options.batch_size)
+            loss_many = {"loop": None, "vmap": vmap(loss_fn),
+                         "ensemble": ensemble_loss_many(model, part, options.batch_size)}[batching]
+            mean, se = local_energy_curve(loss_fn, params, grid, options.n_samples, generator, loss_many=loss_many,
+                                          sample_chunk=options.sample_chunk)
             for i, s in enumerate(grid):
                 for j, name in enumerate(("local_energy", "local_energy_err")):
                     out[key(split, name, s)] = float(mean[i, j])
