@@ -19,7 +19,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) bench/run_all.py
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf checkpoint bash_scripts

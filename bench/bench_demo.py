@@ -14,13 +14,16 @@ argument list:
 
 the second skipping the finished training jobs and running every metric, the table and the
 figures; times are time.perf_counter around each command (so the training time includes the
-MNIST-1D generation and the first table and figure). Then the two results tables are compared
+MNIST-1D generation and the first table and figure). With `--whole`, each run is instead the one
+command `make demo` runs (`--run`: one worker pool for training and metrics, a cell's metrics
+starting when its training ends), timed as a whole. Then the two results tables are compared
 row by row (same cell, seed, split, metric). In float64 each member equals its sequential run
 to ~1e-13; in float32 small models trained with lr 0.1 are chaotic, so rounding differences
 (the same as between torch's two float32 convolution backends) give statistically equivalent
 but different runs, and per-seed values differ.
 
     python bench/bench_demo.py --before d1a1a74               # before: the code of stop 9
+    python bench/bench_demo.py --before d1a1a74 --whole --modes auto   # as make demo runs it, before vs now
     python bench/bench_demo.py --repeats 3 -- --epochs 5      # extra spec flags after --
 """
 
@@ -62,6 +65,12 @@ def run_demo(mode: str, spec_file: Path, root: Path, workers: int | None, repo: 
     return run_cli([*common, "--metrics", "train", "--run"], repo), run_cli([*common, "--run"], repo)
 
 
+def run_whole(mode: str, spec_file: Path, root: Path, workers: int | None, repo: Path = REPO) -> float:
+    """Seconds of the demo's whole run as one command (`--run`), with `--ensemble mode`, by the CLI of `repo`."""
+    args = ["--spec", str(spec_file), "--ensemble", mode, "--root", str(root), "--run"]
+    return run_cli(args + (["--workers", str(workers)] if workers else []), repo)
+
+
 def checkout(rev: str, dest: Path) -> Path:
     """A detached `git worktree` of `rev` at `dest` (removed again by `remove_checkout`)."""
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(dest), rev], check=True,
@@ -93,12 +102,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, default=None, help="passed to the CLI (default: its own, one per core)")
     p.add_argument("--before", metavar="REV", help="also run the demo with the code of git revision REV, ensemble off")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="this checkout's runs (auto is kept)")
+    p.add_argument("--whole", action="store_true", help="time each run as one command (as `make demo`)")
     p.add_argument("extra", nargs="*", help="extra spec flags of example_experiment.py (after --)")
     args = p.parse_args(argv)
     spec = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo", *args.extra]))
     print(f"demo spec: {spec.arch} widths {list(spec.widths)} x batch sizes {list(spec.batch_sizes)} x "
           f"{len(spec.seeds)} seeds, {spec.epochs} epochs, metrics {', '.join(spec.metrics)}")
-    modes = (("before",) if args.before else ()) + MODES
+    modes = (("before",) if args.before else ()) + tuple(m for m in MODES if m in args.modes or m == "auto")
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     tables: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
@@ -109,6 +120,13 @@ def main(argv=None) -> None:
             for r in range(args.repeats):
                 for mode in modes:
                     root = Path(tmp) / f"{mode}{r}"
+                    if args.whole:
+                        total = run_whole("off" if mode == "before" else mode, spec_file, root, args.workers,
+                                          old if mode == "before" else REPO)
+                        times[mode].append((total, 0.0))
+                        print(f"{mode:6s} run {r + 1}: whole run {total:7.1f} s", flush=True)
+                        tables[mode] = next(root.glob("checkpoint/*/results.csv"), None)
+                        continue
                     if mode == "before":
                         t_train, t_rest = run_demo("off", spec_file, root, args.workers, old)
                     else:
@@ -124,6 +142,10 @@ def main(argv=None) -> None:
         auto = med["auto"]
         for base in [m for m in modes if m != "auto"]:
             b = med[base]
+            if args.whole:
+                print(f"medians of {args.repeats}: {base} -> auto: whole run {b[0]:.1f} s -> {auto[0]:.1f} s = "
+                      f"{b[0] / auto[0]:.2f}x (target >= 2)")
+                continue
             print(f"medians of {args.repeats}: {base} -> auto: training {b[0]:.1f} s -> {auto[0]:.1f} s = "
                   f"{b[0] / auto[0]:.2f}x; metrics and the rest {b[1]:.1f} s -> {auto[1]:.1f} s = {b[1] / auto[1]:.2f}x; "
                   f"whole run {sum(b):.1f} s -> {sum(auto):.1f} s = {sum(b) / sum(auto):.2f}x (target >= 2)")
