@@ -5,11 +5,12 @@ Side by side in one process, one torch thread (as the pool's workers), on resnet
 MNIST-1D's shape (random weights and data: timing does not depend on the values; BatchNorm in
 eval mode with its initial statistics):
 
-1. `loss_acc` of the S seeds of a cell on 4000 + 1000 examples: S calls of `loss_acc` (the
-   sequential job) vs one `loss_acc_cell` (one ensemble forward per batch for all seeds).
+1. `loss_acc` of the S seeds of a cell on 4000 + 1000 examples: S calls of `loss_acc` (what
+   the job does) vs `ensemble_models.evaluate_members` on both splits (one ensemble forward per
+   batch of 1000 for all seeds).
 2. `local_energy` (M samples, sigmas 0.025..0.1, both splits of 1000 examples): batching "loop"
-   (sample after sample), "vmap" (torch.func.vmap over `sample_chunk` samples) and "ensemble"
-   (`sample_chunk` perturbed copies as one ensemble model, the "auto" choice for this arch).
+   (sample after sample, the default), "vmap" (torch.func.vmap over `sample_chunk` samples) and
+   "ensemble" (`sample_chunk` perturbed copies as one ensemble model).
 
 Printed: median seconds over `--repeats` alternating repeats after a warm-up, and the ratios
 to the sequential form, with the largest difference between the values each form returns.
@@ -27,9 +28,9 @@ import time
 
 import torch
 
-from phasediagram import models
+from phasediagram import ensemble_models, models
 from phasediagram.data import Split
-from phasediagram.metrics import METRICS, MetricData
+from phasediagram.metrics import MetricData, key
 from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy
 from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
 
@@ -51,6 +52,16 @@ def timed(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def together(nets, d: MetricData) -> list[dict]:
+    """loss_acc's values of every model, from one ensemble forward per batch (`evaluate_members`)."""
+    out = [{} for _ in nets]
+    for split in ("train", "test"):
+        part = d.split(split)
+        for row, (loss, acc) in zip(out, ensemble_models.evaluate_members(nets, part.x, part.y)):
+            row[key(split, "loss")], row[key(split, "acc")] = loss, acc
+    return out
 
 
 def max_diff(a: list[dict], b: list[dict]) -> float:
@@ -78,7 +89,7 @@ def main(argv=None) -> None:
             nets.append(models.create("resnet1d", width, (40,), 10).eval())
         opts = LossAccOptions()
         la_t, la_r = timed({"seq": lambda: [loss_acc(m, cell_data, opts, None) for m in nets],
-                            "cell": lambda: METRICS["loss_acc"].compute_cell(nets, cell_data, opts, [None] * len(nets))},
+                            "cell": lambda: together(nets, cell_data)},
                            args.repeats)
         base = LocalEnergyOptions(n_samples=args.samples)
         le = {b: (lambda b=b: [local_energy(nets[0], le_data, dataclasses.replace(base, batching=b),

@@ -20,9 +20,7 @@ from phasediagram import checkpoints, ensemble, ensemble_models, models, train
 from phasediagram.data import Dataset, Split
 from phasediagram.grid import ExperimentSpec
 from phasediagram.layout import Layout
-from phasediagram.metrics import METRICS
-from phasediagram.metrics.base import MetricData, evaluate
-from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
+from phasediagram.metrics.base import evaluate
 
 SEEDS = (0, 1, 2)
 # (arch, width): an MLP (no BatchNorm) and a residual conv net with BatchNorm
@@ -138,26 +136,6 @@ def test_evaluate_members_equals_evaluate():
     for m, (loss, acc) in zip(ms, got):
         ref_loss, ref_acc = evaluate(m, data, 25)
         assert loss == pytest.approx(ref_loss, rel=1e-5) and acc == ref_acc
-        assert m.training  # left as found
-
-
-@pytest.mark.parametrize("arch,shape,batched", [("mlp", (40,), True), ("resnet1d", (40,), True),
-                                                ("resnet18", (3, 8, 8), False)])
-def test_loss_acc_cell_equals_loss_acc_per_model(arch, shape, batched):
-    """The registry's `compute_cell` of loss_acc: one ensemble forward for MLPs and 1D ResNets (2D
-    ResNets one model after another), the same keys and values as `loss_acc` of each model."""
-    ms = member_models(arch, 4, shape, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(60, *shape, generator=gen)
-    y = torch.randint(0, 10, (60,), generator=gen)
-    data = MetricData(Split(x[:40], y[:40]), Split(x[40:], y[40:]), 10)
-    assert ensemble_models.batched_evaluation_pays(ms[0]) == batched
-    got = METRICS["loss_acc"].compute_cell(ms, data, LossAccOptions(batch_size=16), [None] * len(ms))
-    for m, row in zip(ms, got):
-        ref = loss_acc(m, data, LossAccOptions(batch_size=16), None)
-        assert row.keys() == ref.keys()
-        for k in ref:
-            assert row[k] == pytest.approx(ref[k], rel=1e-5), k
         assert m.training  # left as found
 
 

@@ -209,13 +209,6 @@ def supports(arch: str) -> bool:
     return arch in ARCHS
 
 
-def batched_evaluation_pays(model: nn.Module) -> bool:
-    """Whether evaluating several models like `model` as one ensemble is faster than one after another
-    on a CPU: for MLPs and 1D ResNets (batched matmuls); not for 2D ResNets, whose grouped
-    convolutions are slow there."""
-    return isinstance(model, models.MLP) or (isinstance(model, models.ResNet) and model.dims == 1)
-
-
 def like(model: nn.Module, members: int, conv: str = "auto") -> nn.Module:
     """An uninitialised ensemble of `members` models shaped like `model` (sizes read off its layers);
     `conv` picks the ResNet convolution ("auto": "bmm" for 1D, "grouped" for 2D)."""

@@ -185,8 +185,7 @@ class CellModels:
 
 def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[dict]:
     """Per-seed (single) or per-pair (pair) values of metric `stage`; runs that diverged give a
-    row with value NaN and status 'diverged' (metrics not available). A single-model metric with
-    a `compute_cell` form computes all seeds at once when none diverged."""
+    row with value NaN and status 'diverged' (metrics not available)."""
     metric = METRICS[stage]
     options = spec.options_for(stage)
     ds = dataset_for(spec, cell, layout).to(device)
@@ -201,20 +200,16 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
     def state_dir(unit):
         return layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
 
-    together = metric.compute_cell is not None and len(units) > 1 and all(st == "ok" for _, st in loaded.values())
-    if together:
-        values = metric.compute_cell([loaded[s][0] for s in spec.seeds], mdata, options,
-                                     [generator(u) for u in units])
     rows = []
-    for i, unit in enumerate(units):
+    for unit in units:
         seed, seed_b = unit[0], (unit[1] if len(unit) > 1 else None)
         bad = next((loaded[s][1] for s in unit if loaded[s][1] != "ok"), None)
         if bad is not None:
             rows.append(row(seed, seed_b, "-", stage, None, math.nan, bad, stage))
             continue
-        unit_values = values[i] if together else metric.compute(
-            *(loaded[s][0] for s in unit), replace(mdata, state_dir=state_dir(unit)), options, generator(unit))
-        for k, v in unit_values.items():
+        values = metric.compute(*(loaded[s][0] for s in unit), replace(mdata, state_dir=state_dir(unit)), options,
+                                generator(unit))
+        for k, v in values.items():
             split, quantity, coord = parse_key(k)
             rows.append(row(seed, seed_b, split, quantity, coord, float(v), "ok", stage))
     return rows

@@ -13,7 +13,7 @@ from .dist import DistOptions, dist
 from .fisher import FisherOptions, fisher
 from .hessian import HessianOptions, hessian
 from .local_energy import LocalEnergyOptions, local_energy
-from .loss_acc import LossAccOptions, loss_acc, loss_acc_cell
+from .loss_acc import LossAccOptions, loss_acc
 from .nrs import NRSOptions, nrs
 
 METRICS: dict[str, Metric] = {
@@ -22,7 +22,6 @@ METRICS: dict[str, Metric] = {
         panels=(Panel("acc", "test", "test accuracy (%)", cmap="viridis"),
                 Panel("loss", "train", "training loss", log=True, cmap="magma_r")),
         description="cross-entropy and accuracy on train and test",
-        compute_cell=loss_acc_cell,
     ),
     "dist": Metric(
         "dist", "pair", dist, DistOptions,

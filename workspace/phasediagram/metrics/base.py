@@ -12,11 +12,6 @@ columns split, metric and coord. A metric leaves the parameters and the train/ev
 models as it found them, and given the same generator state it returns the same values.
 Options are a frozen dataclass whose defaults are the reference settings and whose
 `__post_init__` rejects values out of range with a `SpecError`. Plot defaults live in `panels`.
-
-A single-model metric may also give `compute_cell(models, data, options, generators)`, the values
-of all seeds of a cell computed together (e.g. one ensemble forward for all of them): a list of
-dicts, the s-th equal to `compute(models[s], data, options, generators[s])` up to floating-point
-summation order. Jobs use it when every seed of the cell trained without diverging.
 """
 
 from __future__ import annotations
@@ -58,7 +53,6 @@ class Metric:
     options: type
     panels: tuple[Panel, ...] = ()
     description: str = ""
-    compute_cell: Callable[..., list[dict[str, float]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,12 @@ from .base import MetricData, check, eval_mode, key
 SPLITS = ("train", "test")
 REFERENCE_SIGMAS = (0.0, 0.025, 0.05, 0.075, 0.1)
 SUBSET_SEED = 0
-# "ensemble": the perturbed copies as one ensemble model (batched matmuls, `ensemble_models`);
-# "vmap": torch.func.vmap over the samples (slower on CPU); "loop": one after another;
-# "auto": "ensemble" where `ensemble_models.batched_evaluation_pays`, else "loop".
-BATCHINGS = ("auto", "ensemble", "vmap", "loop")
+# "loop": sample after sample; "ensemble": `sample_chunk` perturbed copies as one ensemble model
+# (batched matmuls, `ensemble_models`); "vmap": torch.func.vmap over `sample_chunk` samples. On a
+# CPU with evaluation batches of 1000 the loop was the fastest (bench/bench_metrics_batched.py:
+# ensemble 0.35-1.03x, vmap 0.31-0.63x of its speed on resnet1d widths 2-32); the batched forms
+# are for accelerators, where one large operation beats many small ones.
+BATCHINGS = ("loop", "ensemble", "vmap")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class LocalEnergyOptions:
     splits: tuple[str, ...] = SPLITS
     n_examples: int | None = None  # None: the whole split; else a fixed subset (seed 0) of this size
     batch_size: int = 1000  # evaluation batch size (does not change the result)
-    batching: str = "auto"  # how `sample_chunk` samples are evaluated together: see BATCHINGS
+    batching: str = "loop"  # how the samples are evaluated: see BATCHINGS
     sample_chunk: int = 10  # samples evaluated together (ensemble or vmap)
 
     def __post_init__(self):
@@ -201,8 +203,6 @@ def local_energy(model, data: MetricData, options: LocalEnergyOptions, generator
     grid = options.grid
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     batching = options.batching
-    if batching == "auto":
-        batching = "ensemble" if ensemble_models.batched_evaluation_pays(model) else "loop"
     out: dict[str, float] = {}
     with eval_mode(model):
         for split in options.splits:

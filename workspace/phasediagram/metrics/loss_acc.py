@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import ensemble_models
 from .base import MetricData, check, evaluate, key
 
 
@@ -26,19 +25,3 @@ def loss_acc(model, data: MetricData, options: LossAccOptions, generator) -> dic
         out[key(split, "acc")] = acc
     return out
 
-
-def loss_acc_cell(models, data: MetricData, options: LossAccOptions, generators) -> list[dict[str, float]]:
-    """`loss_acc` of every model of a cell (one arch and width) at once: for model s and split D,
-    loss = (1/|D|) sum_i CE(f_s(x_i), y_i) and acc = 100 (1/|D|) sum_i [argmax f_s(x_i) = y_i], in eval
-    mode, with one ensemble forward per batch for all s (`ensemble_models.evaluate_members`) when the
-    models have a 1D ensemble form (MLP, 1D ResNet), else one model after another. The models are not
-    modified (their weights are copied into the ensemble)."""
-    if not ensemble_models.batched_evaluation_pays(models[0]):
-        return [loss_acc(m, data, options, g) for m, g in zip(models, generators)]
-    out: list[dict[str, float]] = [{} for _ in models]
-    for split in ("train", "test"):
-        part = data.split(split)
-        for row, (loss, acc) in zip(out, ensemble_models.evaluate_members(models, part.x, part.y, options.batch_size)):
-            row[key(split, "loss")] = loss
-            row[key(split, "acc")] = acc
-    return out
