@@ -11,6 +11,9 @@ eval mode with its initial statistics):
 2. `local_energy` (M samples, sigmas 0.025..0.1, both splits of 1000 examples): batching "loop"
    (sample after sample, the default), "vmap" (torch.func.vmap over `sample_chunk` samples) and
    "ensemble" (`sample_chunk` perturbed copies as one ensemble model).
+3. Hessian-vector products on 200 examples (cached double backward, as `hvp.HessianOperator`):
+   8 vectors one after another vs one call with `is_grads_batched` (vmap over the vectors), and
+   the S seeds one after another vs one double backward of their ensemble (block-diagonal H).
 
 Printed: median seconds over `--repeats` alternating repeats after a warm-up, and the ratios
 to the sequential form, with the largest difference between the values each form returns.
@@ -27,6 +30,7 @@ import statistics
 import time
 
 import torch
+from torch.nn import functional as F
 
 from phasediagram import ensemble_models, models
 from phasediagram.data import Split
@@ -64,6 +68,35 @@ def together(nets, d: MetricData) -> list[dict]:
     return out
 
 
+def hvp_times(nets, repeats: int) -> tuple[dict[str, float], float]:
+    """Seconds of: 8 products one by one, 8 by is_grads_batched; S seeds one by one, S as one ensemble;
+    and the largest relative difference of the batched and the one-by-one products."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 40, generator=g), torch.randint(0, 10, (200,), generator=g)
+
+    def graph(model, xs, ys):
+        ps = list(model.parameters())
+        out = model(xs)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), ys, reduction="sum") / len(y)
+        return ps, torch.autograd.grad(loss, ps, create_graph=True)
+
+    ps, grads = graph(nets[0], x, y)
+    vs = [torch.randn(8, *p.shape, generator=g) for p in ps]
+    per_seed = [graph(m, x, y) for m in nets]
+    ens = ensemble_models.from_models(nets).eval()
+    e_ps, e_grads = graph(ens, x.unsqueeze(0).expand(len(nets), *x.shape), y.repeat(len(nets)))
+    e_vs = [torch.randn_like(p) for p in e_ps]
+    seed_vs = [[torch.randn_like(p) for p in m_ps] for m_ps, _ in per_seed]
+    fns = {"vec seq": lambda: [torch.autograd.grad(grads, ps, [v[k] for v in vs], retain_graph=True) for k in range(8)],
+           "vec batched": lambda: torch.autograd.grad(grads, ps, vs, retain_graph=True, is_grads_batched=True),
+           "seed seq": lambda: [torch.autograd.grad(gr, m_ps, v, retain_graph=True)
+                                for (m_ps, gr), v in zip(per_seed, seed_vs)],
+           "seed ensemble": lambda: torch.autograd.grad(e_grads, e_ps, e_vs, retain_graph=True)}
+    times, res = timed(fns, repeats)
+    diff = max(float((a - b[3]).norm() / a.norm()) for a, b in zip(res["vec seq"][3], res["vec batched"]))
+    return times, diff
+
+
 def max_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x)
 
@@ -99,6 +132,11 @@ def main(argv=None) -> None:
               f"{max_diff(la_r['seq'], la_r['cell']):8.1e} | {le_t['loop']:17.3f}s {le_t['vmap']:6.3f}s "
               f"{le_t['ensemble']:7.3f}s {le_t['loop'] / le_t['vmap']:8.2f}x {le_t['loop'] / le_t['ensemble']:7.2f}x "
               f"{max_diff(le_r['loop'], le_r['ensemble']):8.1e}", flush=True)
+        hv, diff = hvp_times(nets, args.repeats)
+        print(f"      | Hessian-vector products: 8 vectors {hv['vec seq']:.3f}s one by one, {hv['vec batched']:.3f}s "
+              f"batched ({hv['vec seq'] / hv['vec batched']:.2f}x, rel. diff {diff:.1e}); {len(nets)} seeds "
+              f"{hv['seed seq']:.3f}s one by one, {hv['seed ensemble']:.3f}s as one ensemble "
+              f"({hv['seed seq'] / hv['seed ensemble']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
