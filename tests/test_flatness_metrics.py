@@ -191,7 +191,7 @@ def test_local_energy_metric_zero_at_sigma_zero_and_reproducible():
         assert a[f"{split}/local_energy"] == a[f"{split}/local_energy@0.03"]
         assert a[f"{split}/local_energy_se@0.2"] > 0  # an untrained model is no minimum: dE may have any sign
     assert LocalEnergyOptions().batching == "loop"
-    for batching in ("vmap", "ensemble"):  # the samples one by one, by vmap, as one ensemble model
+    for batching in ("vmap", "ensemble"):  # samples by vmap, as one ensemble model: the loop's values
         other = local_energy(model, data, dataclasses.replace(options, batching=batching, sample_chunk=2),
                              torch.Generator().manual_seed(7))
         assert other.keys() == a.keys()

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from phasediagram import checkpoints, cli, table, train
-from phasediagram import jobs
+from phasediagram import checkpoints, cli, results, table, train
 from phasediagram.jobs import Job, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs
 from phasediagram.layout import Layout
 
@@ -179,6 +178,6 @@ def test_a_cells_metric_jobs_load_each_checkpoint_once(tiny, monkeypatch, tmp_pa
         dest.write_bytes(layout.checkpoint(cell, seed, "final").read_bytes())
     for stage in stages:
         assert run_job(spec, other, Job(stage, cell)) == "done"
-        a = jobs.results.read(layout.result_path(stage, cell))
-        b = jobs.results.read(other.result_path(stage, cell))
+        a = results.read(layout.result_path(stage, cell))
+        b = results.read(other.result_path(stage, cell))
         assert a["rows"] == b["rows"], stage

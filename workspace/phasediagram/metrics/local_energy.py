@@ -44,9 +44,10 @@ REFERENCE_SIGMAS = (0.0, 0.025, 0.05, 0.075, 0.1)
 SUBSET_SEED = 0
 # "loop": sample after sample; "ensemble": `sample_chunk` perturbed copies as one ensemble model
 # (batched matmuls, `ensemble_models`); "vmap": torch.func.vmap over `sample_chunk` samples. On a
-# CPU with evaluation batches of 1000 the loop was the fastest (bench/bench_metrics_batched.py:
-# ensemble 0.35-1.03x, vmap 0.31-0.63x of its speed on resnet1d widths 2-32); the batched forms
-# are for accelerators, where one large operation beats many small ones.
+# CPU with evaluation batches of 1000 the loop was the fastest but for the smallest models
+# (bench/bench_metrics_batched.py on resnet1d: ensemble 1.39x at width 2, 0.53x at 8, 0.38x at 32;
+# vmap 0.32-0.79x); the batched forms are for accelerators, where one large operation beats many
+# small ones.
 BATCHINGS = ("loop", "ensemble", "vmap")
 
 
@@ -202,14 +203,13 @@ def local_energy(model, data: MetricData, options: LocalEnergyOptions, generator
     """
     grid = options.grid
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    batching = options.batching
     out: dict[str, float] = {}
     with eval_mode(model):
         for split in options.splits:
             part = subset_of(data.split(split), options.n_examples)
             loss_fn = split_loss_fn(model, part, options.batch_size)
-            loss_many = {"loop": None, "vmap": vmap(loss_fn),
-                         "ensemble": ensemble_loss_many(model, part, options.batch_size)}[batching]
+            loss_many = (vmap(loss_fn) if options.batching == "vmap" else
+                         ensemble_loss_many(model, part, options.batch_size) if options.batching == "ensemble" else None)
             mean, se = local_energy_curve(loss_fn, params, grid, options.n_samples, generator, loss_many=loss_many,
                                           sample_chunk=options.sample_chunk)
             for i, s in enumerate(grid):

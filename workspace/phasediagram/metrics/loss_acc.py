@@ -24,4 +24,3 @@ def loss_acc(model, data: MetricData, options: LossAccOptions, generator) -> dic
         out[key(split, "loss")] = loss
         out[key(split, "acc")] = acc
     return out
-
