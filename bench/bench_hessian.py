@@ -25,11 +25,17 @@ its own random start):
    bound r; power iteration: its residual ||H v - mu v||, the only bound it has), with the worst
    true error at that point over the starts, in units of the target (<= 1: the certificate held).
 4. Hessian-vector products: cached double backward vs torch.func forward-over-reverse.
-5. (with --sweep) Robustness of the stopping rules and starts at tol 1e-3 on 20 Hessians
+6. (with --sweep) Robustness of the stopping rules and starts at tol 1e-3 on 20 Hessians
    (resnet1d widths 4, 8, 32 and mlp widths 32, 128, each after 0, 1, 5 and 20 epochs), with
    --sweep-starts random starts each: median products, worst error / tol and the number of
    runs beyond tol, for our Lanczos rules and starts and for power iteration with the reference's
    change rule (`linalg.power_iteration`, PyHessian's algorithm).
+
+5. The k largest eigenvalues (k in --top-k, default 1, 2, 3, 5; the metric's `top_k`): products
+   until all k are within 1e-2 ... 1e-4 of the exact values, our Lanczos against power iteration
+   with deflation (PyHessian's `top_n`: each next eigenvalue by power iteration on H projected off
+   the eigenvectors found before), from random starts, on the trained model and at initialisation
+   (a k whose lambda_k is below |lambda_min| is left out: power iteration finds another set there).
 
 "Exact" values: the top eigenvalue from Lanczos on the float64 copy of the model run to a
 residual of 1e-10 (exact to ~1e-10 relative, far below the float32 errors measured). The trace
@@ -39,7 +45,7 @@ with `--width 4` (2,046 parameters) the exact trace sum_i e_i^T H e_i is used in
 
     python bench/bench_hessian.py
     python bench/bench_hessian.py --width 4 --repeats 5
-    python bench/bench_hessian.py --sweep   # adds section 5 (about 10 minutes more on a loaded 2-core machine)
+    python bench/bench_hessian.py --sweep   # adds section 6 (about 10 minutes more on a loaded 2-core machine)
 """
 
 from __future__ import annotations
@@ -327,6 +333,87 @@ def compare_counts(models_: dict, x, y, max_iter: int, seeds: int) -> None:
                   f"{pr / lg:7.1f} {pr / lr:7.1f}")
 
 
+def exact_eigs(model, x, y, k: int) -> tuple[np.ndarray, float]:
+    """(the k largest algebraic eigenvalues, the smallest one) of the float64 Hessian, to a residual of 1e-10."""
+    op = HessianOperator(copy.deepcopy(model).double(), x.double(), y)
+    eigs = linalg.lanczos_eigs(op, op.dim, k, 400, 1e-10, torch.Generator().manual_seed(123), rule="residual")
+    return eigs.top, eigs.bottom
+
+
+def topk_errors(values: np.ndarray, exact: np.ndarray) -> float:
+    """Largest relative error of the estimates of lambda_1..lambda_k (inf while fewer than k are known)."""
+    if len(values) < len(exact):
+        return np.inf
+    return float(np.max(np.abs(values[:len(exact)] - exact) / np.abs(exact)))
+
+
+def lanczos_topk_history(op, k: int, exact: np.ndarray, target: float, max_iter: int, seed: int) -> list[np.ndarray]:
+    """The k largest Ritz values after every product, from a random start, until all are within `target`
+    for three products in a row (or `max_iter`)."""
+    history: list[np.ndarray] = []
+
+    def record(run):
+        history.append(run.ritz()[0][::-1][:k])
+        return len(history) >= 3 and all(topk_errors(h, exact) <= target for h in history[-3:])
+
+    linalg.lanczos(op, linalg.start_vector(op.dim, torch.Generator().manual_seed(seed), dtype=vector_dtype(op)),
+                   max_iter, stop=record, dtype=vector_dtype(op))
+    return history
+
+
+def power_topk_histories(op, exact: np.ndarray, target: float, max_iter: int, seed: int) -> list[list[float]]:
+    """Power iteration with deflation (PyHessian's `top_n`): stage i iterates on H deflated by the vectors
+    of stages 1..i-1 from its own random start, until its Rayleigh quotient is within `target` of
+    lambda_i for three products in a row (or `max_iter`); the Rayleigh quotients of every stage."""
+    found = torch.empty(op.dim, 0, dtype=vector_dtype(op))
+    stages = []
+    for i, lam in enumerate(exact):
+        run = linalg.power_iteration(op, op.dim, max_iter, 0.0, torch.Generator().manual_seed(1000 * seed + i),
+                                     dtype=vector_dtype(op), deflate=found,
+                                     stop=lambda h, r, lam=lam: len(h) >= 3 and all(rel(v, lam) <= target
+                                                                                    for v in h[-3:]))
+        stages.append(run.history)
+        found = torch.cat([found, run.vector[:, None]], dim=1)
+    return stages
+
+
+def compare_topk(models_: dict, x, y, ks: tuple[int, ...], max_iter: int, seeds: int) -> None:
+    """Section 5: products for the top-k eigenvalues, Lanczos against power iteration with deflation."""
+    targets = (1e-2, 1e-3, 1e-4)
+    k_max = max(ks)
+    print(f"\n5. products until all of the k largest eigenvalues are within a relative error (float32, as the metric; "
+          f"random starts; median over {seeds} starts; <= {max_iter} products per Lanczos run and per power stage)\n"
+          "  Lanczos: the product from which the k largest Ritz values stay within the target; power iteration "
+          "with deflation (PyHessian's top_n): the sum over its k stages of the product from which each stage's "
+          "estimate stays within the target, each stage run to the tightest target first, so the power counts "
+          "are lower bounds of what it needs")
+    print(f"  {'model':<18} {'k':>3} {'target':>7} {'Lanczos':>8} {'power':>7} {'ratio':>6}   (target ratio >= 3)")
+    for label, model in models_.items():
+        exact, smallest = exact_eigs(model, x, y, k_max)
+        op = HessianOperator(model, x, y)
+        comparable = [k for k in ks if exact[k - 1] > abs(smallest)]
+        print(f"  {label}: lambda_1..{k_max} = " + ", ".join(f"{v:.4g}" for v in exact) + f"; lambda_min = {smallest:.4g}"
+              + "".join(f"; k = {k} left out (lambda_{k} < |lambda_min|: power iteration finds another set)"
+                        for k in ks if k not in comparable))
+        if not comparable:
+            continue
+        exact = exact[:max(comparable)]
+        lz = [lanczos_topk_history(op, len(exact), exact, targets[-1], max_iter, s) for s in range(seeds)]
+        pw = [power_topk_histories(op, exact, targets[-1], max_iter, s) for s in range(seeds)]
+        for k in comparable:
+            for target in targets:
+                a = np.median([first_within_k(h, exact[:k], target) for h in lz])
+                b = np.median([sum(first_within(st, lam, target) or np.inf for st, lam in zip(stages[:k], exact))
+                               for stages in pw])
+                print(f"  {label:<18} {k:3d} {target:7.0e} {a:8.0f} {b:7.0f} {b / a:6.1f}")
+
+
+def first_within_k(history: list[np.ndarray], exact: np.ndarray, target: float) -> float:
+    """1-based product from which the k largest Ritz values all stay within `target` (inf: never)."""
+    ok = [topk_errors(h, exact) <= target for h in history]
+    return next((i + 1 for i in range(len(ok)) if all(ok[i:])), np.inf)
+
+
 def compare_hvp(model, x, y, repeats: int) -> None:
     print("\n4. one Hessian-vector product (median ms; graph build excluded for the cached method)")
     torch.manual_seed(0)
@@ -345,7 +432,7 @@ SWEEP = [("resnet1d", 4), ("resnet1d", 8), ("resnet1d", 32), ("mlp", 32), ("mlp"
 
 def sweep(ds, x, y, starts: int) -> None:
     configs = list(OURS[:4])
-    print(f"\n5. stopping rules on 20 Hessians, tol {TOL:g}, {starts} random starts each: median products / worst "
+    print(f"\n6. stopping rules on 20 Hessians, tol {TOL:g}, {starts} random starts each: median products / worst "
           f"error in units of tol / runs beyond tol (float32 products, float32 vectors)")
     print(f"  {'model':<16} {'lambda_1':>9} {'lambda_2':>9} " + " ".join(f"{r + '/' + st[:4]:>17}" for r, st in configs)
           + f" {'power (ref.)':>17}")
@@ -390,12 +477,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--power-iters", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=3, help="random starts in section 3")
+    ap.add_argument("--seeds", type=int, default=3, help="random starts in sections 3 and 5")
+    ap.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 3, 5], help="k in section 5")
     ap.add_argument("--ref-sketch", type=int, default=50)
     ap.add_argument("--ref-probes", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default="/tmp/pd_data")
-    ap.add_argument("--sweep", action="store_true", help="add section 5 (robustness over 20 Hessians)")
+    ap.add_argument("--sweep", action="store_true", help="add section 6 (robustness over 20 Hessians)")
     ap.add_argument("--sweep-starts", type=int, default=10)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Using backward.. with create_graph=True")  # PyHessian's own call
@@ -411,6 +499,8 @@ def main(argv=None) -> None:
     compare_counts({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)}, x, y,
                    args.power_iters, args.seeds)
     compare_hvp(model, x, y, args.repeats)
+    compare_topk({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)}, x, y,
+                 tuple(args.top_k), args.power_iters, args.seeds)
     if args.sweep:
         sweep(ds, x, y, args.sweep_starts)
 

@@ -276,6 +276,18 @@ def test_power_iteration_residuals_and_hint():
     assert first[1] < first[0]
 
 
+def test_power_iteration_with_deflation_finds_the_next_eigenvalues():
+    """Deflated by the eigenvectors found so far, power iteration finds lambda_2, lambda_3 of A in turn."""
+    a = symmetric(DECAYING)
+    found = torch.empty(N, 0, dtype=torch.float64)
+    for want in sorted(DECAYING, key=abs, reverse=True)[:3]:
+        power = linalg.power_iteration(counted(a), N, max_iter=2000, tol=0.0, generator=gen(),
+                                       stop=lambda h, r: r[-1] <= 1e-10, deflate=found)
+        assert power.eigenvalue == pytest.approx(want, rel=1e-9)
+        assert float(torch.linalg.vector_norm(found.T @ power.vector)) <= 1e-12
+        found = torch.cat([found, power.vector[:, None]], dim=1)
+
+
 # --------------------------------------------------------------------------- traces
 def test_hutchinson_exact_on_diagonal():
     d = torch.linspace(-3.0, 7.0, 50, dtype=torch.float64)

@@ -378,7 +378,7 @@ class Power:
 def power_iteration(matvec: Matvec, n: int, max_iter: int = 100, tol: float = 1e-3,
                     generator: torch.Generator | None = None, device="cpu", dtype: torch.dtype = DTYPE,
                     stop: Callable[[list[float], list[float]], bool] | None = None,
-                    hint: torch.Tensor | None = None) -> Power:
+                    hint: torch.Tensor | None = None, deflate: torch.Tensor | None = None) -> Power:
     """The eigenvalue of largest magnitude by power iteration, as in the reference code (PyHessian).
 
     v_0 from `start_vector` (Gaussian, as in the reference, unless a `hint` is given); step t:
@@ -386,14 +386,22 @@ def power_iteration(matvec: Matvec, n: int, max_iter: int = 100, tol: float = 1e
     |mu_t - mu_{t-1}| / (|mu_{t-1}| + 1e-6) < tol (or when `stop(history, residuals)` is true). The error
     decays like |lambda_2 / lambda_1|^(2t), slowly when the top eigenvalues are close, and the
     stopping test then ends it far from converged.
+
+    `deflate` (n x j, orthonormal columns U, e.g. the eigenvectors found so far) makes it iterate
+    on (I - U U^T) A (I - U U^T): v_0 and every w are projected off U, as PyHessian's `top_n`
+    does, so the next eigenvalue of largest magnitude is found.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    v = start_vector(n, generator, device, dtype, hint)
+
+    def project(u: torch.Tensor) -> torch.Tensor:
+        return u if deflate is None else u - deflate @ (deflate.T @ u)
+
+    v = project(start_vector(n, generator, device, dtype, hint))
     v = v / torch.linalg.vector_norm(v)
     history: list[float] = []
     residuals: list[float] = []
     for _ in range(max_iter):
-        w = matvec(v).to(dtype)
+        w = project(matvec(v).to(dtype))
         history.append(float(v @ w))
         residuals.append(float(torch.linalg.vector_norm(w - history[-1] * v)))
         v = w / torch.linalg.vector_norm(w)
