@@ -347,6 +347,12 @@ def topk_errors(values: np.ndarray, exact: np.ndarray) -> float:
     return float(np.max(np.abs(values[:len(exact)] - exact) / np.abs(exact)))
 
 
+def first_within_k(history: list[np.ndarray], exact: np.ndarray, target: float) -> float:
+    """1-based product from which the k largest Ritz values all stay within `target` (inf: never)."""
+    ok = [topk_errors(h, exact) <= target for h in history]
+    return next((i + 1 for i in range(len(ok)) if all(ok[i:])), np.inf)
+
+
 def lanczos_topk_history(op, k: int, exact: np.ndarray, target: float, max_iter: int, seed: int) -> list[np.ndarray]:
     """The k largest Ritz values after every product, from a random start, until all are within `target`
     for three products in a row (or `max_iter`)."""
@@ -406,12 +412,6 @@ def compare_topk(models_: dict, x, y, ks: tuple[int, ...], max_iter: int, seeds:
                 b = np.median([sum(first_within(st, lam, target) or np.inf for st, lam in zip(stages[:k], exact))
                                for stages in pw])
                 print(f"  {label:<18} {k:3d} {target:7.0e} {a:8.0f} {b:7.0f} {b / a:6.1f}")
-
-
-def first_within_k(history: list[np.ndarray], exact: np.ndarray, target: float) -> float:
-    """1-based product from which the k largest Ritz values all stay within `target` (inf: never)."""
-    ok = [topk_errors(h, exact) <= target for h in history]
-    return next((i + 1 for i in range(len(ok)) if all(ok[i:])), np.inf)
 
 
 def compare_hvp(model, x, y, repeats: int) -> None:
