@@ -1,4 +1,4 @@
-"""Ensemble vs sequential training of S seeds, per (width, batch size): the table behind `ensemble.auto_rule`.
+"""Ensemble vs sequential training of S seeds, per (width, batch size): the table behind `ensemble.group_size`.
 
 For each (width, batch size) this times, side by side in one process, the same training work
 done two ways, with one torch thread (as the job pool's workers run):
@@ -7,12 +7,14 @@ done two ways, with one torch thread (as the job pool's workers run):
   (exactly the step `train.train_seed` takes: gather the batch, forward, cross-entropy,
   backward, `torch.optim.SGD` step with momentum 0.9 and weight decay 5e-4);
 - ensemble: `steps` steps of one S-member ensemble (`ensemble.ensemble_step`, every member
-  with its own batch: x of shape (S, B, 40)).
+  with its own batch: x of shape (S, B, 40));
+- auto: what `--ensemble auto` trains, groups of g = `ensemble.group_size` members (timed as
+  one g-member ensemble when 0 < g < S; g = S is the ensemble, g = 0 the sequential runs).
 
-Reported per cell: ms per member-step of each, the ratio sequential / ensemble from
-`time.perf_counter` medians over `--repeats` alternating repeats after a warm-up, the same ratio
-from thread CPU time (`time.thread_time`, less disturbed when other processes share the cores),
-and whether `ensemble.auto_rule` uses the ensemble there. `steps` is set so that one sequential
+Reported per cell: ms per member-step of each, the ratios sequential / ensemble and sequential /
+auto from `time.perf_counter` medians over `--repeats` alternating repeats after a warm-up, the
+first ratio also from thread CPU time (`time.thread_time`, less disturbed when other processes
+share the cores). `steps` is set so that one sequential
 repeat takes about `--seconds` (timed on the warm-up). Data: random inputs of MNIST-1D's shape
 (4000 x 40, 10 classes); the timing does not depend on the values.
 
@@ -51,8 +53,10 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, repeats: int, conv: str):
-    """(steps, (sequential wall, cpu), (ensemble wall, cpu)): medians in seconds per member-step."""
+def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, repeats: int, conv: str,
+               group: int):
+    """(steps, (sequential wall, cpu), (ensemble wall, cpu), (auto wall, cpu)): medians in seconds per
+    member-step; auto is a `group`-member ensemble (or one of the other two when group is 0 or S)."""
     spec = ExperimentSpec(name="bench", arch=arch, widths=(width,), batch_sizes=(batch,), seeds=tuple(range(members)),
                           metrics=())
     g = torch.Generator().manual_seed(0)
@@ -64,9 +68,12 @@ def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, 
         model = models.create(arch, width, (40,), 10)
         runs.append(build_method(spec, model, lr=0.01, weight_decay=5e-4, seed=seed))
     orders = torch.stack([torch.randperm(n, generator=g) for _ in range(members)])
-    ens = ensemble_models.from_models([r.model for r in runs], conv)
-    opt = torch.optim.SGD(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
-    ens.train()
+
+    def ensemble_of(k):
+        ens = ensemble_models.from_models([r.model for r in runs[:k]], conv).train()
+        return ens, torch.optim.SGD(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+
+    full, part = ensemble_of(members), (ensemble_of(group) if 0 < group < members else None)
     for r in runs:
         r.model.train()
 
@@ -82,45 +89,53 @@ def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, 
                 idx = batch_idx(step)[s]
                 r.step(x[idx], y[idx], 0)
 
-    def together():
-        for step in range(steps):
-            idx = batch_idx(step)
-            ensemble.ensemble_step(ens, opt, x[idx], y[idx])
+    def together(ens_opt, k):
+        def run():
+            for step in range(steps):
+                idx = batch_idx(step)[:k]
+                ensemble.ensemble_step(*ens_opt, x[idx], y[idx])
+        return run
 
-    sequential(), together()  # warm-up
+    timers = {"seq": (sequential, members), "ens": (together(full, members), members)}
+    if part is not None:
+        timers["auto"] = (together(part, group), group)
+    for fn, _ in timers.values():
+        fn()  # warm-up
     steps = max(2, min(500, round(seconds * steps / timed(sequential)[0])))  # ~`seconds` per sequential repeat
-    seq, ens_t = [], []
+    times = {name: [] for name in timers}
     for _ in range(repeats):
-        seq.append(timed(sequential))
-        ens_t.append(timed(together))
-    per = members * steps
-    med = lambda ts, i: statistics.median(t[i] for t in ts) / per  # noqa: E731
-    return steps, (med(seq, 0), med(seq, 1)), (med(ens_t, 0), med(ens_t, 1))
+        for name, (fn, _) in timers.items():
+            times[name].append(timed(fn))
+    per = {name: [(w / (k * steps), c / (k * steps)) for w, c in times[name]] for name, (_, k) in timers.items()}
+    med = {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for name, ts in per.items()}
+    auto = med["auto"] if part is not None else med["ens"] if group == members else med["seq"]
+    return steps, med["seq"], med["ens"], auto
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     print(f"{args.arch}, S = {args.members} seeds, one thread, float32; times per member-step; "
-          f"ratio = sequential / ensemble (perf_counter medians of {args.repeats}; cpu: thread_time)")
-    print(f"{'width':>5} {'batch':>5} {'steps':>5} {'seq ms':>8} {'ens ms':>8} {'ratio':>6} {'cpu ratio':>9}  auto")
+          f"ratio = sequential / ensemble (perf_counter medians of {args.repeats}; cpu: thread_time); "
+          "auto: groups of g seeds (ensemble.group_size)")
+    print(f"{'width':>5} {'batch':>5} {'steps':>5} {'seq ms':>8} {'ens ms':>8} {'ratio':>6} {'cpu ratio':>9} "
+          f"{'g':>2} {'auto ms':>8} {'seq/auto':>8}")
     rows = []
     for width in args.widths:
         for batch in args.batch_sizes:
-            steps, (sw, sc), (ew, ec) = bench_cell(args.arch, width, batch, args.members, args.seconds, args.repeats,
-                                                   args.conv)
-            auto = ensemble.auto_rule(args.arch, width, batch)
-            rows.append((width, batch, sw / ew, sc / ec, auto))
-            print(f"{width:5d} {batch:5d} {steps:5d} {sw * 1e3:8.3f} {ew * 1e3:8.3f} {sw / ew:6.2f} {sc / ec:9.2f}  "
-                  f"{'ensemble' if auto else 'sequential'}", flush=True)
+            group = ensemble.group_size(args.arch, width, batch, args.members)
+            steps, (sw, sc), (ew, ec), (aw, _) = bench_cell(args.arch, width, batch, args.members, args.seconds,
+                                                            args.repeats, args.conv, group)
+            rows.append((width, batch, sw / ew, sc / ec, group, sw / aw))
+            print(f"{width:5d} {batch:5d} {steps:5d} {sw * 1e3:8.3f} {ew * 1e3:8.3f} {sw / ew:6.2f} {sc / ec:9.2f} "
+                  f"{group:2d} {aw * 1e3:8.3f} {sw / aw:8.2f}", flush=True)
     small = [r for r in rows if r[0] <= 32 and r[1] <= 128]
     used = [r for r in rows if r[4]]
     if small:
         print(f"widths <= 32 and batch <= 128: ratio min {min(r[2] for r in small):.2f}, "
               f"median {statistics.median(r[2] for r in small):.2f} (target >= 4)")
     if used:
-        print(f"where auto uses the ensemble: ratio min {min(r[2] for r in used):.2f} "
-              f"(cpu {min(r[3] for r in used):.2f}) (target >= 1: never slower)")
+        print(f"where auto uses ensembles: seq/auto min {min(r[5] for r in used):.2f} (target >= 1: never slower)")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,28 @@ def test_members_equal_sequential_runs(tmp_path, arch, width, dtype):
         assert not ens_layout.checkpoint(cell, seed, "last").exists()
 
 
+@pytest.mark.parametrize("budget_groups", [1, 2])
+def test_auto_groups_equal_sequential_runs(tmp_path, monkeypatch, budget_groups):
+    """auto with a group budget of 1 or 2 members: seeds (0, 1, 2) train as 1 + 1 + 1 or 2 + 1
+    one-member / two-member ensembles, each member equal to its sequential run (float64)."""
+    spec = make_spec("resnet1d", 4, "float64", "auto")
+    cell = spec.cells()[0]
+    monkeypatch.setattr(ensemble, "RESNET1D_GROUP_BUDGET", budget_groups * cell.width * cell.batch_size)
+    assert ensemble.ensemble_choice(spec, cell)[0] == budget_groups
+    seen = []
+    real = ensemble.train_members
+    monkeypatch.setattr(ensemble, "train_members",
+                        lambda *a, **k: seen.append([m.seed for m in a[4]]) or real(*a, **k))
+    data = make_dataset("float64")
+    ens_layout, seq_layout = Layout(tmp_path / "ens", "t"), Layout(tmp_path / "seq", "t")
+    assert ensemble.train_cell_auto(spec, cell, ens_layout, data) == {s: "ok" for s in SEEDS}
+    assert seen == ([[0], [1], [2]] if budget_groups == 1 else [[0, 1], [2]])
+    assert sequential(spec, cell, seq_layout, data) == {s: "ok" for s in SEEDS}
+    for seed in SEEDS:
+        assert_same_run(ens_layout.checkpoint(cell, seed, "final"), seq_layout.checkpoint(cell, seed, "final"),
+                        TOL["float64"])
+
+
 def test_ensemble_training_is_deterministic(tmp_path):
     """Same spec and seeds, same mode: the same weights bit for bit (float32)."""
     spec = make_spec("mlp", 8, "float32", epochs=2)
@@ -258,7 +280,9 @@ def test_sequential_resume_of_an_ensemble_checkpoint(tmp_path):
 def test_ensemble_choice():
     on, off, auto = (make_spec("resnet1d", 4, "float32", mode) for mode in ("on", "off", "auto"))
     cell = on.cells()[0]
-    assert ensemble.ensemble_choice(on, cell)[0] and not ensemble.ensemble_choice(off, cell)[0]
-    assert ensemble.ensemble_choice(auto, cell)[0]  # width 4, batch 32: the ensemble is faster
-    assert not ensemble.auto_rule("resnet1d", 128, 512)
-    assert ensemble.auto_rule("resnet1d", 8, 16) and ensemble.auto_rule("mlp", 32, 128)
+    assert ensemble.ensemble_choice(on, cell)[0] == len(on.seeds) and ensemble.ensemble_choice(off, cell)[0] == 0
+    assert ensemble.ensemble_choice(auto, cell)[0] == len(auto.seeds)  # width 4, batch 32: all seeds together
+    assert ensemble.group_size("resnet1d", 128, 512, 5) == 1  # still the faster form, one member at a time
+    assert ensemble.group_size("resnet1d", 32, 256, 5) == 2 and ensemble.group_size("resnet1d", 8, 16, 5) == 5
+    assert ensemble.group_size("mlp", 32, 128, 3) == 3 and ensemble.group_size("mlp", 1024, 512, 3) == 0
+    assert ensemble.group_size("resnet18", 8, 16, 3) == 0

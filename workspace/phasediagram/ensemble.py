@@ -28,9 +28,10 @@ Resume: members are grouped by the epoch their `last.pt` reached (a kill between
 writes leaves two groups) and each group is trained as one ensemble, so no finished epoch is
 trained twice.
 
-`spec.ensemble`: "on" uses ensembles wherever the arch and the training method allow
-(`methods.ensemble_supported`), "off" never, "auto" where `auto_rule` (measured with
-bench/bench_ensemble.py) says the ensemble is faster.
+`spec.ensemble`: "on" trains all seeds of a cell as one ensemble wherever the arch and the
+training method allow (`methods.ensemble_supported`), "off" never, "auto" in groups of
+`group_size` seeds (measured with bench/bench_ensemble.py), possibly of one: a one-member
+ensemble is still the faster form of some models.
 """
 
 from __future__ import annotations
@@ -50,38 +51,44 @@ from .methods.sgd import SGD
 from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_diverged, save_epoch, save_final,
                     start_run, train_seed)
 
-# auto: train the seeds as one ensemble where width^2 * batch_size <= budget and batch_size <= max_batch
-# (cost ~ width^2 * batch once arithmetic dominates; below it per-operation overhead dominates and
-# the ensemble pays it once for all seeds). Measured with bench/bench_ensemble.py (one thread,
-# 3 and 5 seeds) on a CPU; archs not listed (resnet18) use the ensemble only when it is "on".
-AUTO_BUDGET: dict[str, tuple[int, int]] = {
-    "resnet1d": (32_768, 256),
-    "mlp": (1_048_576, 512),
-}
+# auto: seeds per ensemble group, from bench/bench_ensemble.py (one thread, 1-5 members, widths
+# 8-128, batch sizes 16-512, on a 2-core CPU).
+# - resnet1d: the ensemble form (im2col + one bmm per convolution on member-major activations)
+#   was faster than nn.Conv1d sequential runs per member-step at every size measured, one member
+#   included (1.0-2.5x); more members pay per-operation overhead once, until the group's
+#   activations (members x width x batch) outgrow the caches: groups stay <= RESNET1D_GROUP_BUDGET.
+# - mlp: all seeds together where width^2 * batch_size <= 2^20 and batch_size <= 512, else sequential.
+# - other archs (resnet18: grouped 2D convolutions, slow on a CPU): sequential.
+RESNET1D_GROUP_BUDGET = 16_384
+MLP_BUDGET = (1_048_576, 512)
 
 
-def auto_rule(arch: str, width: int, batch_size: int) -> bool:
-    """Whether an ensemble of the seeds trains faster than sequential runs at (arch, width, batch size):
-    width^2 * batch_size <= AUTO_BUDGET[arch][0] and batch_size <= AUTO_BUDGET[arch][1]."""
-    if arch not in AUTO_BUDGET:
-        return False
-    budget, max_batch = AUTO_BUDGET[arch]
-    return width * width * batch_size <= budget and batch_size <= max_batch
+def group_size(arch: str, width: int, batch_size: int, seeds: int) -> int:
+    """Seeds trained together as one ensemble in auto mode; 0: ordinary sequential runs (`train.train_seed`).
+
+    resnet1d: the largest g <= seeds with g * width * batch_size <= RESNET1D_GROUP_BUDGET, at least 1.
+    mlp: all seeds if width^2 * batch_size <= 2^20 and batch_size <= 512, else 0. Other archs: 0.
+    """
+    if arch == "resnet1d":
+        return max(1, min(seeds, RESNET1D_GROUP_BUDGET // (width * batch_size)))
+    if arch == "mlp":
+        budget, max_batch = MLP_BUDGET
+        return seeds if width * width * batch_size <= budget and batch_size <= max_batch else 0
+    return 0
 
 
-def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[bool, str]:
-    """(train the cell's seeds as one ensemble?, why)."""
+def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
+    """(seeds per ensemble group, why); 0 means ordinary sequential runs."""
     if spec.ensemble == "off":
-        return False, "ensemble off"
+        return 0, "ensemble off"
     if not ensemble_supported(spec):
-        return False, f"optimizer {spec.optimizer} with regularizer {spec.regularizer} has no ensemble form"
+        return 0, f"optimizer {spec.optimizer} with regularizer {spec.regularizer} has no ensemble form"
     if not ensemble_models.supports(spec.arch):
-        return False, f"arch {spec.arch} has no ensemble form"
+        return 0, f"arch {spec.arch} has no ensemble form"
     if spec.ensemble == "on":
-        return True, "ensemble on"
-    if auto_rule(spec.arch, cell.width, cell.batch_size):
-        return True, "auto: faster than sequential here"
-    return False, "auto: sequential is as fast here"
+        return len(spec.seeds), "ensemble on"
+    g = group_size(spec.arch, cell.width, cell.batch_size, len(spec.seeds))
+    return g, (f"auto: groups of {g} seed(s)" if g else "auto: sequential is as fast here")
 
 
 @dataclass
@@ -100,22 +107,27 @@ class Member:
 
 def train_cell_auto(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset,
                     device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
-    """Train every seed of `cell` (as one ensemble where `ensemble_choice` says so); return {seed: status}."""
+    """Train every seed of `cell` (in ensemble groups of the size `ensemble_choice` gives); return {seed: status}.
+
+    The seeds still to train are taken in groups of that size, in order; within a group, members
+    resuming from different epochs train as separate ensembles.
+    """
     statuses = {seed: final_status(layout, spec, cell, seed, log) for seed in spec.seeds}
     todo = [seed for seed in spec.seeds if statuses[seed] is None]
-    use, _ = ensemble_choice(spec, cell)
+    size, _ = ensemble_choice(spec, cell)
     members = []
-    if use and len(todo) > 1:
+    if size and todo:
         members = [Member(seed, *start_run(spec, cell, seed, layout, dataset, device, log)) for seed in todo]
         if not all(type(m.method) is SGD and m.method.regularizer is None for m in members):
             log(f"note: {spec.optimizer} has no ensemble step here; training {cell.id} sequentially")
             members = []
     if members:
-        groups: dict[int, list[Member]] = {}
-        for m in members:
-            groups.setdefault(m.state.epoch, []).append(m)
-        for group in groups.values():
-            statuses.update(train_members(spec, cell, layout, dataset, group, device, log, on_epoch))
+        for first in range(0, len(members), size):
+            by_epoch: dict[int, list[Member]] = {}
+            for m in members[first:first + size]:
+                by_epoch.setdefault(m.state.epoch, []).append(m)
+            for group in by_epoch.values():
+                statuses.update(train_members(spec, cell, layout, dataset, group, device, log, on_epoch))
     else:
         for seed in todo:
             statuses[seed] = train_seed(spec, cell, seed, layout, dataset, device, log, on_epoch)

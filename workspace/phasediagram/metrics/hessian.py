@@ -194,11 +194,15 @@ def density_curve(values: Mapping[str, float], split: str = "train") -> tuple[np
 
 
 def _draw(ax, curves: list[tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    from matplotlib.ticker import LogLocator, NullLocator
+
     for t, phi in curves:
         ax.plot(t, np.maximum(phi, 1e-300), lw=1)
     peak = max((float(phi.max()) for _, phi in curves if len(phi)), default=1.0)
     ax.set_yscale("log")
     ax.set_ylim(peak * 1e-6, peak * 2)
+    ax.yaxis.set_major_locator(LogLocator(numticks=4))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6)
 
