@@ -197,20 +197,24 @@ FAST = dict(batch_size=16, top_k=3, lanczos_iters=60, trace_probes=20, hutchpp_s
             density_points=30)
 
 
-def test_metric_contract_through_the_registry():
+@pytest.mark.parametrize("basis", ["krylov", "sketch"])
+def test_metric_contract_through_the_registry(basis):
     metric = METRICS["hessian"]
     model = tiny_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [m.training for m in model.modules()]
     data = metric_data()
-    out = metric.compute(model, data, metric.options(**FAST), seeded(7))
+    fast = dict(FAST, hutchpp_basis=basis)
+    out = metric.compute(model, data, metric.options(**fast), seeded(7))
     assert all(isinstance(k, str) and isinstance(v, float) and math.isfinite(v) for k, v in out.items())
     for q in ("top_eigenvalue", "top_abs_eigenvalue", "trace", "trace_hutchpp", "hvp_eig", "hvp_trace",
               "hvp_trace_hutchpp", "hvp_traces", "hvp_density", "eigenvalue@1", "eigenvalue@3"):
         assert f"train/{q}" in out
-    sketch_products = 2 * FAST["hutchpp_sketch"]
-    assert out["train/hvp_traces"] == max(out["train/hvp_trace"], out["train/hvp_trace_hutchpp"] - sketch_products) \
-        + sketch_products
+    # products of the Hutch++ basis: the sketch's 2 s made by the traces, or the SLQ run's, made before
+    basis_products = 2 * FAST["hutchpp_sketch"] if basis == "sketch" else out["train/hvp_density"]
+    made = 2 * FAST["hutchpp_sketch"] if basis == "sketch" else 0
+    assert out["train/hvp_traces"] == max(out["train/hvp_trace"], out["train/hvp_trace_hutchpp"] - basis_products) \
+        + made
     assert out["train/top_eigenvalue"] == out["train/eigenvalue@1"] >= out["train/eigenvalue@2"]
     assert out["train/hvp_density"] == 20
     t, phi = density_curve(out)
@@ -219,7 +223,7 @@ def test_metric_contract_through_the_registry():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())
-    assert metric.compute(model, data, metric.options(**FAST), seeded(7)) == out
+    assert metric.compute(model, data, metric.options(**fast), seeded(7)) == out
 
 
 def test_metric_top_eigenvalue_matches_the_dense_hessian_of_its_batch():
@@ -236,6 +240,21 @@ def test_metric_top_eigenvalue_matches_the_dense_hessian_of_its_batch():
     assert out["train/trace_hutchpp"] == pytest.approx(float(h.trace()), rel=1e-8)  # sketch >= P: exact
     assert abs(out["train/trace"] - float(h.trace())) <= 4 * out["train/trace_stderr"]
     assert not any(k.startswith("train/density") for k in out)
+
+
+def test_metric_krylov_hutchpp_exact_once_the_slq_run_exhausts_its_krylov_space():
+    """MLP Hessian (P = 63, rank 37, distinct nonzero eigenvalues): an SLQ run of P steps stops when its
+    Krylov space is exhausted; that space holds every eigenvector of a nonzero eigenvalue, so
+    tr(Q^T H Q) = tr(H) and the Krylov Hutch++ trace is exact whatever the probes."""
+    model = tiny_mlp()
+    x, y = batch(16, (6,), 3)
+    data = MetricData(Split(x, y), Split(x, y), 3)
+    h = reference_hessian(model, x, y)
+    opts = HessianOptions(batch_size=None, density_iters=h.shape[0], trace_probes=3, trace_tol=0.0)
+    out = METRICS["hessian"].compute(model, data, opts, seeded(4))
+    assert out["train/hvp_density"] < h.shape[0]
+    assert out["train/trace_hutchpp"] == pytest.approx(float(h.trace()), rel=1e-8)
+    assert out["train/hvp_trace_hutchpp"] == out["train/hvp_density"] + 3 and out["train/hvp_traces"] == 3
 
 
 @pytest.mark.parametrize("rule", ["gap", "residual", "change"])
@@ -284,8 +303,8 @@ def test_metric_returns_nan_for_a_diverged_model():
 
 @pytest.mark.parametrize("field,value", [
     ("lanczos_iters", 0), ("top_k", 0), ("lanczos_iters", 2), ("tol", 0.0), ("tol", -1e-3), ("tol", math.nan),
-    ("trace_probes", 0), ("trace_tol", -0.1), ("trace_rule", "mean"), ("hutchpp_sketch", -1), ("density_iters", 0),
-    ("density_probes", -1), ("density_points", 1), ("density_sigma", 0.0), ("batch_size", 0), ("chunk_size", 0),
+    ("trace_probes", 0), ("trace_tol", -0.1), ("trace_rule", "mean"), ("hutchpp_sketch", -1), ("hutchpp_basis", "qr"),
+    ("density_iters", 0), ("density_probes", -1), ("density_points", 1), ("density_sigma", 0.0), ("batch_size", 0), ("chunk_size", 0),
     ("hvp", "finite_differences"), ("top_k", True), ("batch_size", 2.5), ("eig_rule", "power"),
     ("eig_start", "ones"),
 ])

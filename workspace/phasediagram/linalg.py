@@ -117,6 +117,11 @@ class Lanczos:
     basis: Basis
     n_products: int
     stopped: bool = False  # whether the `stop` test ended the run
+    residual_vector: torch.Tensor | None = None  # r_m = b_m q_{m+1}: A Q_m^T = Q_m^T T_m + r_m e_m^T
+
+    def tridiagonal(self) -> np.ndarray:
+        """T_m as a dense m x m float64 matrix."""
+        return np.diag(self.alpha) + np.diag(self.beta, 1) + np.diag(self.beta, -1)
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
         """Ritz values theta (ascending) and eigenvectors S of T_m (columns)."""
@@ -158,7 +163,7 @@ def lanczos(matvec: Matvec, v0: torch.Tensor, max_iter: int, *, stop: Callable[[
         w, h, b = basis.project_out(w - a * q)
         alpha.append(a + float(h[j]))
         scale = max(scale, abs(alpha[-1]), b)
-        partial = Lanczos(np.array(alpha), np.array(beta), b, basis, j + 1)
+        partial = Lanczos(np.array(alpha), np.array(beta), b, basis, j + 1, residual_vector=w)
         partial.stopped = stop is not None and stop(partial)
         if partial.stopped or j + 1 == steps:
             return partial
@@ -167,7 +172,7 @@ def lanczos(matvec: Matvec, v0: torch.Tensor, max_iter: int, *, stop: Callable[[
             beta.append(b)
             continue
         if restart is None:
-            return Lanczos(np.array(alpha), np.array(beta), 0.0, basis, j + 1)
+            return Lanczos(np.array(alpha), np.array(beta), 0.0, basis, j + 1, residual_vector=torch.zeros_like(w))
         z, _, norm = basis.project_out(gaussian(n, restart, v0.device, dtype))
         previous, q = None, z / norm
         beta.append(0.0)
@@ -477,34 +482,76 @@ def hutchpp(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol
     return traces(matvec, n, sketch, max_probes, tol, generator, device, rule, dtype, plain=False)[1]
 
 
+@dataclass
+class Deflation:
+    """An orthonormal basis Q (n x s) with the means to apply A Q, for Hutch++'s split
+    tr(A) = tr(Q^T A Q) + tr(P A P), P = I - Q Q^T.
+
+    `low` = tr(Q^T A Q); `q_t(z)` = Q^T z; `q(c)` = Q c; `aq(c)` = (A Q) c; `n_products`: the
+    products spent on it; `full`: whether Q spans all of R^n (then P = 0).
+    """
+
+    low: float
+    q_t: Callable[[torch.Tensor], torch.Tensor]
+    q: Callable[[torch.Tensor], torch.Tensor]
+    aq: Callable[[torch.Tensor], torch.Tensor]
+    n_products: int
+    full: bool
+
+    @classmethod
+    def sketch(cls, matvec: Matvec, n: int, s: int, generator: torch.Generator, device="cpu",
+               dtype: torch.dtype = DTYPE) -> "Deflation":
+        """Q = orth(A S) for an n x s Rademacher S, and A Q: 2 s products (Meyer et al.'s Hutch++)."""
+        s = max(0, min(s, n))
+        if not s:
+            q = aq = torch.zeros(n, 0, dtype=dtype, device=device)
+        else:
+            sketch_m = rademacher(n, generator, device, columns=s, dtype=dtype)
+            q = torch.linalg.qr(torch.stack([matvec(c).to(dtype) for c in sketch_m.T], dim=1))[0]
+            aq = torch.stack([matvec(c).to(dtype) for c in q.T], dim=1)
+        return cls(float((q * aq).sum()), lambda z: q.T @ z, lambda c: q @ c, lambda c: aq @ c, 2 * s, s >= n)
+
+    @classmethod
+    def krylov(cls, run: Lanczos) -> "Deflation":
+        """Q = the Lanczos basis Q_m^T of `run`, at no product: A Q_m^T = Q_m^T T_m + r_m e_m^T (the
+        recurrence, to rounding under full reorthogonalisation), so tr(Q^T A Q) = tr(T_m) and
+        (A Q) c = Q (T_m c) + c_m r_m. A Krylov space of a random start holds the dominant
+        eigenvectors far better than orth(A S) of the same size (Chen and Hallman 2023,
+        Krylov-aware stochastic trace estimation), and an SLQ run has it already built."""
+        t = torch.as_tensor(run.tridiagonal(), dtype=run.basis.dtype, device=run.basis.device)
+        r = run.residual_vector
+
+        def aq(c: torch.Tensor) -> torch.Tensor:
+            return run.basis.combine(t @ c) + c[-1] * r
+
+        return cls(float(np.sum(run.alpha)), run.basis.coefficients, run.basis.combine, aq, 0,
+                   len(run.basis) >= run.basis.n)
+
+
 def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol: float = 1e-3,
            generator: torch.Generator | None = None, device="cpu", rule: str = "change",
-           dtype: torch.dtype = DTYPE, plain: bool = True) -> tuple[Trace | None, Trace]:
+           dtype: torch.dtype = DTYPE, plain: bool = True, deflation: Deflation | None = None
+           ) -> tuple[Trace | None, Trace]:
     """Hutchinson and Hutch++ on one stream of Rademacher probes: (plain, plus).
 
-    Each probe z costs one product A z, which serves both estimators: the plain sample is
-    z^T A z, and with P = I - Q Q^T the Hutch++ residual sample is (P z)^T A (P z) where, by
-    linearity, A P z = A z - (A Q)(Q^T z) reuses the A Q of the sketch. Each estimator takes
-    probes until its own stopping rule holds (or `max_probes`), so each equals what it would be
-    run alone on the same probes; together they cost 2 s + max(m_plain, m_plus) products instead
-    of 2 s + m_plain + m_plus. `n_products` of each counts the products its estimate rests on.
-    With `sketch = 0` both are plain Hutchinson; with `plain=False` only Hutch++ is run (first
-    element None), with `sketch >= n` its residual is zero and it needs no probe.
+    Hutch++ deflates by `deflation` when given (e.g. `Deflation.krylov` of an SLQ run, no product
+    spent here), else by a sketch of `sketch` columns (`Deflation.sketch`, 2 s products). Each
+    probe z costs one product A z, which serves both estimators: the plain sample is z^T A z,
+    and with P = I - Q Q^T the Hutch++ residual sample is (P z)^T A (P z) where, by linearity,
+    A P z = A z - (A Q)(Q^T z) reuses the deflation's A Q. Each estimator takes probes until its
+    own stopping rule holds (or `max_probes`), so each equals what it would be run alone on the
+    same probes; together they cost the deflation's products + max(m_plain, m_plus) instead of
+    that + m_plain + m_plus. `n_products` of each counts the products its estimate rests on
+    (the deflation's included). With `sketch = 0` and no deflation both are plain Hutchinson;
+    with `plain=False` only Hutch++ is run (first element None); when Q spans R^n its residual is
+    zero and it needs no probe.
     """
     _check_rule(rule)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    s = max(0, min(sketch, n))
-    if s:
-        sketch_m = rademacher(n, generator, device, columns=s, dtype=dtype)
-        q = torch.linalg.qr(torch.stack([matvec(c).to(dtype) for c in sketch_m.T], dim=1))[0]
-        aq = torch.stack([matvec(c).to(dtype) for c in q.T], dim=1)
-        low = float((q * aq).sum())
-    else:
-        q = aq = torch.zeros(n, 0, dtype=dtype, device=device)
-        low = 0.0
+    defl = deflation if deflation is not None else Deflation.sketch(matvec, n, sketch, generator, device, dtype)
     plain_samples: list[float] = []
-    plus_samples: list[float] = [] if s < n else [0.0]
-    plain_on, plus_on = plain, s < n
+    plus_samples: list[float] = [0.0] if defl.full else []
+    plain_on, plus_on = plain, not defl.full
     for _ in range(max_probes):
         if not (plain_on or plus_on):
             break
@@ -514,10 +561,10 @@ def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol:
             plain_samples.append(float(z @ az))
             plain_on = not _should_stop(rule, tol, 0.0, plain_samples)
         if plus_on:
-            c = q.T @ z
-            plus_samples.append(float((z - q @ c) @ (az - aq @ c)))
-            plus_on = not _should_stop(rule, tol, low, plus_samples)
-    plus = _trace(low, plus_samples, 2 * s + (len(plus_samples) if s < n else 0))
+            c = defl.q_t(z)
+            plus_samples.append(float((z - defl.q(c)) @ (az - defl.aq(c))))
+            plus_on = not _should_stop(rule, tol, defl.low, plus_samples)
+    plus = _trace(defl.low, plus_samples, defl.n_products + (0 if defl.full else len(plus_samples)))
     return (_trace(0.0, plain_samples, len(plain_samples)) if plain else None), plus
 
 
@@ -533,6 +580,7 @@ class SLQ:
     nodes: list[np.ndarray]
     weights: list[np.ndarray]
     n_products: int
+    first_run: Lanczos | None = None  # the first probe's Lanczos run (its Krylov basis serves Hutch++)
 
     def grid(self, points: int, pad: float = 0.05) -> np.ndarray:
         """`points` equally spaced values covering all nodes, widened by `pad` of the range each side."""
@@ -565,11 +613,12 @@ def slq(matvec: Matvec, n: int, iters: int = 100, probes: int = 1, generator: to
     nodes are exact eigenvalues and the quadrature is exact for every f.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    nodes, weights, used = [], [], 0
+    nodes, weights, used, first = [], [], 0, None
     for _ in range(probes):
         run = lanczos(matvec, rademacher(n, generator, device, dtype=dtype), iters, dtype=dtype)
         theta, s = run.ritz()
         nodes.append(theta)
         weights.append(s[0] ** 2)
         used += run.n_products
-    return SLQ(nodes, weights, used)
+        first = run if first is None else first
+    return SLQ(nodes, weights, used, first)

@@ -15,13 +15,17 @@ only touched through Hessian-vector products (`hvp.HessianOperator`); the estima
   iteration reports.
 - `trace`, `trace_stderr`: Hutchinson with Rademacher probes; `trace_hutchpp`,
   `trace_hutchpp_stderr`: Hutch++ (stopping rules divide by |trace|). Both use the same probes,
-  each probe's product serving both estimators (`linalg.traces`).
+  each probe's product serving both estimators (`linalg.traces`). Hutch++ deflates by the Krylov
+  basis of the first SLQ probe's Lanczos run (`hutchpp_basis` "krylov", the default when the
+  density is computed: density_iters vectors at no extra product, `linalg.Deflation.krylov`) or
+  by a random sketch of `hutchpp_sketch` columns ("sketch", or when density_probes is 0).
 - `density@t`: the SLQ spectral density phi(t) on a grid of eigenvalues t, smoothed by a
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
   parameter count for eigenvalues per unit). `plot_density` draws it.
 - `hvp_eig`, `hvp_trace`, `hvp_trace_hutchpp`, `hvp_density`: Hessian-vector products each
-  estimate rests on; `hvp_traces`: products the two traces made together (2 s + the larger
-  probe count, as they share probes);
+  estimate rests on (Hutch++: its basis's products, the SLQ run's when shared, plus its
+  probes); `hvp_traces`: products the traces call made (2 s for a sketch, then the larger probe
+  count, as the two share probes);
   `eig_converged`: 1 if the Lanczos stopping test passed within `lanczos_iters`, else 0.
 
 Hessian-vector products are in the model's dtype, and so are the Krylov and probe vectors
@@ -46,6 +50,7 @@ from .base import MetricData, check, eval_mode, key, parse_key
 
 NAME = "hessian"
 EIG_STARTS = ("gradient", "random")
+HUTCHPP_BASES = ("krylov", "sketch")
 
 
 def _is_int(value, lo: int) -> bool:
@@ -69,7 +74,8 @@ class HessianOptions:
     trace_probes: int = 100  # most Rademacher probes (reference: 100)
     trace_tol: float = 1e-3  # trace stopping tolerance (reference: 1e-3)
     trace_rule: str = "change"  # "change" (reference rule with |trace|) or "stderr"
-    hutchpp_sketch: int = 10  # Hutch++ sketch size s: 2 s products, then residual probes
+    hutchpp_basis: str = "krylov"  # Hutch++ deflation: "krylov" (the SLQ run's basis, no product) or "sketch"
+    hutchpp_sketch: int = 10  # sketch size s ("sketch", or no density): 2 s products, then residual probes
     density_iters: int = 100  # Lanczos steps per SLQ probe
     density_probes: int = 1  # SLQ probes; 0 skips the density
     density_points: int = 100  # grid points of the stored density curve
@@ -92,6 +98,8 @@ class HessianOptions:
         check(NAME, "density_sigma", _is_real(self.density_sigma, 0.0, 1.0, open_lo=True), "0 < density_sigma <= 1",
               self.density_sigma)
         check(NAME, "hvp", self.hvp in METHODS, " or ".join(METHODS), self.hvp)
+        check(NAME, "hutchpp_basis", self.hutchpp_basis in HUTCHPP_BASES, " or ".join(HUTCHPP_BASES),
+              self.hutchpp_basis)
 
 
 def hessian_batch(split: Split, options: HessianOptions, generator: torch.Generator) -> Split:
@@ -134,29 +142,37 @@ def _eig_values(op: HessianOperator, options: HessianOptions, generator) -> dict
     return out
 
 
-def _trace_values(op: HessianOperator, options: HessianOptions, generator) -> dict[str, float]:
-    """Hutchinson and Hutch++ on one stream of probes (`linalg.traces`: each probe's product serves both)."""
+def _trace_values(op: HessianOperator, options: HessianOptions, generator,
+                  krylov: linalg.Lanczos | None = None) -> dict[str, float]:
+    """Hutchinson and Hutch++ on one stream of probes (`linalg.traces`: each probe's product serves both);
+    Hutch++ deflates by the Krylov basis of `krylov` (an SLQ run) when given, else by a random sketch."""
     before = op.n_products
+    deflation = linalg.Deflation.krylov(krylov) if krylov is not None else None
     plain, plus = linalg.traces(op, op.dim, options.hutchpp_sketch, options.trace_probes, options.trace_tol,
-                                generator, op.device, options.trace_rule, vector_dtype(op))
+                                generator, op.device, options.trace_rule, vector_dtype(op), deflation=deflation)
+    if krylov is not None:  # the products of the SLQ run its basis came from
+        plus.n_products += krylov.n_products
+    full = len(krylov.basis) >= op.dim if krylov is not None else options.hutchpp_sketch >= op.dim
     return {key("train", "trace"): plain.value, key("train", "trace_stderr"): plain.stderr,
             key("train", "hvp_trace"): float(plain.n_products),
             key("train", "trace_hutchpp"): plus.value,
-            key("train", "trace_hutchpp_stderr"): plus.stderr if options.hutchpp_sketch < op.dim else 0.0,
+            key("train", "trace_hutchpp_stderr"): 0.0 if full else plus.stderr,
             key("train", "hvp_trace_hutchpp"): float(plus.n_products),
             key("train", "hvp_traces"): float(op.n_products - before)}
 
 
-def _density_values(op: HessianOperator, options: HessianOptions, generator) -> dict[str, float]:
+def _density_values(op: HessianOperator, options: HessianOptions, generator
+                    ) -> tuple[dict[str, float], linalg.Lanczos | None]:
+    """The SLQ density entries, and the first probe's Lanczos run (None without density)."""
     if options.density_probes == 0:
-        return {}
+        return {}, None
     quad = linalg.slq(op, op.dim, options.density_iters, options.density_probes, generator, op.device,
                       vector_dtype(op))
     grid = quad.grid(options.density_points)
     phi = quad.density(grid, options.density_sigma * (grid[-1] - grid[0]))
     out = {key("train", "density", float(t)): float(v) for t, v in zip(grid, phi)}
     out[key("train", "hvp_density")] = float(quad.n_products)
-    return out
+    return out, quad.first_run
 
 
 def hessian(model, data: MetricData, options: HessianOptions, generator) -> dict[str, float]:
@@ -172,8 +188,9 @@ def hessian(model, data: MetricData, options: HessianOptions, generator) -> dict
                                                         "trace_hutchpp")}
         op = operator(model, batch, options)
         out = _eig_values(op, options, generator)
-        out.update(_trace_values(op, options, generator))
-        out.update(_density_values(op, options, generator))
+        density, run = _density_values(op, options, generator)
+        out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
+        out.update(density)
     return out
 
 
