@@ -29,7 +29,7 @@ PRESET_SPECS = {
     "demo": {"name": "demo", "arch": "resnet1d", "dataset": "mnist1d", "widths": [2, 4, 8, 16, 32],
              "batch_sizes": [16, 32, 64, 128, 256], "seeds": [0, 1, 2], "epochs": 6, "schedule": "step",
              "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve"],
-             "metric_options": {"hessian": {"trace_probes": 10, "density_iters": 20},
+             "metric_options": {"hessian": {"trace_probes": 10, "hutchpp_sketch": 3, "density_iters": 20},
                                 "curve": {"epochs": 3, "max_batches_per_epoch": 16, "lr": 0.05,
                                           "eval_examples": 500, "linear": False, "pairs": "first"}}},
     "tiny": {"name": "tiny", "arch": "mlp", "widths": [4, 16], "batch_sizes": [32, 128], "seeds": [0, 1],
