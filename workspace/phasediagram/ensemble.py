@@ -1,4 +1,4 @@
-"""Training the seeds of a cell: sequentially, or as one ensemble model where that is faster.
+"""Training the seeds of a cell: sequentially, or in groups, each group one ensemble model, where that is faster.
 
 Ensemble training (`train_members`) trains S runs (cell, seed_1..S) at once and gives each the
 result its own sequential run (`train.train_seed`) gives, up to floating-point summation order:
@@ -54,9 +54,10 @@ from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_div
 # auto: seeds per ensemble group, from bench/bench_ensemble.py (one thread, 1-5 members, widths
 # 8-128, batch sizes 16-512, on a 2-core CPU).
 # - resnet1d: the ensemble form (im2col + one bmm per convolution on member-major activations)
-#   was faster than nn.Conv1d sequential runs per member-step at every size measured, one member
-#   included (1.0-2.5x); more members pay per-operation overhead once, until the group's
-#   activations (members x width x batch) outgrow the caches: groups stay <= RESNET1D_GROUP_BUDGET.
+#   pays per-operation overhead once for its members, until the group's activations (members x
+#   width x batch) outgrow the caches: groups stay within RESNET1D_GROUP_BUDGET. Beyond it, a
+#   group of one member still beat nn.Conv1d sequential runs per member-step (1.07-1.75x at
+#   widths 32-128, batch 64-512), so auto never falls back to them.
 # - mlp: all seeds together where width^2 * batch_size <= 2^20 and batch_size <= 512, else sequential.
 # - other archs (resnet18: grouped 2D convolutions, slow on a CPU): sequential.
 RESNET1D_GROUP_BUDGET = 16_384
