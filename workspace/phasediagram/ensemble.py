@@ -56,8 +56,8 @@ from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_div
 # - resnet1d: the ensemble form (im2col + one bmm per convolution on member-major activations)
 #   pays per-operation overhead once for its members, until the group's activations (members x
 #   width x batch) outgrow the caches: groups stay within RESNET1D_GROUP_BUDGET. Beyond it, a
-#   group of one member still beat nn.Conv1d sequential runs per member-step (1.07-1.75x at
-#   widths 32-128, batch 64-512), so auto never falls back to them.
+#   group of one member still beat nn.Conv1d sequential runs per member-step (1.29-1.46x at
+#   widths 32-128, batch 128-512), so auto never falls back to them.
 # - mlp: all seeds together where width^2 * batch_size <= 2^20 and batch_size <= 512, else sequential.
 # - other archs (resnet18: grouped 2D convolutions, slow on a CPU): sequential.
 RESNET1D_GROUP_BUDGET = 16_384

@@ -147,16 +147,19 @@ def _trace_values(op: HessianOperator, options: HessianOptions, generator,
     """Hutchinson and Hutch++ on one stream of probes (`linalg.traces`: each probe's product serves both);
     Hutch++ deflates by the Krylov basis of `krylov` (an SLQ run) when given, else by a random sketch."""
     before = op.n_products
-    deflation = linalg.Deflation.krylov(krylov) if krylov is not None else None
-    plain, plus = linalg.traces(op, op.dim, options.hutchpp_sketch, options.trace_probes, options.trace_tol,
-                                generator, op.device, options.trace_rule, vector_dtype(op), deflation=deflation)
+    if krylov is not None:
+        deflation = linalg.Deflation.krylov(krylov)
+    else:
+        deflation = linalg.Deflation.sketch(op, op.dim, options.hutchpp_sketch, generator, op.device, vector_dtype(op))
+    plain, plus = linalg.traces(op, op.dim, max_probes=options.trace_probes, tol=options.trace_tol,
+                                generator=generator, device=op.device, rule=options.trace_rule,
+                                dtype=vector_dtype(op), deflation=deflation)
     if krylov is not None:  # the products of the SLQ run its basis came from
         plus.n_products += krylov.n_products
-    full = len(krylov.basis) >= op.dim if krylov is not None else options.hutchpp_sketch >= op.dim
     return {key("train", "trace"): plain.value, key("train", "trace_stderr"): plain.stderr,
             key("train", "hvp_trace"): float(plain.n_products),
             key("train", "trace_hutchpp"): plus.value,
-            key("train", "trace_hutchpp_stderr"): 0.0 if full else plus.stderr,
+            key("train", "trace_hutchpp_stderr"): 0.0 if deflation.full else plus.stderr,
             key("train", "hvp_trace_hutchpp"): float(plus.n_products),
             key("train", "hvp_traces"): float(op.n_products - before)}
 
