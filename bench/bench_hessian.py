@@ -25,17 +25,16 @@ its own random start):
    bound r; power iteration: its residual ||H v - mu v||, the only bound it has), with the worst
    true error at that point over the starts, in units of the target (<= 1: the certificate held).
 4. Hessian-vector products: cached double backward vs torch.func forward-over-reverse.
-6. (with --sweep) Robustness of the stopping rules and starts at tol 1e-3 on 20 Hessians
-   (resnet1d widths 4, 8, 32 and mlp widths 32, 128, each after 0, 1, 5 and 20 epochs), with
-   --sweep-starts random starts each: median products, worst error / tol and the number of
-   runs beyond tol, for our Lanczos rules and starts and for power iteration with the reference's
-   change rule (`linalg.power_iteration`, PyHessian's algorithm).
-
 5. The k largest eigenvalues (k in --top-k, default 1, 2, 3, 5; the metric's `top_k`): products
    until all k are within 1e-2 ... 1e-4 of the exact values, our Lanczos against power iteration
    with deflation (PyHessian's `top_n`: each next eigenvalue by power iteration on H projected off
    the eigenvectors found before), from random starts, on the trained model and at initialisation
    (a k whose lambda_k is below |lambda_min| is left out: power iteration finds another set there).
+6. (with --sweep) Robustness of the stopping rules and starts at tol 1e-3 on 20 Hessians
+   (resnet1d widths 4, 8, 32 and mlp widths 32, 128, each after 0, 1, 5 and 20 epochs), with
+   --sweep-starts random starts each: median products, worst error / tol and the number of
+   runs beyond tol, for our Lanczos rules and starts and for power iteration with the reference's
+   change rule (`linalg.power_iteration`, PyHessian's algorithm).
 
 "Exact" values: the top eigenvalue from Lanczos on the float64 copy of the model run to a
 residual of 1e-10 (exact to ~1e-10 relative, far below the float32 errors measured). The trace
