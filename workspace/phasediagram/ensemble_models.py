@@ -209,6 +209,11 @@ def supports(arch: str) -> bool:
     return arch in ARCHS
 
 
+def has_form(model: nn.Module) -> bool:
+    """Whether `model` (an instance) has an ensemble form (`like` can build one)."""
+    return isinstance(model, (models.MLP, models.ResNet))
+
+
 def like(model: nn.Module, members: int, conv: str = "auto") -> nn.Module:
     """An uninitialised ensemble of `members` models shaped like `model` (sizes read off its layers);
     `conv` picks the ResNet convolution ("auto": "bmm" for 1D, "grouped" for 2D)."""

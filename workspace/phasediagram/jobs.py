@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import results, train
 from .checkpoints import CorruptFile
+from .ensemble import metrics_together, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
 from .metrics import METRICS, MetricData, parse_key
@@ -126,8 +127,6 @@ def run_cell_metrics(spec: ExperimentSpec, layout: Layout, stages: list[str], ce
 
 def _train_job(spec, layout, cell, device, log, on_epoch=None) -> list[dict]:
     dataset = dataset_for(spec, cell, layout)
-    from .ensemble import train_cell_auto  # ensemble-native training where it is faster
-
     statuses = train_cell_auto(spec, cell, layout, dataset, device, log, on_epoch)
     rows = []
     for seed, status in statuses.items():
@@ -200,6 +199,11 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
     def state_dir(unit):
         return layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
 
+    together: dict[tuple, dict[str, float]] = {}
+    if metric.compute_seeds is not None and metrics_together(spec, cell):  # the seeds' values at once
+        ok = [u for u in units if loaded[u[0]][1] == "ok"]
+        together = dict(zip(ok, metric.compute_seeds([loaded[u[0]][0] for u in ok], mdata, options,
+                                                     [generator(u) for u in ok])))
     rows = []
     for unit in units:
         seed, seed_b = unit[0], (unit[1] if len(unit) > 1 else None)
@@ -207,8 +211,11 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
         if bad is not None:
             rows.append(row(seed, seed_b, "-", stage, None, math.nan, bad, stage))
             continue
-        values = metric.compute(*(loaded[s][0] for s in unit), replace(mdata, state_dir=state_dir(unit)), options,
-                                generator(unit))
+        if unit in together:
+            values = together[unit]
+        else:
+            values = metric.compute(*(loaded[s][0] for s in unit), replace(mdata, state_dir=state_dir(unit)), options,
+                                    generator(unit))
         for k, v in values.items():
             split, quantity, coord = parse_key(k)
             rows.append(row(seed, seed_b, split, quantity, coord, float(v), "ok", stage))

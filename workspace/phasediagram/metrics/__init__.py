@@ -11,7 +11,7 @@ from .cka import CKAOptions, cka
 from .curve import CurveOptions, curve
 from .dist import DistOptions, dist
 from .fisher import FisherOptions, fisher
-from .hessian import HessianOptions, hessian
+from .hessian import HessianOptions, hessian, hessian_seeds
 from .local_energy import LocalEnergyOptions, local_energy
 from .loss_acc import LossAccOptions, loss_acc
 from .nrs import NRSOptions, nrs
@@ -46,6 +46,7 @@ METRICS: dict[str, Metric] = {
         panels=(Panel("top_eigenvalue", "train", "top Hessian eigenvalue", log=True, cmap="magma"),
                 Panel("trace", "train", "Hessian trace (Hutchinson)", log=True, cmap="magma")),
         description="training-loss Hessian: top eigenvalues (Lanczos), trace (Hutchinson, Hutch++), SLQ density",
+        compute_seeds=hessian_seeds,
     ),
     "fisher": Metric(
         "fisher", "single", fisher, FisherOptions,

@@ -53,6 +53,10 @@ class Metric:
     options: type
     panels: tuple[Panel, ...] = ()
     description: str = ""
+    # single metrics only, optional: compute_seeds(models, data, options, generators) -> [dict per model],
+    # the values `compute` gives each model with its generator, for a cell's seeds at once (faster
+    # for small models; the jobs use it where `ensemble.metrics_together` says so)
+    compute_seeds: Callable[..., list[dict[str, float]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ Hessian-vector products are in the model's dtype, and so are the Krylov and prob
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .. import linalg
+from .. import ensemble_models, linalg
 from ..data import Split
 from ..hvp import METHODS, HessianOperator
+from ..hvp_lockstep import LockstepHessians
 from .base import MetricData, check, eval_mode, key, parse_key
 
 NAME = "hessian"
@@ -187,13 +189,51 @@ def hessian(model, data: MetricData, options: HessianOptions, generator) -> dict
     batch = hessian_batch(data.train, options, generator)
     with eval_mode(model):
         if not _finite_loss(model, batch):
-            return {key("train", q): math.nan for q in ("top_eigenvalue", "top_abs_eigenvalue", "trace",
-                                                        "trace_hutchpp")}
-        op = operator(model, batch, options)
-        out = _eig_values(op, options, generator)
-        density, run = _density_values(op, options, generator)
-        out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
-        out.update(density)
+            return _not_finite()
+        return _estimates(operator(model, batch, options), options, generator)
+
+
+def hessian_seeds(models: Sequence, data: MetricData, options: HessianOptions, generators: Sequence
+                  ) -> list[dict[str, float]]:
+    """[`hessian`(models[s], data, options, generators[s])] for models of one architecture (a cell's
+    seeds), with their Hessian-vector products computed together (`hvp_lockstep`: one backward of
+    their ensemble per round of products). Each model draws its batch from its own generator and
+    runs its own estimators with it, so it gets its sequential values up to rounding. Falls back
+    to one model after another where the ensemble cannot serve: batches split into chunks, the
+    `func` product, fewer than two models with a finite loss, or an arch without an ensemble form.
+    """
+    batches = [hessian_batch(data.train, options, g) for g in generators]
+    out: list[dict[str, float] | None] = [None] * len(models)
+    with eval_mode(*models):
+        for i, (model, batch) in enumerate(zip(models, batches)):
+            if not _finite_loss(model, batch):
+                out[i] = _not_finite()
+        live = [i for i, v in enumerate(out) if v is None]
+        together = (len(live) > 1 and options.hvp == "double_backward" and len(batches[0]) <= options.chunk_size
+                    and all(ensemble_models.has_form(models[i]) for i in live))
+        if not together:
+            for i in live:
+                out[i] = _estimates(operator(models[i], batches[i], options), options, generators[i])
+            return out
+        p = next(models[live[0]].parameters())
+        lockstep = LockstepHessians([models[i] for i in live], [batches[i].x.to(p.device, p.dtype) for i in live],
+                                    [batches[i].y.to(p.device) for i in live])
+        values = lockstep.run([functools.partial(_estimates, options=options, generator=generators[i]) for i in live])
+    for i, v in zip(live, values):
+        out[i] = v
+    return out
+
+
+def _not_finite() -> dict[str, float]:
+    return {key("train", q): math.nan for q in ("top_eigenvalue", "top_abs_eigenvalue", "trace", "trace_hutchpp")}
+
+
+def _estimates(op, options: HessianOptions, generator) -> dict[str, float]:
+    """Eigenvalues, density, then traces (Hutch++ on the density's Krylov basis) of the operator `op`."""
+    out = _eig_values(op, options, generator)
+    density, run = _density_values(op, options, generator)
+    out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
+    out.update(density)
     return out
 
 
