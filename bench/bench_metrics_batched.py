@@ -14,6 +14,10 @@ eval mode with its initial statistics):
 3. Hessian-vector products on 200 examples (cached double backward, as `hvp.HessianOperator`):
    8 vectors one after another vs one call with `is_grads_batched` (vmap over the vectors), and
    the S seeds one after another vs one double backward of their ensemble (block-diagonal H).
+4. The `hessian` metric of the S seeds at the demo's options (`--preset demo`), each on its own
+   200-example batch: seed after seed (`hessian`) vs together (`hessian_seeds`: the seeds'
+   estimators in lockstep, one ensemble backward per round of products), as the job runs it
+   with `ensemble.metrics_together` false or true.
 
 Printed: median seconds over `--repeats` alternating repeats after a warm-up, and the ratios
 to the sequential form, with the largest difference between the values each form returns.
@@ -32,9 +36,10 @@ import time
 import torch
 from torch.nn import functional as F
 
-from phasediagram import ensemble_models, models
+from phasediagram import cli, ensemble_models, models
 from phasediagram.data import Split
 from phasediagram.metrics import MetricData, key
+from phasediagram.metrics.hessian import hessian, hessian_seeds
 from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy
 from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
 
@@ -101,6 +106,21 @@ def max_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x)
 
 
+def hessian_times(nets, d: MetricData, repeats: int) -> tuple[dict[str, float], float]:
+    """Seconds of the demo's `hessian` of every model, seed after seed and together, and the largest
+    relative difference of their scalar values (the density grid moves with rounding)."""
+    options = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"])).options_for("hessian")
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + s) for s in range(len(nets))]
+
+    times, res = timed({"seq": lambda: [hessian(m, d, options, g) for m, g in zip(nets, gens())],
+                        "together": lambda: hessian_seeds(nets, d, options, gens())}, repeats)
+    diff = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(res["seq"], res["together"])
+               for k in x if "density@" not in k)
+    return times, diff
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", type=int, nargs="+", default=[2, 8, 32])
@@ -137,6 +157,9 @@ def main(argv=None) -> None:
               f"batched ({hv['vec seq'] / hv['vec batched']:.2f}x, rel. diff {diff:.1e}); {len(nets)} seeds "
               f"{hv['seed seq']:.3f}s one by one, {hv['seed ensemble']:.3f}s as one ensemble "
               f"({hv['seed seq'] / hv['seed ensemble']:.2f}x)", flush=True)
+        ht, hdiff = hessian_times(nets, cell_data, args.repeats)
+        print(f"      | hessian metric (demo options) of {len(nets)} seeds: {ht['seq']:.3f}s seed after seed, "
+              f"{ht['together']:.3f}s together ({ht['seq'] / ht['together']:.2f}x, rel. diff {hdiff:.1e})", flush=True)
 
 
 if __name__ == "__main__":

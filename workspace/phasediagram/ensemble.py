@@ -79,8 +79,9 @@ def group_size(arch: str, width: int, batch_size: int, seeds: int) -> int:
 
 
 # auto: metrics whose registry entry has `compute_seeds` (the `hessian`) compute a cell's seeds
-# together up to this width (`hessian_seeds` vs one seed after another, 3 seeds, one thread, float32:
-# resnet1d 2.0x at width 2, 1.4x at 4, 0.98x at 8, 0.86x at 16; mlp 1.09x at width 16, 0.85x at 64).
+# together up to this width (bench/bench_metrics_batched.py, section 4: the demo's `hessian` of 3
+# seeds together vs seed after seed, one thread: resnet1d 2.24x at width 2, 1.70x at 4, 0.98-1.08x
+# at 8, 0.74-0.86x at 16; mlp measured 1.09x at width 16 and 0.85x at 64, so it stays seed by seed).
 METRICS_TOGETHER_MAX_WIDTH = {"resnet1d": 4}
 
 
