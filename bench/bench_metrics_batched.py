@@ -15,9 +15,10 @@ eval mode with its initial statistics):
    8 vectors one after another vs one call with `is_grads_batched` (vmap over the vectors), and
    the S seeds one after another vs one double backward of their ensemble (block-diagonal H).
 4. The `hessian` metric of the S seeds at the demo's options (`--preset demo`), each on its own
-   200-example batch: seed after seed (`hessian`) vs together (`hessian_seeds`: the seeds'
-   estimators in lockstep, one ensemble backward per round of products), as the job runs it
-   with `ensemble.metrics_together` false or true.
+   200-example batch: seed after seed (`hessian`, products through `nn.Conv1d`) vs together
+   (`hessian_seeds`: the seeds' estimators in lockstep, one ensemble backward per round of
+   products) vs one seed at a time in the ensemble form (`hessian_seeds` of one model): the job
+   with `ensemble.metric_group_size` 0, S or 1.
 
 Printed: median seconds over `--repeats` alternating repeats after a warm-up, and the ratios
 to the sequential form, with the largest difference between the values each form returns.
@@ -115,7 +116,9 @@ def hessian_times(nets, d: MetricData, repeats: int) -> tuple[dict[str, float], 
         return [torch.Generator().manual_seed(100 + s) for s in range(len(nets))]
 
     times, res = timed({"seq": lambda: [hessian(m, d, options, g) for m, g in zip(nets, gens())],
-                        "together": lambda: hessian_seeds(nets, d, options, gens())}, repeats)
+                        "together": lambda: hessian_seeds(nets, d, options, gens()),
+                        "alone": lambda: [hessian_seeds([m], d, options, [g])[0] for m, g in zip(nets, gens())]},
+                       repeats)
     diff = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(res["seq"], res["together"])
                for k in x if "density@" not in k)
     return times, diff
@@ -159,7 +162,8 @@ def main(argv=None) -> None:
               f"({hv['seed seq'] / hv['seed ensemble']:.2f}x)", flush=True)
         ht, hdiff = hessian_times(nets, cell_data, args.repeats)
         print(f"      | hessian metric (demo options) of {len(nets)} seeds: {ht['seq']:.3f}s seed after seed, "
-              f"{ht['together']:.3f}s together ({ht['seq'] / ht['together']:.2f}x, rel. diff {hdiff:.1e})", flush=True)
+              f"{ht['together']:.3f}s together ({ht['seq'] / ht['together']:.2f}x, rel. diff {hdiff:.1e}), "
+              f"{ht['alone']:.3f}s one at a time in the ensemble form ({ht['seq'] / ht['alone']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

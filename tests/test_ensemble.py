@@ -129,6 +129,35 @@ def test_forward_and_gradients_equal_members(arch, shape, conv):
     assert torch.allclose(ens(x), ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("k,stride,padding,length", [(3, 1, 1, 6), (3, 2, 1, 6), (1, 2, 0, 6), (3, 1, 1, 1)])
+def test_member_major_conv_equals_conv1d_per_member(k, stride, padding, length):
+    s, c, o, b = 2, 3, 4, 5
+    conv = ensemble_models.MemberMajorConv1d(s, c, o, k, stride, padding).double()
+    torch.nn.init.normal_(conv.weight)
+    x = torch.randn(s, b, c, length, dtype=torch.float64)  # member s's batch (B, C, L)
+    out = conv(x.permute(0, 2, 3, 1).reshape(1, s * c, length, b))  # member-major (1, S*C, L, B)
+    for m in range(s):
+        ref = torch.nn.functional.conv1d(x[m], conv.weight[m * o:(m + 1) * o], stride=stride, padding=padding)
+        got = out[0, m * o:(m + 1) * o].permute(2, 0, 1)  # (L_out, B) -> (B, C_out, L_out)
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [4, 1])
+def test_three_taps_first_and_second_derivatives(length):
+    """gradcheck and gradgradcheck (float64, finite differences) of the kernel-3 convolution the ensemble's
+    double backward (Hessian-vector products) goes through; length 1: the shifted taps fall off."""
+    g = torch.Generator().manual_seed(0)
+    b = 2
+    x = torch.randn(2, 3, length * b, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def taps(x, w0, w1, w2):
+        return ensemble_models._ThreeTaps.apply(x, w0, w1, w2, b)
+
+    assert torch.autograd.gradcheck(taps, (x, *ws))
+    assert torch.autograd.gradgradcheck(taps, (x, *ws))
+
+
 def test_evaluate_members_equals_evaluate():
     ms = member_models("resnet1d", 4, (40,), dtype=torch.float32)
     data = make_dataset("float32").test

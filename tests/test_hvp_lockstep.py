@@ -152,20 +152,24 @@ def test_a_diverged_seed_gives_nan_and_the_others_their_values():
         assert_same_values(got[s], hessian(ms[s], d, SMALL, seeded(100 + s)), 1e-8)
 
 
-def test_metrics_together_rule():
+def test_metric_group_size_rule():
     def spec(arch, mode):
-        return ExperimentSpec(name="t", arch=arch, widths=(2, 8), batch_sizes=(32,), seeds=(0, 1), epochs=1,
+        return ExperimentSpec(name="t", arch=arch, widths=(2, 8, 16), batch_sizes=(32,), seeds=(0, 1, 2), epochs=1,
                               metrics=(), ensemble=mode)
 
-    small, large = spec("resnet1d", "auto").cells()
-    assert ensemble.metrics_together(spec("resnet1d", "auto"), small)
-    assert not ensemble.metrics_together(spec("resnet1d", "auto"), large)
-    assert ensemble.metrics_together(spec("resnet1d", "on"), large)
-    assert not ensemble.metrics_together(spec("resnet1d", "off"), small)
-    assert not ensemble.metrics_together(spec("mlp", "auto"), spec("mlp", "auto").cells()[0])
+    def groups(arch, mode):
+        s = spec(arch, mode)
+        return [ensemble.metric_group_size(s, c) for c in s.cells()]
+
+    assert groups("resnet1d", "auto") == [3, 3, 1]
+    assert groups("resnet1d", "on") == [3, 3, 3]
+    assert groups("resnet1d", "off") == [0, 0, 0]
+    assert groups("mlp", "auto") == [0, 0, 0]
+    assert groups("mlp", "on") == [3, 3, 3]
 
 
-def test_the_hessian_job_gives_the_same_rows_together_or_seed_by_seed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("group", [3, 2, 1])
+def test_the_hessian_job_gives_the_same_rows_in_groups_or_seed_by_seed(tmp_path, monkeypatch, group):
     """The job's rows (float64 checkpoints of a trained width-2 cell) whichever way the seeds are computed."""
     spec = ExperimentSpec(name="t", arch="resnet1d", widths=(2,), batch_sizes=(32,), seeds=(0, 1, 2), epochs=1,
                           dtype="float64", metrics=("hessian",),
@@ -176,16 +180,17 @@ def test_the_hessian_job_gives_the_same_rows_together_or_seed_by_seed(tmp_path, 
     monkeypatch.setattr(jobs, "dataset_for", lambda *_: dataset)
     assert ensemble.train_cell_auto(spec, cell, layout, dataset, log=lambda *_: None) == {0: "ok", 1: "ok", 2: "ok"}
     rows = {}
-    for together in (True, False):
+    for g in (group, 0):
         calls = []
-        monkeypatch.setattr(jobs, "metrics_together", lambda *_, t=together: t)
-        counted = dataclasses.replace(METRICS["hessian"], compute_seeds=lambda *a: calls.append(1) or hessian_seeds(*a))
+        monkeypatch.setattr(jobs, "metric_group_size", lambda *_, g=g: g)
+        counted = dataclasses.replace(METRICS["hessian"],
+                                      compute_seeds=lambda ms, *a: calls.append(len(ms)) or hessian_seeds(ms, *a))
         monkeypatch.setitem(jobs.METRICS, "hessian", counted)
         models_ = jobs.CellModels(spec, layout, cell, "cpu", log=lambda *_: None)
-        rows[together] = jobs._metric_job(spec, layout, "hessian", cell, "cpu", models_)
-        assert len(calls) == (1 if together else 0)
-    a = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[True] if r["metric"] != "density"}
-    b = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[False] if r["metric"] != "density"}
+        rows[g] = jobs._metric_job(spec, layout, "hessian", cell, "cpu", models_)
+        assert calls == ([group] * (3 // group) + [3 % group] * (3 % group > 0) if g else [])
+    a = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[group] if r["metric"] != "density"}
+    b = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[0] if r["metric"] != "density"}
     assert a.keys() == b.keys() and {k[0] for k in a} == {0, 1, 2} and len({k[1] for k in a}) >= 12
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-8, abs=1e-12), k

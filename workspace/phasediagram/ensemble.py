@@ -78,20 +78,28 @@ def group_size(arch: str, width: int, batch_size: int, seeds: int) -> int:
     return 0
 
 
-# auto: metrics whose registry entry has `compute_seeds` (the `hessian`) compute a cell's seeds
-# together up to this width (bench/bench_metrics_batched.py, section 4: the demo's `hessian` of 3
-# seeds together vs seed after seed, one thread: resnet1d 2.24x at width 2, 1.70x at 4, 0.98-1.08x
-# at 8, 0.74-0.86x at 16; mlp measured 1.09x at width 16 and 0.85x at 64, so it stays seed by seed).
-METRICS_TOGETHER_MAX_WIDTH = {"resnet1d": 4}
+# auto: metrics whose registry entry has `compute_seeds` (the `hessian`) compute a cell's seeds in
+# the ensemble form, all together up to METRIC_GROUP_MAX_WIDTH and one at a time beyond
+# (bench/bench_metrics_batched.py, section 4: the demo's `hessian` of 3 seeds, one thread, against
+# `nn.Conv1d` seed after seed: together 2.2x at width 2, 1.7x at 4, 1.2x at 8; one at a time in
+# the ensemble form 1.0-1.1x at 16 and 32, where together is no faster). mlp: seed after seed
+# (together measured 1.09x at width 16, 0.85x at 64); other archs: seed after seed.
+METRIC_GROUP_MAX_WIDTH = {"resnet1d": 8}
 
 
-def metrics_together(spec: ExperimentSpec, cell: Cell) -> bool:
-    """Whether the metrics that can compute a cell's seeds together (`Metric.compute_seeds`) do so:
-    never with `ensemble` "off", wherever the arch has an ensemble form with "on", and with "auto"
-    up to the width in METRICS_TOGETHER_MAX_WIDTH, where it measured faster."""
+def metric_group_size(spec: ExperimentSpec, cell: Cell) -> int:
+    """Seeds per call of a metric's `compute_seeds` (`Metric.compute_seeds`); 0: `compute`, seed by seed.
+
+    `ensemble` "off": 0; "on": all seeds wherever the arch has an ensemble form; "auto": resnet1d
+    all seeds up to METRIC_GROUP_MAX_WIDTH, one seed (the ensemble form alone) beyond; others 0.
+    """
     if spec.ensemble == "off" or not ensemble_models.supports(spec.arch):
-        return False
-    return spec.ensemble == "on" or cell.width <= METRICS_TOGETHER_MAX_WIDTH.get(spec.arch, 0)
+        return 0
+    if spec.ensemble == "on":
+        return len(spec.seeds)
+    if spec.arch not in METRIC_GROUP_MAX_WIDTH:
+        return 0
+    return len(spec.seeds) if cell.width <= METRIC_GROUP_MAX_WIDTH[spec.arch] else 1
 
 
 def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:

@@ -12,8 +12,9 @@ Layers, and how member s's parameters sit in the stacked tensors:
 
 - `EnsembleLinear`: y[s] = x[s] W_s^T + b_s as one batched matmul (`torch.baddbmm`);
   weight (S, out, in), bias (S, out): the member's tensor is slice [s] ("stack" layout).
-- `MemberMajorConv1d` (1D, the default): activations (1, S*C, B, L), member s on channels
-  [s*C, (s+1)*C); the convolution as im2col + one `torch.bmm` over members. `EnsembleConv`
+- `MemberMajorConv1d` (1D, the default): activations (1, S*C, L, B), member s on channels
+  [s*C, (s+1)*C); the convolution as batched matmuls over members (shifted column ranges for
+  kernel 3, stride 1; im2col otherwise). `EnsembleConv`
   (2D, or on request in 1D): a grouped convolution with S groups on activations
   (B, S*C, *spatial). Both hold weight (S*C_out, C_in, *k) with member s in rows
   [s*C_out, (s+1)*C_out) ("cat" layout). On a CPU the grouped convolution is slow (it measured
@@ -87,17 +88,58 @@ class EnsembleConv(nn.Module):
                 f"kernel_size={self.weight.shape[2:]}, stride={self.stride}, padding={self.padding}")
 
 
-class MemberMajorConv1d(nn.Module):
-    """S 1D convolutions on member-major activations (1, S*C, B, L): member s on channels
-    [s*C, (s+1)*C), each channel holding its whole (B, L) batch. Weight (S*C_out, C_in, k), the
-    layout of `EnsembleConv`.
+class _ThreeTaps(torch.autograd.Function):
+    """out[s] = W_0[s] x[s]^(-d) + W_1[s] x[s] + W_2[s] x[s]^(+d) for x (S, C, N), W_j (S, O, C), where
+    x^(+-d)[:, t] = x[:, t +- d] (zero outside 0..N-1): a 3-tap convolution of x along positions
+    d columns apart, with zero padding. With activations laid out (C, L, B) and d = B, columns
+    t = l * B + b and t + d = (l + 1) * B + b, so this is a kernel-3, stride-1, padding-1 conv1d.
 
-    im2col + one batched matmul: with x_p = x zero-padded by p at both ends of L,
-    cols[s, (c, j), (b, t)] = x_p[s, c, b, stride * t + j] and out[s] = W[s] @ cols[s], i.e.
-    out[s, o, b, t] = sum_{c, j} W[s, o, c, j] x_p[s, c, b, stride * t + j] (cross-correlation,
-    as torch's conv1d); autograd differentiates the pad, the k strided slices, the stack and bmm.
-    Why this layout: on a CPU grouped convolutions are slow, and a BatchNorm2d over the S*C
-    channels of (1, S*C, B, L) gives each member's per-channel statistics over (B, L) directly.
+    Forward: one bmm and two `baddbmm_` into column ranges of the output (no padded or im2col copy
+    of x). Backward: dL/dx is the same operation on dL/dout with taps (W_2^T, W_1^T, W_0^T) (through
+    `apply`, so it is differentiable again: double backward works), dL/dW_1 = g x^T,
+    dL/dW_0 = g[:, d:] x[:, :-d]^T, dL/dW_2 = g[:, :-d] x[:, d:]^T.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, w1, w2, d: int):
+        ctx.save_for_backward(x, w0, w1, w2)
+        ctx.d = d
+        out = torch.bmm(w1, x)
+        if d < x.shape[-1]:
+            out[:, :, d:].baddbmm_(w0, x[:, :, :-d])
+            out[:, :, :-d].baddbmm_(w2, x[:, :, d:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w0, w1, w2 = ctx.saved_tensors
+        d = ctx.d
+        grad_x = grad_w0 = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ThreeTaps.apply(g, w2.transpose(1, 2), w1.transpose(1, 2), w0.transpose(1, 2), d)
+        grad_w1 = torch.bmm(g, x.transpose(1, 2))
+        if d < x.shape[-1]:
+            grad_w0 = torch.bmm(g[:, :, d:], x[:, :, :-d].transpose(1, 2))
+            grad_w2 = torch.bmm(g[:, :, :-d], x[:, :, d:].transpose(1, 2))
+        else:
+            grad_w0, grad_w2 = torch.zeros_like(w0), torch.zeros_like(w2)
+        return grad_x, grad_w0, grad_w1, grad_w2, None
+
+
+class MemberMajorConv1d(nn.Module):
+    """S 1D convolutions on member-major activations (1, S*C, L, B): member s on channels
+    [s*C, (s+1)*C), each channel holding its (L, B) positions x batch, the batch innermost.
+    Weight (S*C_out, C_in, k), the layout of `EnsembleConv`.
+
+    out[s, o, t, b] = sum_{c, j} W[s, o, c, j] x_p[s, c, stride * t + j, b] with x_p zero-padded
+    by p at both ends of L (cross-correlation, as torch's conv1d). Kernel 3, stride 1, padding 1
+    (most of a ResNet's convolutions): `_ThreeTaps`, three batched matmuls on column ranges of
+    x viewed as (S, C, L*B), no copy of x. Otherwise im2col + one `torch.bmm`:
+    cols[s, (c, j), (t, b)] = x_p[s, c, stride * t + j, b], out[s] = W[s] @ cols[s] (autograd
+    differentiates the pad, the strided slices, the stack and bmm).
+    Why this layout: on a CPU grouped convolutions are slow, a BatchNorm2d over the S*C channels of
+    (1, S*C, L, B) gives each member's per-channel statistics over (L, B) directly, and with the
+    batch innermost a shift by one position is a shift by B whole columns.
     """
 
     def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -111,15 +153,19 @@ class MemberMajorConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, c, k, p = self.members, self.in_channels, self.kernel_size, self.padding
-        _, _, b, length = x.shape
-        x = x.view(s, c, b, length)
+        _, _, length, b = x.shape
+        w = self.weight.view(s, self.out_channels, c, k)
+        if k == 3 and p == 1 and self.stride == 1:  # taps as contiguous (S, C_out, C_in) matrices
+            out = _ThreeTaps.apply(x.reshape(s, c, length * b), *w.permute(3, 0, 1, 2).contiguous(), b)
+            return out.view(1, s * self.out_channels, length, b)
+        x = x.view(s, c, length, b)
         if p:
-            x = F.pad(x, (p, p))
+            x = F.pad(x, (0, 0, p, p))
         l_out = (length + 2 * p - k) // self.stride + 1
         span = self.stride * (l_out - 1) + 1
-        cols = torch.stack([x[..., j:j + span:self.stride] for j in range(k)], dim=2).view(s, c * k, b * l_out)
-        out = torch.bmm(self.weight.view(s, self.out_channels, c * k), cols)
-        return out.view(1, s * self.out_channels, b, l_out)
+        cols = torch.stack([x[:, :, j:j + span:self.stride] for j in range(k)], dim=2).view(s, c * k, l_out * b)
+        out = torch.bmm(w.reshape(s, self.out_channels, c * k), cols)
+        return out.view(1, s * self.out_channels, l_out, b)
 
     def extra_repr(self) -> str:
         return (f"members={self.members}, {self.in_channels}, {self.out_channels}, "
@@ -128,7 +174,7 @@ class MemberMajorConv1d(nn.Module):
 
 def _batch_norm(dims: int, members: int, channels: int) -> nn.Module:
     """One BatchNorm over members * channels channels = per-member, per-channel statistics
-    (BatchNorm2d for member-major 1D activations (1, S*C, B, L): statistics over (B, L))."""
+    (BatchNorm2d for member-major 1D activations (1, S*C, L, B): statistics over (L, B))."""
     return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(members * channels)
 
 
@@ -156,7 +202,7 @@ class EnsembleResNet(nn.Module):
     """S copies of `models.ResNet` (same blocks and module names; `models.BasicBlock` reused with
     ensemble convolutions and S*C-channel BatchNorm): (S, B, *input_shape) -> (S, B, n_classes).
 
-    conv "bmm" (1D only): member-major activations (1, S*C, B, L), convolutions as im2col + bmm
+    conv "bmm" (1D only): member-major activations (1, S*C, L, B), convolutions as batched matmuls
     (`MemberMajorConv1d`), BatchNorm2d over S*C channels. conv "grouped": activations
     (B, S*C, *spatial), grouped convolutions (`EnsembleConv`), BatchNorm over S*C channels.
     Either way the pooled features are regrouped to (S, B, C) for the batched linear head.
@@ -190,10 +236,10 @@ class EnsembleResNet(nn.Module):
         s, b = x.shape[0], x.shape[1]
         if self.dims == 1 and x.dim() == 3:  # (S, B, L): one input channel
             x = x.unsqueeze(2)
-        if self.member_major:  # (S, B, C, L) -> (1, S*C, B, L)
-            x = x.transpose(1, 2).reshape(1, s * self.in_channels, b, x.shape[-1])
+        if self.member_major:  # (S, B, C, L) -> (1, S*C, L, B)
+            x = x.permute(0, 2, 3, 1).reshape(1, s * self.in_channels, x.shape[-1], b)
             out = self.stages(self.stem(x))
-            feats = out.view(s, -1, b, out.shape[-1]).mean(-1).transpose(1, 2)
+            feats = out.view(s, -1, out.shape[2], b).mean(2).transpose(1, 2)
         else:  # (S, B, C, *spatial) -> (B, S*C, *spatial)
             x = x.transpose(0, 1).reshape(b, s * self.in_channels, *x.shape[3:])
             out = self.stages(self.stem(x)).flatten(2).mean(-1)

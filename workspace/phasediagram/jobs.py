@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import results, train
 from .checkpoints import CorruptFile
-from .ensemble import metrics_together, train_cell_auto
+from .ensemble import metric_group_size, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
 from .metrics import METRICS, MetricData, parse_key
@@ -200,10 +200,12 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
         return layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
 
     together: dict[tuple, dict[str, float]] = {}
-    if metric.compute_seeds is not None and metrics_together(spec, cell):  # the seeds' values at once
+    group = metric_group_size(spec, cell) if metric.compute_seeds is not None else 0
+    if group:  # the seeds' values in groups (`Metric.compute_seeds`)
         ok = [u for u in units if loaded[u[0]][1] == "ok"]
-        together = dict(zip(ok, metric.compute_seeds([loaded[u[0]][0] for u in ok], mdata, options,
-                                                     [generator(u) for u in ok])))
+        for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):
+            together.update(zip(chunk, metric.compute_seeds([loaded[u[0]][0] for u in chunk], mdata, options,
+                                                            [generator(u) for u in chunk])))
     rows = []
     for unit in units:
         seed, seed_b = unit[0], (unit[1] if len(unit) > 1 else None)

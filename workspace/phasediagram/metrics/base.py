@@ -54,8 +54,8 @@ class Metric:
     panels: tuple[Panel, ...] = ()
     description: str = ""
     # single metrics only, optional: compute_seeds(models, data, options, generators) -> [dict per model],
-    # the values `compute` gives each model with its generator, for a cell's seeds at once (faster
-    # for small models; the jobs use it where `ensemble.metrics_together` says so)
+    # the values `compute` gives each model with its generator, for several of a cell's seeds at once
+    # (the jobs use it in groups of `ensemble.metric_group_size` seeds)
     compute_seeds: Callable[..., list[dict[str, float]]] | None = None
 
 

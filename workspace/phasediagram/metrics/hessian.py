@@ -197,10 +197,11 @@ def hessian_seeds(models: Sequence, data: MetricData, options: HessianOptions, g
                   ) -> list[dict[str, float]]:
     """[`hessian`(models[s], data, options, generators[s])] for models of one architecture (a cell's
     seeds), with their Hessian-vector products computed together (`hvp_lockstep`: one backward of
-    their ensemble per round of products). Each model draws its batch from its own generator and
-    runs its own estimators with it, so it gets its sequential values up to rounding. Falls back
-    to one model after another where the ensemble cannot serve: batches split into chunks, the
-    `func` product, fewer than two models with a finite loss, or an arch without an ensemble form.
+    their ensemble per round of products; for one model, its ensemble form). Each model draws its
+    batch from its own generator and runs its own estimators with it, so it gets its sequential
+    values up to rounding. Falls back to `hessian`'s operator, model after model, where the
+    ensemble cannot serve: batches split into chunks, the `func` product, or an arch without an
+    ensemble form.
     """
     batches = [hessian_batch(data.train, options, g) for g in generators]
     out: list[dict[str, float] | None] = [None] * len(models)
@@ -209,7 +210,7 @@ def hessian_seeds(models: Sequence, data: MetricData, options: HessianOptions, g
             if not _finite_loss(model, batch):
                 out[i] = _not_finite()
         live = [i for i, v in enumerate(out) if v is None]
-        together = (len(live) > 1 and options.hvp == "double_backward" and len(batches[0]) <= options.chunk_size
+        together = (bool(live) and options.hvp == "double_backward" and len(batches[0]) <= options.chunk_size
                     and all(ensemble_models.has_form(models[i]) for i in live))
         if not together:
             for i in live:
