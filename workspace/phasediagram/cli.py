@@ -21,6 +21,7 @@ from .checkpoints import CorruptFile, atomic_write_bytes
 from .grid import ExperimentSpec, SpecError
 from .jobs import TRAIN, dataset_for, run_inprocess, run_pool, stage_jobs
 from .layout import Layout
+from .runtime import keep_freed_memory
 from .scripts import SlurmOptions, bash_script, slurm_script
 
 PRESET_SPECS = {
@@ -324,6 +325,7 @@ def main(argv=None) -> int:
 
             submit_chain(layout, stages)
         if args.run:
+            keep_freed_memory()  # for in-process runs; pool and array workers set it themselves
             failed = run_stages(spec, layout, stages, args)
         if args.table:
             from . import phases, table

@@ -31,13 +31,13 @@ import traceback
 from pathlib import Path
 
 import submitit
-import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
 from .grid import Cell, ExperimentSpec, SpecError
 from .jobs import TRAIN, Job, RunReport, _progress, cost_order, is_done, run_job
 from .layout import Layout
+from .runtime import configure_worker
 from .scripts import SlurmOptions, check_text, log_dir, time_minutes
 
 DEFAULT_SLURM_MINUTES = 60  # asked of Slurm per task when --time is not given (tasks requeue on timeout)
@@ -74,7 +74,7 @@ class StageTask(submitit.helpers.Checkpointable):
         return [Job(self.stage, Cell(**c)) for c in self.cells]
 
     def __call__(self) -> list[tuple[str, str]]:
-        torch.set_num_threads(max(1, self.threads))
+        configure_worker(self.threads)
         os.environ["OMP_NUM_THREADS"] = str(max(1, self.threads))
         layout = Layout.from_experiment_dir(self.experiment_dir)
         spec = ExperimentSpec.from_file(layout.spec_path)  # the spec on disk, not a pickled copy

@@ -28,6 +28,7 @@ from .checkpoints import CorruptFile
 from .ensemble import metric_group_size, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
+from .runtime import configure_worker
 from .metrics import METRICS, MetricData, parse_key
 
 TRAIN = "train"
@@ -268,7 +269,7 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
 
 
 def _pool_init() -> None:
-    torch.set_num_threads(1)
+    configure_worker(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from .checkpoints import CorruptFile
 from .grid import ExperimentSpec, SpecError
 from .jobs import run_job, stage_jobs
 from .layout import Layout
+from .runtime import configure_worker
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -31,7 +30,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    torch.set_num_threads(max(1, args.threads))
+    configure_worker(args.threads)
     try:
         layout = Layout.from_experiment_dir(args.experiment_dir)
         if not layout.spec_path.is_file():
