@@ -14,7 +14,10 @@ done two ways, with one torch thread (as the job pool's workers run):
 Reported per cell: ms per member-step of each, the ratios sequential / ensemble and sequential /
 auto from `time.perf_counter` medians over `--repeats` alternating repeats after a warm-up, the
 first ratio also from thread CPU time (`time.thread_time`, less disturbed when other processes
-share the cores). `steps` is set so that one sequential
+share the cores). And the bound arithmetic puts on the ratio: the sequential step's FLOP rate as
+a fraction of the machine's fp32 matmul peak (`bench_peak.matmul_peak`, one thread; FLOPs by
+`bench_peak.step_flops`, 3x the analytic forward), and the fraction an ensemble step would have to
+reach for 4x (4 x that; above 100 % no implementation can reach 4x on this machine). `steps` is set so that one sequential
 repeat takes about `--seconds` (timed on the warm-up). Data: random inputs of MNIST-1D's shape
 (4000 x 40, 10 classes); the timing does not depend on the values.
 
@@ -30,6 +33,7 @@ import time
 
 import torch
 
+from bench_peak import matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
 from phasediagram import ensemble, ensemble_models, models
 from phasediagram.grid import ExperimentSpec
 from phasediagram.methods import build_method
@@ -118,8 +122,10 @@ def main(argv=None) -> None:
     print(f"{args.arch}, S = {args.members} seeds, one thread, float32; times per member-step; "
           f"ratio = sequential / ensemble (perf_counter medians of {args.repeats}; cpu: thread_time); "
           "auto: groups of g seeds (ensemble.group_size)")
+    peak = matmul_peak(args.repeats)[0]
+    print(f"fp32 matmul peak, one thread: {peak:.1f} GFLOP/s")
     print(f"{'width':>5} {'batch':>5} {'steps':>5} {'seq ms':>8} {'ens ms':>8} {'ratio':>6} {'cpu ratio':>9} "
-          f"{'g':>2} {'auto ms':>8} {'seq/auto':>8}")
+          f"{'g':>2} {'auto ms':>8} {'seq/auto':>8} {'seq/peak':>8} {'4x needs':>8}")
     rows = []
     for width in args.widths:
         for batch in args.batch_sizes:
@@ -127,8 +133,11 @@ def main(argv=None) -> None:
             steps, (sw, sc), (ew, ec), (aw, _) = bench_cell(args.arch, width, batch, args.members, args.seconds,
                                                             args.repeats, args.conv, group)
             rows.append((width, batch, sw / ew, sc / ec, group, sw / aw))
+            flops = step_flops(models.create(args.arch, width, (40,), 10), torch.randn(batch, 40))[1]
+            seq_peak = flops / sw / 1e9 / peak
             print(f"{width:5d} {batch:5d} {steps:5d} {sw * 1e3:8.3f} {ew * 1e3:8.3f} {sw / ew:6.2f} {sc / ec:9.2f} "
-                  f"{group:2d} {aw * 1e3:8.3f} {sw / aw:8.2f}", flush=True)
+                  f"{group:2d} {aw * 1e3:8.3f} {sw / aw:8.2f} {100 * seq_peak:7.1f}% {400 * seq_peak:7.1f}%",
+                  flush=True)
     small = [r for r in rows if r[0] <= 32 and r[1] <= 128]
     used = [r for r in rows if r[4]]
     if small:
