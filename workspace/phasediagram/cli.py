@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option of the regularizer (repeatable)")
     s.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="an option of a metric, e.g. hessian.top_k=3 (repeatable)")
-    s.add_argument("--ensemble", help="auto | on | off: train the seeds of a cell as ensemble models "
-                                      "(auto: in groups where faster; on: all in one)")
+    s.add_argument("--ensemble", help="auto | on | off: train the seeds of a cell, and compute their Hessians, "
+                                      "as ensemble models (auto: in groups where faster; on: all in one)")
     s.add_argument("--dtype", help="float32 | float64")
 
     w = p.add_argument_group("what to do")

@@ -95,9 +95,10 @@ class _ThreeTaps(torch.autograd.Function):
     t = l * B + b and t + d = (l + 1) * B + b, so this is a kernel-3, stride-1, padding-1 conv1d.
 
     Forward: one bmm and two `baddbmm_` into column ranges of the output (no padded or im2col copy
-    of x). Backward: dL/dx is the same operation on dL/dout with taps (W_2^T, W_1^T, W_0^T) (through
-    `apply`, so it is differentiable again: double backward works), dL/dW_1 = g x^T,
-    dL/dW_0 = g[:, d:] x[:, :-d]^T, dL/dW_2 = g[:, :-d] x[:, d:]^T.
+    of x). Backward: dL/dx is the same operation on g = dL/dout with taps (W_2^T, W_1^T, W_0^T),
+    and (dL/dW_0, dL/dW_1, dL/dW_2) = `_TapGradients`(g, x) = (g^(+d) x^T, g x^T, g^(-d) x^T).
+    Both are Functions whose backward is made of the two, so every derivative order stays in
+    batched matmuls on column ranges (no zero-filled, activation-sized slice gradients).
     """
 
     @staticmethod
@@ -113,17 +114,36 @@ class _ThreeTaps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w0, w1, w2 = ctx.saved_tensors
-        d = ctx.d
-        grad_x = grad_w0 = grad_w2 = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _ThreeTaps.apply(g, w2.transpose(1, 2), w1.transpose(1, 2), w0.transpose(1, 2), d)
-        grad_w1 = torch.bmm(g, x.transpose(1, 2))
-        if d < x.shape[-1]:
-            grad_w0 = torch.bmm(g[:, :, d:], x[:, :, :-d].transpose(1, 2))
-            grad_w2 = torch.bmm(g[:, :, :-d], x[:, :, d:].transpose(1, 2))
-        else:
-            grad_w0, grad_w2 = torch.zeros_like(w0), torch.zeros_like(w2)
-        return grad_x, grad_w0, grad_w1, grad_w2, None
+            grad_x = _ThreeTaps.apply(g, w2.transpose(1, 2), w1.transpose(1, 2), w0.transpose(1, 2), ctx.d)
+        return (grad_x, *_TapGradients.apply(g, x, ctx.d), None)
+
+
+class _TapGradients(torch.autograd.Function):
+    """(G_0, G_1, G_2) = (g^(+d) x^T, g x^T, g^(-d) x^T) for g (S, O, N), x (S, C, N): the gradients of
+    `_ThreeTaps`' taps, i.e. G_0 = g[:, d:] x[:, :-d]^T, G_1 = g x^T, G_2 = g[:, :-d] x[:, d:]^T
+    (zero when d >= N). Backward: dL/dg = `_ThreeTaps`(x; dG_0, dG_1, dG_2) and
+    dL/dx = `_ThreeTaps`(g; dG_2^T, dG_1^T, dG_0^T)."""
+
+    @staticmethod
+    def forward(ctx, g, x, d: int):
+        ctx.save_for_backward(g, x)
+        ctx.d = d
+        g1 = torch.bmm(g, x.transpose(1, 2))
+        if d >= x.shape[-1]:
+            return torch.zeros_like(g1), g1, torch.zeros_like(g1)
+        return (torch.bmm(g[:, :, d:], x[:, :, :-d].transpose(1, 2)), g1,
+                torch.bmm(g[:, :, :-d], x[:, :, d:].transpose(1, 2)))
+
+    @staticmethod
+    def backward(ctx, dg0, dg1, dg2):
+        g, x = ctx.saved_tensors  # (autograd passes zeros for outputs without a gradient)
+        grad_g = _ThreeTaps.apply(x, dg0, dg1, dg2, ctx.d) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = _ThreeTaps.apply(g, dg2.transpose(1, 2), dg1.transpose(1, 2), dg0.transpose(1, 2), ctx.d)
+        return grad_g, grad_x, None
 
 
 class MemberMajorConv1d(nn.Module):
@@ -150,21 +170,35 @@ class MemberMajorConv1d(nn.Module):
         self.members, self.stride, self.padding = members, stride, padding
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.weight = nn.Parameter(torch.empty(members * out_channels, in_channels, kernel_size))
+        self._norm: tuple[FoldableBatchNorm2d, ...] = ()  # the BatchNorm after it, folded in eval mode
+
+    def fold(self, norm: FoldableBatchNorm2d) -> None:
+        """Fold `norm`, the BatchNorm applied to this convolution's output, into it whenever `norm` is an
+        affine map (eval mode): conv then BN is the convolution with weight a * W plus the shift c."""
+        self._norm = (norm,)
+        norm.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, c, k, p = self.members, self.in_channels, self.kernel_size, self.padding
         _, _, length, b = x.shape
-        w = self.weight.view(s, self.out_channels, c, k)
+        w, shift = self.weight, None
+        if self._norm and self._norm[0].is_affine():
+            a, shift = self._norm[0].scale_shift()
+            w, shift = w * a.view(-1, 1, 1), shift.view(s, self.out_channels, 1)
+        w = w.view(s, self.out_channels, c, k)
         if k == 3 and p == 1 and self.stride == 1:  # taps as contiguous (S, C_out, C_in) matrices
             out = _ThreeTaps.apply(x.reshape(s, c, length * b), *w.permute(3, 0, 1, 2).contiguous(), b)
-            return out.view(1, s * self.out_channels, length, b)
-        x = x.view(s, c, length, b)
-        if p:
-            x = F.pad(x, (0, 0, p, p))
-        l_out = (length + 2 * p - k) // self.stride + 1
-        span = self.stride * (l_out - 1) + 1
-        cols = torch.stack([x[:, :, j:j + span:self.stride] for j in range(k)], dim=2).view(s, c * k, l_out * b)
-        out = torch.bmm(w.reshape(s, self.out_channels, c * k), cols)
+            l_out = length
+        else:
+            x = x.view(s, c, length, b)
+            if p:
+                x = F.pad(x, (0, 0, p, p))
+            l_out = (length + 2 * p - k) // self.stride + 1
+            span = self.stride * (l_out - 1) + 1
+            cols = torch.stack([x[:, :, j:j + span:self.stride] for j in range(k)], dim=2).view(s, c * k, l_out * b)
+            out = torch.bmm(w.reshape(s, self.out_channels, c * k), cols)
+        if shift is not None:
+            out = out + shift
         return out.view(1, s * self.out_channels, l_out, b)
 
     def extra_repr(self) -> str:
@@ -172,10 +206,37 @@ class MemberMajorConv1d(nn.Module):
                 f"kernel_size={self.weight.shape[-1]}, stride={self.stride}, padding={self.padding}")
 
 
+class FoldableBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that can be folded into the convolution before it (`MemberMajorConv1d.fold`).
+
+    In eval mode with running statistics it is the affine map y = a x + c per channel, with
+    a = weight / sqrt(running_var + eps) and c = bias - running_mean * a; folded, the
+    convolution applies it (weights a * W, plus c) and this module passes its input through.
+    Same values; but differentiating twice (Hessian-vector products) then meets no activation-sized
+    batch-norm operations, only weight-sized ones (resnet1d width 32: product 1.2x faster).
+    Training mode (batch statistics) is torch's BatchNorm2d, folded or not.
+    """
+
+    folded = False
+
+    def is_affine(self) -> bool:
+        return not self.training and self.track_running_stats and self.affine and self.running_var is not None
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, c) of the eval-mode map y = a x + c, per channel."""
+        a = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return a, self.bias - self.running_mean * a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded and self.is_affine():
+            return x
+        return super().forward(x)
+
+
 def _batch_norm(dims: int, members: int, channels: int) -> nn.Module:
     """One BatchNorm over members * channels channels = per-member, per-channel statistics
     (BatchNorm2d for member-major 1D activations (1, S*C, L, B): statistics over (L, B))."""
-    return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(members * channels)
+    return (nn.BatchNorm1d if dims == 1 else FoldableBatchNorm2d)(members * channels)
 
 
 class EnsembleMLP(nn.Module):
@@ -231,6 +292,14 @@ class EnsembleResNet(nn.Module):
                 c_in = c_out
         self.stages = nn.Sequential(*stages)
         self.head = EnsembleLinear(members, c_in, n_classes)
+        if self.member_major:  # every convolution is followed by its BatchNorm
+            pairs = [(self.stem[0], self.stem[1])]
+            for block in self.stages:
+                pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+                if len(block.shortcut):
+                    pairs.append((block.shortcut[0], block.shortcut[1]))
+            for conv, norm in pairs:
+                conv.fold(norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b = x.shape[0], x.shape[1]
