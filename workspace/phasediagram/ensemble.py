@@ -81,8 +81,8 @@ def group_size(arch: str, width: int, batch_size: int, seeds: int) -> int:
 # auto: metrics whose registry entry has `compute_seeds` (the `hessian`) compute a cell's seeds in
 # the ensemble form, all together up to METRIC_GROUP_MAX_WIDTH and one at a time beyond
 # (bench/bench_metrics_batched.py, section 4: the demo's `hessian` of 3 seeds, one thread, against
-# `nn.Conv1d` seed after seed: together 2.2x at width 2, 1.7x at 4, 1.2x at 8; one at a time in
-# the ensemble form 1.0-1.1x at 16 and 32, where together is no faster). mlp: seed after seed
+# `nn.Conv1d` seed after seed: together 2.5x at widths 2 and 4, 1.9x at 8, 1.35x at 16, 1.2x at 32;
+# one at a time in the ensemble form 1.5-1.7x at widths 2-16, 1.4x at 32). mlp: seed after seed
 # (together measured 1.09x at width 16, 0.85x at 64); other archs: seed after seed.
 METRIC_GROUP_MAX_WIDTH = {"resnet1d": 8}
 
