@@ -28,8 +28,8 @@ from .checkpoints import CorruptFile
 from .ensemble import metric_group_size, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
-from .runtime import configure_worker
 from .metrics import METRICS, MetricData, parse_key
+from .runtime import configure_worker
 
 TRAIN = "train"
 

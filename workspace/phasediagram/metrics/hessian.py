@@ -3,8 +3,8 @@
 H = d^2 L / d theta^2 of the mean training cross-entropy L (no weight-decay term) on a fixed
 batch drawn from the generator (reference: 200 examples) or on the whole training split, model
 in eval mode (BatchNorm uses its running statistics), theta = the trainable parameters. H is
-only touched through Hessian-vector products (`hvp.HessianOperator`); the estimators are in
-`linalg`. Keys (all on the "train" split):
+only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell's seeds together,
+`hessian_seeds`, `hvp_lockstep`); the estimators are in `linalg`. Keys (all on the "train" split):
 
 - `top_eigenvalue`: lambda_max, the largest *algebraic* eigenvalue (Lanczos started from the
   loss gradient plus a random vector; by default stopped once the gap bound min(r, r^2 / gap)
