@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import sys
+
 import pandas as pd
 import pytest
 import torch
@@ -181,3 +183,33 @@ def test_a_cells_metric_jobs_load_each_checkpoint_once(tiny, monkeypatch, tmp_pa
         a = results.read(layout.result_path(stage, cell))
         b = results.read(other.result_path(stage, cell))
         assert a["rows"] == b["rows"], stage
+
+
+def test_no_progress_bar_and_no_tqdm_lock_without_a_terminal(monkeypatch, capsys):
+    """Off a terminal no tqdm object is made, so no process ever holds tqdm's lock (a SIGKILLed one holding
+    it would block its forked siblings forever); on a terminal the bar is tqdm's."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from phasediagram import jobs
+
+    def taken(*_):
+        raise AssertionError("tqdm's lock was taken")
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(tqdm, "get_lock", classmethod(taken))
+    with jobs._progress(3, "x") as bar:
+        bar.update()
+    jobs._write("a line")
+    assert "a line" in capsys.readouterr().out
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = jobs._progress(3, "x")
+    assert isinstance(bar, tqdm)
+    bar.close()

@@ -31,11 +31,10 @@ import traceback
 from pathlib import Path
 
 import submitit
-from tqdm.auto import tqdm
 
 from . import checkpoints
 from .grid import Cell, ExperimentSpec, SpecError
-from .jobs import TRAIN, Job, RunReport, _progress, cost_order, is_done, run_job
+from .jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
 from .layout import Layout
 from .runtime import configure_worker
 from .scripts import SlurmOptions, check_text, log_dir, time_minutes
@@ -301,7 +300,7 @@ def wait(spec, layout, pairs: list[tuple[StageTask, object]], report: RunReport,
                     collect(spec, layout, task, handle, report, vanished)
                     bar.update(len(task.cells))
                     for job, _ in report.failed[n_failed:]:
-                        tqdm.write(f"{desc}: FAILED {job.id} (task {handle.job_id})", file=sys.stderr)
+                        _write(f"{desc}: FAILED {job.id} (task {handle.job_id})", file=sys.stderr)
                 else:
                     still.append((task, handle))
             pending = still

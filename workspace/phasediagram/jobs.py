@@ -244,8 +244,33 @@ class RunReport:
             self.done += 1
 
 
+class _NoProgress:
+    """What `_progress` gives without a terminal: no tqdm object at all, so no tqdm lock is taken (a
+    process killed while holding tqdm's multiprocessing lock would block its forked siblings forever)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
 def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+    """A progress bar on a terminal (stderr a tty), else a no-op with the same methods."""
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def _write(message: str, file=None) -> None:
+    """A log line that does not break a progress bar: `tqdm.write` on a terminal, else print."""
+    (tqdm.write if sys.stderr.isatty() else print)(message, file=file)
 
 
 def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device="cpu", desc="jobs") -> RunReport:
@@ -255,7 +280,7 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
         for job in jobs:
             epochs = _progress(spec.epochs * len(spec.seeds), job.cell.id) if job.stage == TRAIN else None
             try:
-                report.add(job, run_job(spec, layout, job, device, log=tqdm.write,
+                report.add(job, run_job(spec, layout, job, device, log=_write,
                                         on_epoch=(lambda *_: epochs.update()) if epochs is not None else None))
             except (SpecError, CorruptFile):
                 raise
