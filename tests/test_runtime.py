@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -45,13 +46,14 @@ def test_freed_blocks_are_reused_instead_of_faulted_back_in():
     assert kept <= default // 20
 
 
-def test_configure_worker_sets_threads():
+def test_configure_worker_sets_threads(monkeypatch):
     threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored after the test
     try:
         runtime.configure_worker(0)
         assert torch.get_num_threads() == 1
         runtime.configure_worker(2)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
     finally:
         torch.set_num_threads(threads)
 

@@ -74,7 +74,6 @@ class StageTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> list[tuple[str, str]]:
         configure_worker(self.threads)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, self.threads))
         layout = Layout.from_experiment_dir(self.experiment_dir)
         spec = ExperimentSpec.from_file(layout.spec_path)  # the spec on disk, not a pickled copy
         known = {c.id for c in spec.cells()}

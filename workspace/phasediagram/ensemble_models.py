@@ -213,14 +213,14 @@ class FoldableBatchNorm2d(nn.BatchNorm2d):
     a = weight / sqrt(running_var + eps) and c = bias - running_mean * a; folded, the
     convolution applies it (weights a * W, plus c) and this module passes its input through.
     Same values; but differentiating twice (Hessian-vector products) then meets no activation-sized
-    batch-norm operations, only weight-sized ones (resnet1d width 32: product 1.2x faster).
+    batch-norm operations, only weight-sized ones (bench/bench_metrics_batched.py, section 4).
     Training mode (batch statistics) is torch's BatchNorm2d, folded or not.
     """
 
     folded = False
 
     def is_affine(self) -> bool:
-        return not self.training and self.track_running_stats and self.affine and self.running_var is not None
+        return not self.training and self.track_running_stats and self.affine
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, c) of the eval-mode map y = a x + c, per channel."""

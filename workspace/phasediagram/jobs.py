@@ -295,7 +295,6 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
 
 def _pool_init() -> None:
     configure_worker(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: dict) -> dict[str, str | Exception]:
