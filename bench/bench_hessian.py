@@ -12,8 +12,9 @@ its own random start):
 1. Top eigenvalue at the same tolerance (1e-3, at most 100 products): PyHessian's power
    iteration (`eigenvalues(maxIter=100, tol=1e-3)`) vs our Lanczos (`linalg.lanczos_eigs`, as the
    metric calls it: Krylov vectors in the model's dtype) with each stopping rule ("gap",
-   "residual", "change") and start (gradient-mixed, the metric's default, or random as in
-   PyHessian): time, products, relative error against the exact value, speed-up. The graph build
+   "residual", "change") and start (gradient-mixed, the metric's start when it computes no
+   density, or random as in PyHessian; with a density the metric starts from the SLQ run's Ritz
+   vectors, `metrics.hessian._eig_values`): time, products, relative error against the exact value, speed-up. The graph build
    (and for the gradient start, reading the gradient off it) is inside every timing, as in
    PyHessian's. Then the same error: PyHessian at tighter tolerances, against the metric's setting.
 2. Trace, both with at most 100 probes and tol 1e-3: our Hutchinson (same reference stopping
@@ -109,7 +110,8 @@ def timed(fns: dict, repeats: int) -> dict:
 
 # --------------------------------------------------------------------------- the two implementations
 def ours_top(model, x, y, r: int, rule: str = "gap", start: str = "gradient"):
-    """The metric's top-eigenvalue computation (`metrics.hessian._eig_values`), timed from the graph build."""
+    """The metric's top-eigenvalue computation without a density (`metrics.hessian._eig_values`), timed from
+    the graph build."""
     op = HessianOperator(model, x, y)
     hint = op.gradient() if start == "gradient" else None
     res = linalg.lanczos_eigs(op, op.dim, 1, MAX_ITER, TOL, torch.Generator().manual_seed(r), rule=rule,

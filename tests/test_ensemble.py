@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from phasediagram import checkpoints, ensemble, ensemble_models, models, train
+from phasediagram import batch_norm, checkpoints, ensemble, ensemble_models, models, train
 from phasediagram.data import Dataset, Split
 from phasediagram.grid import ExperimentSpec
 from phasediagram.layout import Layout
 from phasediagram.metrics.base import evaluate
 
 SEEDS = (0, 1, 2)
-# (arch, width): an MLP (no BatchNorm) and a residual conv net with BatchNorm
-ARCHS = [("mlp", 8), ("resnet1d", 4)]
+# (arch, width, batch norm): an MLP (no BatchNorm) and a residual conv net with BatchNorm, whose
+# training-mode BatchNorm is torch's at these sizes, or forced to `batch_norm`'s sums ("sums")
+ARCHS = [("mlp", 8, "torch"), ("resnet1d", 4, "torch"), ("resnet1d", 4, "sums")]
 TOL = {"float64": 1e-6, "float32": 1e-3}
 
 
@@ -101,8 +102,15 @@ def test_stack_split_round_trip(arch, shape, conv):
                for k, v in ensemble_models.stack_state_dicts(parts, ens).items())
 
 
-@pytest.mark.parametrize("arch,shape,conv", CASES)
-def test_forward_and_gradients_equal_members(arch, shape, conv):
+def force_batch_norm_sums(monkeypatch) -> None:
+    """Member-major BatchNorm through `batch_norm`'s sums at every size (not only large activations)."""
+    monkeypatch.setattr(batch_norm, "MIN_ELEMENTS", 0)
+
+
+@pytest.mark.parametrize("arch,shape,conv,bn", [(*c, "torch") for c in CASES] + [("resnet1d", (40,), "bmm", "sums")])
+def test_forward_and_gradients_equal_members(monkeypatch, arch, shape, conv, bn):
+    if bn == "sums":
+        force_batch_norm_sums(monkeypatch)
     ms = member_models(arch, 2, shape)
     ens = ensemble_models.from_models(ms, conv)
     x = torch.randn(len(ms), 5, *shape, dtype=torch.float64)
@@ -170,8 +178,10 @@ def test_evaluate_members_equals_evaluate():
 
 # ---------------------------------------------------------------------------- training
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("arch,width", ARCHS)
-def test_members_equal_sequential_runs(tmp_path, arch, width, dtype):
+@pytest.mark.parametrize("arch,width,bn", ARCHS)
+def test_members_equal_sequential_runs(tmp_path, monkeypatch, arch, width, bn, dtype):
+    if bn == "sums":
+        force_batch_norm_sums(monkeypatch)
     spec = make_spec(arch, width, dtype)
     cell = spec.cells()[0]
     data = make_dataset(dtype)

@@ -276,9 +276,31 @@ def test_metric_eig_rules_and_starts_meet_tol(rule):
     assert used["gradient"] <= used["random"]
 
 
-def test_metric_defaults_gap_rule_and_gradient_start():
+def test_metric_defaults_gap_rule_and_slq_start():
     opts = HessianOptions()
-    assert (opts.eig_rule, opts.eig_start) == ("gap", "gradient")
+    assert (opts.eig_rule, opts.eig_start) == ("gap", "slq")
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_metric_slq_start_continues_the_density_run(top_k):
+    """eig_start "slq": Lanczos from the SLQ run's top Ritz vectors meets tol against the dense top_k
+    eigenvalues, with fewer products of its own than the gradient start; hvp_eig counts the SLQ run's
+    products plus its own. Without a density it is the gradient start, value for value."""
+    model = tiny_resnet()
+    x, y = batch(30, (40,), 10, seed=8)
+    data = MetricData(Split(x, y), Split(x, y), 10)
+    exact = np.linalg.eigvalsh(reference_hessian(model, x, y).numpy())[::-1][:top_k]
+    common = dict(batch_size=None, top_k=top_k, tol=1e-6, trace_probes=2, hutchpp_sketch=1, density_iters=15)
+    own = {}
+    for start in ("slq", "gradient"):
+        out = METRICS["hessian"].compute(model, data, HessianOptions(eig_start=start, **common), seeded(3))
+        assert [out[f"train/eigenvalue@{i}"] for i in range(1, top_k + 1)] == pytest.approx(exact, rel=1e-5)
+        assert out["train/eig_converged"] == 1.0
+        own[start] = out["train/hvp_eig"] - (out["train/hvp_density"] if start == "slq" else 0)
+    assert 1 <= own["slq"] < own["gradient"]
+    no_density = {s: METRICS["hessian"].compute(model, data, HessianOptions(eig_start=s, density_probes=0, **common),
+                                                seeded(3)) for s in ("slq", "gradient")}
+    assert no_density["slq"] == no_density["gradient"]
 
 
 def test_metric_on_a_float32_model_agrees_with_float64():

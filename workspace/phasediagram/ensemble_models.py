@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import models
+from . import batch_norm, models
 
 
 class EnsembleLinear(nn.Module):
@@ -214,7 +214,9 @@ class FoldableBatchNorm2d(nn.BatchNorm2d):
     convolution applies it (weights a * W, plus c) and this module passes its input through.
     Same values; but differentiating twice (Hessian-vector products) then meets no activation-sized
     batch-norm operations, only weight-sized ones (bench/bench_metrics_batched.py, section 4).
-    Training mode (batch statistics) is torch's BatchNorm2d, folded or not.
+    Training mode (batch statistics): `batch_norm.train_forward` on member-major (1, S*C, L, B)
+    activations (the statistics from sums; same values and running-statistics update as torch's
+    BatchNorm2d, faster), torch's BatchNorm2d on anything else.
     """
 
     folded = False
@@ -230,6 +232,8 @@ class FoldableBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded and self.is_affine():
             return x
+        if batch_norm.applies(self, x):
+            return batch_norm.train_forward(self, x)
         return super().forward(x)
 
 

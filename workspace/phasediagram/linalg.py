@@ -342,10 +342,13 @@ def start_vector(n: int, generator: torch.Generator, device="cpu", dtype: torch.
 
 def lanczos_eigs(matvec: Matvec, n: int, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
                  generator: torch.Generator | None = None, device="cpu", rule: str = "gap",
-                 dtype: torch.dtype = DTYPE, hint: torch.Tensor | None = None) -> Eigs:
+                 dtype: torch.dtype = DTYPE, hint: torch.Tensor | None = None, start: torch.Tensor | None = None
+                 ) -> Eigs:
     """The k largest algebraic eigenvalues of A and its eigenvalue of largest magnitude, by Lanczos.
 
-    Starts from `start_vector` (Gaussian, plus the direction `hint` if given) and runs Lanczos
+    Starts from `start` when given (used as it is: e.g. Ritz vectors of an earlier Krylov run,
+    which continues that run's search; `hint` is then ignored and `generator` only serves
+    restarts), else from `start_vector` (Gaussian, plus the direction `hint` if given), and runs Lanczos
     (full reorthogonalisation, restarts at invariant subspaces) until the wanted Ritz values (the
     k largest, and the one largest in magnitude, which is the most negative one when negative
     curvature dominates) pass the stopping test (`_Converged`; by default the gap rule: each
@@ -356,8 +359,8 @@ def lanczos_eigs(matvec: Matvec, n: int, k: int = 1, max_iter: int = 100, tol: f
     power iteration.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    run = lanczos(matvec, start_vector(n, generator, device, dtype, hint), max_iter, stop=_Converged(k, tol, rule),
-                  restart=generator, dtype=dtype)
+    v0 = start.reshape(-1).to(device, dtype) if start is not None else start_vector(n, generator, device, dtype, hint)
+    run = lanczos(matvec, v0, max_iter, stop=_Converged(k, tol, rule), restart=generator, dtype=dtype)
     theta, s = run.ritz()
     top_idx = np.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1)
     big = int(np.argmax(np.abs(theta)))

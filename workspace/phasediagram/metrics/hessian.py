@@ -6,10 +6,13 @@ in eval mode (BatchNorm uses its running statistics), theta = the trainable para
 only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell's seeds together,
 `hessian_seeds`, `hvp_lockstep`); the estimators are in `linalg`. Keys (all on the "train" split):
 
-- `top_eigenvalue`: lambda_max, the largest *algebraic* eigenvalue (Lanczos started from the
-  loss gradient plus a random vector; by default stopped once the gap bound min(r, r^2 / gap)
-  certifies it within tol * |lambda|, see `linalg.ritz_bounds`); `eigenvalue@i`: the i-th largest
-  algebraic, i = 1..top_k.
+- `top_eigenvalue`: lambda_max, the largest *algebraic* eigenvalue, by Lanczos stopped once the gap
+  bound min(r, r^2 / gap) certifies it within tol * |lambda| (`linalg.ritz_bounds`). Started
+  (`eig_start` "slq", the default when the density is computed) from the sum of the top_k Ritz
+  vectors of the first SLQ probe's Lanczos run, i.e. that random-start Krylov search continued
+  (a restart with its best vectors), else from the loss gradient plus a random vector
+  ("gradient") or a random vector ("random"); `eigenvalue@i`: the i-th largest algebraic,
+  i = 1..top_k.
 - `top_abs_eigenvalue`: the eigenvalue of largest magnitude, signed. It equals lambda_max unless
   negative curvature dominates (then it is lambda_min < 0); it is what the reference code's power
   iteration reports.
@@ -23,8 +26,8 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
   parameter count for eigenvalues per unit). `plot_density` draws it.
 - `hvp_eig`, `hvp_trace`, `hvp_trace_hutchpp`, `hvp_density`: Hessian-vector products each
-  estimate rests on (Hutch++: its basis's products, the SLQ run's when shared, plus its
-  probes); `hvp_traces`: products the traces call made (2 s for a sketch, then the larger probe
+  estimate rests on (eigenvalues from the SLQ run's Ritz vectors, Hutch++ on its Krylov basis:
+  the SLQ run's products plus their own); `hvp_traces`: products the traces call made (2 s for a sketch, then the larger probe
   count, as the two share probes);
   `eig_converged`: 1 if the Lanczos stopping test passed within `lanczos_iters`, else 0.
 
@@ -51,7 +54,7 @@ from ..hvp_lockstep import LockstepHessians
 from .base import MetricData, check, eval_mode, key, parse_key
 
 NAME = "hessian"
-EIG_STARTS = ("gradient", "random")
+EIG_STARTS = ("slq", "gradient", "random")
 HUTCHPP_BASES = ("krylov", "sketch")
 
 
@@ -72,7 +75,8 @@ class HessianOptions:
     lanczos_iters: int = 100  # most Lanczos steps, one product each (reference power iteration: 100)
     tol: float = 1e-3  # eigenvalue tolerance, relative to the largest |Ritz value| (reference: 1e-3)
     eig_rule: str = "gap"  # "gap" (min(r, r^2/gap) <= tol), "residual" (r <= tol) or "change" (reference rule)
-    eig_start: str = "gradient"  # Lanczos start: "gradient" (gradient + random vector), "random" (pair with "residual")
+    eig_start: str = "slq"  # Lanczos start: "slq" (the SLQ run's top Ritz vectors; "gradient" without density),
+    # "gradient" (gradient + random vector), "random" (pair with "residual")
     trace_probes: int = 100  # most Rademacher probes (reference: 100)
     trace_tol: float = 1e-3  # trace stopping tolerance (reference: 1e-3)
     trace_rule: str = "change"  # "change" (reference rule with |trace|) or "stderr"
@@ -128,18 +132,36 @@ def vector_dtype(op: HessianOperator) -> torch.dtype:
     return torch.float64 if op.params[0].dtype == torch.float64 else torch.float32
 
 
-def _eig_values(op: HessianOperator, options: HessianOptions, generator) -> dict[str, float]:
-    """Lanczos from the gradient-mixed start (`linalg.start_vector`): the gradient of the cross-entropy
-    lies mostly in the top eigenspace of H (Gur-Ari, Roberts, Dyer 2018; on the benchmark model its
-    cosine with the top eigenvector is 0.5-0.9, against ~0.006 for a random vector), so far fewer
-    products are needed, while the random half keeps the random start's guarantee."""
-    hint = op.gradient() if options.eig_start == "gradient" else None
+def _eig_values(op: HessianOperator, options: HessianOptions, generator,
+                krylov: linalg.Lanczos | None = None) -> dict[str, float]:
+    """Lanczos for the top eigenvalues, from one of three starts.
+
+    "slq" with the SLQ run `krylov`: v0 = sum of its top_k Ritz vectors. After m steps from the
+    random probe z, the top Ritz vector is p(H) z for the degree m - 1 polynomial that best
+    isolates the top of the spectrum, so this run continues the probe's search (an explicitly
+    restarted Lanczos), with the probe's randomness as its guarantee; the SLQ run's products are
+    counted in `hvp_eig`. On the demo's trained models (ad hoc, 27 seeds) it stopped after 2
+    products where the gradient start needed 3-7, at Ritz values as high or higher (Ritz values
+    approach lambda_max from below).
+    "gradient" (or "slq" without a run): the gradient-mixed start (`linalg.start_vector`): the
+    gradient of the cross-entropy lies mostly in the top eigenspace of H (Gur-Ari, Roberts, Dyer
+    2018; on the benchmark model its cosine with the top eigenvector is 0.5-0.9, against ~0.006 for
+    a random vector), while the random half keeps the random start's guarantee. "random": Gaussian.
+    """
+    dtype, start, hint = vector_dtype(op), None, None
+    if options.eig_start == "slq" and krylov is not None:
+        theta, s = krylov.ritz()
+        start = krylov.basis.combine(torch.as_tensor(s[:, -options.top_k:].sum(1), dtype=dtype, device=op.device))
+        if not bool(torch.isfinite(start).all()) or float(torch.linalg.vector_norm(start)) == 0.0:
+            start = None
+    if start is None and options.eig_start in ("slq", "gradient"):
+        hint = op.gradient()
     eigs = linalg.lanczos_eigs(op, op.dim, options.top_k, options.lanczos_iters, options.tol, generator, op.device,
-                               options.eig_rule, vector_dtype(op), hint)
+                               options.eig_rule, dtype, hint, start)
     out = {key("train", "top_eigenvalue"): float(eigs.top[0]),
            key("train", "top_abs_eigenvalue"): eigs.largest_magnitude}
     out.update({key("train", "eigenvalue", i): float(v) for i, v in enumerate(eigs.top, 1)})
-    out[key("train", "hvp_eig")] = float(eigs.n_products)
+    out[key("train", "hvp_eig")] = float(eigs.n_products + (krylov.n_products if start is not None else 0))
     out[key("train", "eig_converged")] = float(eigs.converged)
     return out
 
@@ -230,9 +252,10 @@ def _not_finite() -> dict[str, float]:
 
 
 def _estimates(op, options: HessianOptions, generator) -> dict[str, float]:
-    """Eigenvalues, density, then traces (Hutch++ on the density's Krylov basis) of the operator `op`."""
-    out = _eig_values(op, options, generator)
+    """Density, eigenvalues (from the density's Krylov run with `eig_start` "slq"), then traces (Hutch++
+    on that run's Krylov basis) of the operator `op`."""
     density, run = _density_values(op, options, generator)
+    out = _eig_values(op, options, generator, run if options.eig_start == "slq" else None)
     out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
     out.update(density)
     return out
