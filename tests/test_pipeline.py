@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from phasediagram import checkpoints, cli, results, table, train
-from phasediagram.jobs import Job, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs
+from phasediagram.jobs import Job, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs, start_pool
 from phasediagram.layout import Layout
 
 from .conftest import tiny_spec
@@ -49,6 +49,14 @@ def test_inprocess_and_pool_give_the_same_table(root, tmp_path_factory, mnist_ca
     assert {s: (r.done, len(r.failed)) for s, r in reports.items()} == {s: (4, 0) for s in ["train", *spec.metrics]}
     df_pool = table.collect(Layout(root_b, "a"), spec.name)
     pd.testing.assert_frame_equal(values(df_in), values(df_pool))
+    # a pool started first (as the CLI does, to import torch while it checks the dataset) serves the
+    # same jobs and stays the caller's: still open afterwards
+    root_c = tmp_path_factory.mktemp("started_pool")
+    with start_pool(2) as pool:
+        reports = run_pool(spec, Layout(root_c, "a"), ["train", *spec.metrics], pool=pool)
+        assert pool.submit(max, 1, 2).result() == 2
+    assert {s: (r.done, len(r.failed)) for s, r in reports.items()} == {s: (4, 0) for s in ["train", *spec.metrics]}
+    pd.testing.assert_frame_equal(values(df_in), values(table.collect(Layout(root_c, "a"), spec.name)))
 
 
 def test_cli_writes_spec_scripts_checkpoints_table_and_plot(root, capsys):

@@ -1,12 +1,16 @@
-"""Process settings of job-running processes (`runtime`): threads and glibc's malloc thresholds."""
+"""Process settings of job-running processes (`runtime`): threads, glibc's malloc thresholds, and side work
+in a forked process (`in_forked_process`)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
+import pytest
 import torch
 
 from phasediagram import runtime
@@ -65,3 +69,76 @@ def test_without_mallopt_nothing_changes(monkeypatch):
         assert runtime.keep_freed_memory() is False
     finally:
         runtime.keep_freed_memory.cache_clear()
+
+
+PARENT = os.getpid()
+
+
+def _where_and_what(value):
+    return os.getpid(), value * 2
+
+
+def _fails(value):
+    raise ValueError(f"bad value {value}")
+
+
+def _dies_in_a_child(value):
+    if os.getpid() != PARENT:
+        os._exit(3)
+    return value + 1
+
+
+def test_in_forked_process_returns_the_childs_result():
+    wait = runtime.in_forked_process(_where_and_what, 21)
+    pid, value = wait()
+    assert value == 42 and pid != os.getpid()
+
+
+def test_in_forked_process_reraises_the_childs_exception():
+    wait = runtime.in_forked_process(_fails, 7)
+    with pytest.raises(ValueError, match="bad value 7"):
+        wait()
+
+
+def test_in_forked_process_runs_here_when_the_child_dies():
+    assert runtime.in_forked_process(_dies_in_a_child, 1)() == 2
+
+
+def test_in_forked_process_runs_here_where_nothing_forks(monkeypatch):
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    pid, value = runtime.in_forked_process(_where_and_what, 1)()
+    assert (pid, value) == (os.getpid(), 2)
+
+
+def _note_pid_then_return(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return 1
+
+
+def _start_then_die(path):
+    runtime.in_forked_process(_note_pid_then_return, path)
+    os._exit(0)  # as if killed: never waits for the child
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
+    path = tmp_path / "pid"
+    parent = multiprocessing.get_context("fork").Process(target=_start_then_die, args=(str(path),))
+    parent.start()
+    parent.join(30)
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(path.read_text())
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)

@@ -11,6 +11,7 @@ Exit status 0 on success, 1 when some jobs failed (the rest completed), 2 for ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -19,9 +20,9 @@ from pathlib import Path
 from . import grid
 from .checkpoints import CorruptFile, atomic_write_bytes
 from .grid import ExperimentSpec, SpecError
-from .jobs import TRAIN, dataset_for, run_inprocess, run_pool, stage_jobs
+from .jobs import TRAIN, dataset_for, run_inprocess, run_pool, stage_jobs, start_pool
 from .layout import Layout
-from .runtime import keep_freed_memory
+from .runtime import in_forked_process, keep_freed_memory
 from .scripts import SlurmOptions, bash_script, slurm_script
 
 PRESET_SPECS = {
@@ -246,11 +247,17 @@ def write_scripts(spec, layout, stages, args) -> list[Path]:
     return written
 
 
-def run_stages(spec, layout, stages, args) -> int:
-    """Run the stages with the chosen executor; print one line per stage; return the failures."""
+def uses_pool(args) -> bool:
+    """Whether `--run` runs the jobs in a local pool of worker processes (`jobs.run_pool`)."""
+    return args.executor == "local" and (args.workers or os.cpu_count() or 1) > 1
+
+
+def run_stages(spec, layout, stages, args, pool=None) -> int:
+    """Run the stages with the chosen executor (`pool`: the started worker pool, with `uses_pool`);
+    print one line per stage; return the failures."""
     start = time.perf_counter()
-    if args.executor == "local" and (args.workers or os.cpu_count() or 1) > 1:
-        reports = run_pool(spec, layout, stages, args.workers)
+    if uses_pool(args):
+        reports = run_pool(spec, layout, stages, args.workers, pool)
     elif args.executor in ("inprocess", "local"):
         reports = {stage: run_inprocess(spec, layout, stage_jobs(spec, stage), args.device, desc=stage)
                    for stage in stages}
@@ -280,27 +287,41 @@ def collect(spec, layout):
 
 
 def draw(spec, layout, df) -> None:
-    """The phase-diagram figure, the per-cell phases, the phase map and the correlation tables."""
-    from . import correlations
+    """The phase-diagram figure, the per-cell phases and the phase map, drawn here, while a forked
+    process (`in_forked_process`) writes the correlation tables and, when the Hessian ran, its densities."""
     from .plots import phase_figure, phase_map
 
-    fig = phase_figure(df, layout.figure_path("phase_plot", ".png"), spec.load_axis, spec.temperature_axis)
-    print(f"figure: {', '.join(os.path.relpath(p) for p in fig.paths)}")
-    for note in fig.notes:
-        print(f"note: {note}")
-    per_cell = layout.figure_path("phases", ".csv")
-    atomic_write_bytes(per_cell, fig.phases.to_csv(index=False).encode())
-    written = [per_cell]
-    if fig.phases["phase"].astype(bool).any():
-        written += phase_map(df, layout.figure_path("phase_map", ".png"), spec.load_axis, spec.temperature_axis)
-    written += correlations.write(correlations.correlations(df, phases=fig.phases),
-                                  layout.figure_path("correlations", ".csv").with_suffix(""))
+    side = in_forked_process(correlations_and_density, spec, layout, df)
+    written = []
+    try:
+        fig = phase_figure(df, layout.figure_path("phase_plot", ".png"), spec.load_axis, spec.temperature_axis)
+        print(f"figure: {', '.join(os.path.relpath(p) for p in fig.paths)}")
+        for note in fig.notes:
+            print(f"note: {note}")
+        per_cell = layout.figure_path("phases", ".csv")
+        atomic_write_bytes(per_cell, fig.phases.to_csv(index=False).encode())
+        written.append(per_cell)
+        if fig.phases["phase"].astype(bool).any():
+            written += phase_map(df, layout.figure_path("phase_map", ".png"), spec.load_axis, spec.temperature_axis)
+    finally:
+        written += side()
+    print(f"phases and correlations: {', '.join(os.path.relpath(p) for p in written)}")
+
+
+def correlations_and_density(spec, layout, df) -> list[Path]:
+    """The correlation tables of the metrics with the phases (`correlations`), and the Hessian densities
+    when the table has them (`metrics.hessian.plot_density`); the files written."""
+    from . import correlations, phases
+
+    cell_phases = phases.classify(df[df["source"] != phases.PHASE_SOURCE])
+    written = correlations.write(correlations.correlations(df, phases=cell_phases),
+                                 layout.figure_path("correlations", ".csv").with_suffix(""))
     if ((df["source"] == "hessian") & (df["metric"] == "density")).any():
         from .metrics.hessian import plot_density
 
         written.append(plot_density(df, layout.figure_path("hessian_density", ".png"), spec.load_axis,
                                     spec.temperature_axis))
-    print(f"phases and correlations: {', '.join(os.path.relpath(p) for p in written)}")
+    return written
 
 
 def main(argv=None) -> int:
@@ -309,31 +330,8 @@ def main(argv=None) -> int:
         spec = spec_from_args(args)
         layout = Layout(Path(args.root), spec.name)
         layout.check_writable_tree()
-        if args.run:
-            dataset_for(spec, spec.cells()[0], layout)  # a bad dataset folder fails here, before any file
-        spec = record_spec(spec, layout)
-        stages = args.metrics or [TRAIN, *spec.metrics]
-        stages = list(dict.fromkeys(stages))
-        for stage in stages:
-            stage_jobs(spec, stage)  # validates stage names
-        written = write_scripts(spec, layout, stages, args)
-        for path in written:
-            print(f"wrote {os.path.relpath(path)}")
-        failed = 0
-        if args.submit:
-            from .cluster import submit_chain
-
-            submit_chain(layout, stages)
-        if args.run:
-            keep_freed_memory()  # for in-process runs; pool and array workers set it themselves
-            failed = run_stages(spec, layout, stages, args)
-        if args.table:
-            from . import phases, table
-
-            draw(spec, layout, phases.with_phases(table.read(args.table, spec.name)))
-        elif args.run or args.plot:
-            draw(spec, layout, collect(spec, layout))
-        return 1 if failed else 0
+        with start_pool(args.workers) if args.run and uses_pool(args) else contextlib.nullcontext() as pool:
+            return _check_write_run_draw(args, spec, layout, pool)
     except (SpecError, CorruptFile) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -342,6 +340,38 @@ def main(argv=None) -> int:
         print(f"error: cannot write{where}: {exc.strerror or exc} (disk full or not writable?); files written "
               "before are intact, rerun the same command once there is room", file=sys.stderr)
         return 2
+
+
+def _check_write_run_draw(args, spec, layout, pool) -> int:
+    """main's work once the spec and folder are valid; `pool`: the worker pool, started first so its
+    processes import torch while the dataset is checked here."""
+    if args.run:
+        dataset_for(spec, spec.cells()[0], layout)  # a bad dataset folder fails here, before any file
+    spec = record_spec(spec, layout)
+    stages = args.metrics or [TRAIN, *spec.metrics]
+    stages = list(dict.fromkeys(stages))
+    for stage in stages:
+        stage_jobs(spec, stage)  # validates stage names
+    written = write_scripts(spec, layout, stages, args)
+    for path in written:
+        print(f"wrote {os.path.relpath(path)}")
+    failed = 0
+    if args.submit:
+        from .cluster import submit_chain
+
+        submit_chain(layout, stages)
+    if args.run:
+        keep_freed_memory()  # for in-process runs; pool and array workers set it themselves
+        failed = run_stages(spec, layout, stages, args, pool)
+        if pool is not None:
+            pool.shutdown()  # before the figures: no idle workers, and no pool threads when a figure forks
+    if args.table:
+        from . import phases, table
+
+        draw(spec, layout, phases.with_phases(table.read(args.table, spec.name)))
+    elif args.run or args.plot:
+        draw(spec, layout, collect(spec, layout))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ local pool of one-thread worker processes, or through submitit (see `cluster`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -297,6 +298,21 @@ def _pool_init() -> None:
     configure_worker(1)
 
 
+def _pool_ready() -> None:
+    """A task that does nothing: submitting it makes the pool start a worker process."""
+
+
+def start_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """A pool of `workers` one-thread worker processes (default: one per core), started now: each
+    imports torch and this package (about a second) while the caller goes on (the CLI checks the
+    dataset meanwhile). Shut it down with `shutdown` (or use it as a context manager)."""
+    workers = workers or os.cpu_count() or 1
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init)
+    for _ in range(workers):  # each submit with no idle worker starts one
+        pool.submit(_pool_ready)
+    return pool
+
+
 def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: dict) -> dict[str, str | Exception]:
     """In a pool worker: the train job (stages == ["train"]) or a cell's metric jobs; {stage: outcome}."""
     import json
@@ -308,20 +324,21 @@ def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: di
     return run_cell_metrics(spec, layout, stages, cell_, "cpu", log=print)
 
 
-def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: int | None = None) -> dict[str, RunReport]:
-    """Run the jobs of `stages` in `workers` one-thread processes (default: one per core).
+def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: int | None = None,
+             pool: ProcessPoolExecutor | None = None) -> dict[str, RunReport]:
+    """Run the jobs of `stages` in `workers` one-thread processes (default: one per core), those of
+    `pool` (from `start_pool`; the caller shuts it down) when given.
 
     Training jobs go first, largest models first; as soon as a cell's training job ends, one task
     runs all that cell's metric jobs (its checkpoints loaded once for all of them), so metrics
     overlap with the rest of the training and the pool starts once for the whole study. Returns
     a report per stage.
     """
-    workers = workers or os.cpu_count() or 1
     reports = {stage: RunReport() for stage in stages}
     metric_stages = [s for s in stages if s != TRAIN]
     spec_json = spec.to_json()
     total = sum(len(stage_jobs(spec, s)) for s in stages)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init) as pool, \
+    with (start_pool(workers) if pool is None else contextlib.nullcontext(pool)) as pool, \
             _progress(total, "jobs") as bar:
         def submit(task_stages: list[str], cell: Cell):
             return pool.submit(_pool_task, spec_json, str(layout.root), layout.name, task_stages, cell.as_dict())

@@ -1,4 +1,5 @@
-"""Process settings for the processes that run jobs: torch threads and the C allocator.
+"""Process settings for the processes that run jobs (torch threads, the C allocator), and
+`in_forked_process` for side work of the main process (a figure drawn beside the others).
 
 glibc's malloc serves blocks of 128 KiB and more (a threshold it raises adaptively up to 32 MiB)
 with mmap and gives them back to the OS on free; the next tensor of that size then page-faults
@@ -15,9 +16,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import multiprocessing
 import os
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -46,3 +51,46 @@ def configure_worker(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
     os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
     keep_freed_memory()
+
+
+def in_forked_process(fn: Callable[..., T], *args) -> Callable[[], T]:
+    """Start fn(*args) in a forked child process; return a callable that waits for its result (and
+    re-raises its exception). A fork starts in milliseconds with every module already imported,
+    where a spawned process would import torch, pandas and matplotlib again (seconds), so work of a
+    second or two can run beside the caller's. For work that only reads its arguments and writes
+    its own files: fn must not use torch (the child has none of the parent's threads). The child
+    runs fn once and exits (it waits on nothing, so it cannot outlive a killed parent by more than
+    fn takes). Where the platform cannot fork, or the child dies, fn runs in this process instead.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        result = fn(*args)
+        return lambda: result
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(writer, fn, args), daemon=True)
+    child.start()
+    writer.close()
+
+    def wait() -> T:
+        try:
+            ok, value = reader.recv()
+        except EOFError:  # the child died before sending
+            ok, value = True, fn(*args)
+        finally:
+            reader.close()
+            child.join()
+        if not ok:
+            raise value
+        return value
+
+    return wait
+
+
+def _send_result(writer, fn: Callable, args: tuple) -> None:
+    """In the forked child: send (True, fn(*args)) or (False, the exception) through `writer`."""
+    try:
+        message = (True, fn(*args))
+    except Exception as exc:  # re-raised in the parent
+        message = (False, exc)
+    writer.send(message)
+    writer.close()
