@@ -30,7 +30,7 @@ MEMBERS = 3
 NEVER = 2**62  # a threshold no activation reaches: torch's BatchNorm everywhere
 
 
-def median_ms(fn, n: int) -> float:
+def mean_ms(fn, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
         fn()
@@ -41,10 +41,10 @@ def alternate(fns: dict, n: int, repeats: int) -> dict[str, float]:
     """Median ms per call of each fn, the fns alternating within every repeat (after one warm-up each)."""
     times = {k: [] for k in fns}
     for k, fn in fns.items():
-        median_ms(fn, 2)
+        mean_ms(fn, 2)
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k].append(median_ms(fn, n))
+            times[k].append(mean_ms(fn, n))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -97,7 +97,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     runtime.keep_freed_memory()
-    print(f"1. one BatchNorm, forward + backward, ms (S = {MEMBERS}); default threshold {batch_norm.MIN_ELEMENTS} values")
+    print(f"1. one BatchNorm, forward + backward, ms (S = {MEMBERS}); "
+          f"default threshold {batch_norm.MIN_ELEMENTS} values")
     print(f"{'activation':>20} {'torch':>9} {'sums':>9} {'ratio':>6}  default picks")
     for width in (8, 16, 32):
         for batch in (16, 64, 256):

@@ -9,12 +9,12 @@ The backward is torch's own batch-norm backward given (x - mu, mu = 0, r):
 dL/db_c = sum_i g_ci, dL/dw_c = r_c sum_i g_ci (x_ci - mu_c), dL/dx_ci = w_c r_c (g_ci - mean_j g_cj
 - (x_ci - mu_c) r_c^2 mean_j g_cj (x_cj - mu_c)) for g = dL/dy.
 
-Why: torch's CPU batch norm computes the statistics with Welford's update, several times slower
-than these passes once a channel has many values (bench/bench_ensemble.py, "batch norm": forward
-and backward of torch's and of this one on the demo's activation shapes); below `MIN_ELEMENTS`
-its single fused call wins. First derivatives only: a second derivative raises
-(`once_differentiable`); the ensemble trains with first derivatives, and in eval mode, where
-Hessian-vector products differentiate twice, its BatchNorm is folded away.
+Why: torch's CPU batch norm computes the statistics with Welford's update, slow on large
+channels: with these passes, forward and backward together run 1.2-1.7x faster from
+`MIN_ELEMENTS` values on (bench/bench_batch_norm.py, the demo's activation shapes); below that,
+torch's single fused call is as fast or faster, and is used. First derivatives only: a second
+derivative raises (`once_differentiable`); the ensemble trains with first derivatives, and in
+eval mode, where Hessian-vector products differentiate twice, its BatchNorm is folded away.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+MIN_ELEMENTS = 2**17  # below this many activation values torch's batch norm is as fast (bench_batch_norm.py)
 
 
 class _ChannelBatchNorm(torch.autograd.Function):
@@ -56,9 +58,6 @@ def batch_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mu, sigma^2) for x of shape (C, n): y = w r (x - mu) + b per channel, as in the module docstring."""
     return _ChannelBatchNorm.apply(x, weight, bias, eps)
-
-
-MIN_ELEMENTS = 2**17  # below this many activation values torch's batch norm is as fast (bench_ensemble.py)
 
 
 def applies(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> bool:
