@@ -150,7 +150,7 @@ def _eig_values(op: HessianOperator, options: HessianOptions, generator,
     """
     dtype, start, hint = vector_dtype(op), None, None
     if options.eig_start == "slq" and krylov is not None:
-        theta, s = krylov.ritz()
+        _, s = krylov.ritz()
         start = krylov.basis.combine(torch.as_tensor(s[:, -options.top_k:].sum(1), dtype=dtype, device=op.device))
         if not bool(torch.isfinite(start).all()) or float(torch.linalg.vector_norm(start)) == 0.0:
             start = None
