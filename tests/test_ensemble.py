@@ -325,3 +325,30 @@ def test_ensemble_choice():
     assert ensemble.group_size("resnet1d", 32, 256, 5) == 2 and ensemble.group_size("resnet1d", 8, 16, 5) == 5
     assert ensemble.group_size("mlp", 32, 128, 3) == 3 and ensemble.group_size("mlp", 1024, 512, 3) == 0
     assert ensemble.group_size("resnet18", 8, 16, 3) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum, dampening, nesterov", [(0.9, 0.0, False), (0.9, 0.0, True), (0.5, 0.3, False),
+                                                           (0.0, 0.0, False)])
+def test_fused_sgd_is_torchs_foreach_sgd_bit_for_bit(dtype, momentum, dampening, nesterov):
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=gen, dtype=dtype) for shape in [(7, 3), (5,), (2, 3, 4)]]
+    ours, other = [[t.clone().requires_grad_() for t in start] for _ in range(2)]
+    hyper = dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=5e-4, nesterov=nesterov)
+    fused, reference = ensemble.sgd(ours, **hyper), torch.optim.SGD(other, **hyper, foreach=True)
+    assert fused.defaults["fused"] and not reference.defaults["fused"]
+    for step in range(5):
+        if step == 3:
+            for group in (*fused.param_groups, *reference.param_groups):
+                group["lr"] = 0.01
+        for a, b in zip(ours, other):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=dtype)
+            b.grad = a.grad.clone()
+        fused.step()
+        reference.step()
+    exact = not (nesterov and dtype == torch.float32)  # Nesterov in float32: another rounding order
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-7)
+    for a, b in zip(ours, other):
+        torch.testing.assert_close(a, b, **tolerance)
+    no_kernel = ensemble.sgd([torch.zeros(2, dtype=torch.int64)], lr=0.1)  # no fused kernel: torch's default
+    assert no_kernel.defaults["fused"] is None

