@@ -8,7 +8,7 @@ One torch thread (as the job pool's workers), float32, the demo's resnet1d with 
    C = width, L = 40; last stage C = 4 width, L = 10) at batch sizes 16, 64, 256: torch's
    `nn.BatchNorm2d` against `FoldableBatchNorm2d` with the sums forced (`MIN_ELEMENTS` = 0), and
    which one the default threshold picks;
-2. one `ensemble.ensemble_step` of the demo's cells: with torch's BatchNorm everywhere against the
+2. one `ensemble.ensemble_step` of the demo's cells: with torch's batch-norm kernel everywhere against the
    default (sums from `MIN_ELEMENTS` values up).
 
     python bench/bench_batch_norm.py
@@ -65,7 +65,7 @@ def layer(channels: int, length: int, batch: int, repeats: int) -> None:
 
     t = alternate({"torch": lambda: torch.autograd.grad(theirs(x), x, upstream), "sums": sums},
                   max(5, 2_000_000 // x.numel()), repeats)
-    pick = "sums" if batch_norm.applies(ours, x) else "torch"
+    pick = "sums" if batch_norm.applies(ours, x) and batch_norm.uses_sums(x) else "torch"
     print(f"{str(shape):>20} {t['torch']:9.3f} {t['sums']:9.3f} {t['torch'] / t['sums']:6.2f}  {pick}")
 
 

@@ -30,13 +30,14 @@ def pair(channels: int, momentum: float | None) -> tuple[nn.BatchNorm2d, Foldabl
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_equals_torch_batch_norm_over_several_steps(monkeypatch, momentum):
-    monkeypatch.setattr(batch_norm, "MIN_ELEMENTS", 0)
+@pytest.mark.parametrize("sums", [True, False])  # the sums, or torch's kernel called directly (small activations)
+def test_equals_torch_batch_norm_over_several_steps(monkeypatch, momentum, sums):
+    monkeypatch.setattr(batch_norm, "MIN_ELEMENTS", 0 if sums else 10**9)
     ref, ours = pair(6, momentum)
     g = torch.Generator().manual_seed(0)
     for step in range(3):
         x = (torch.randn(1, 6, 5, 7, generator=g, dtype=torch.float64) * 3 + 10 * step).requires_grad_()
-        assert batch_norm.applies(ours, x)
+        assert batch_norm.applies(ours, x) and batch_norm.uses_sums(x) == sums
         upstream = torch.randn(1, 6, 5, 7, generator=g, dtype=torch.float64)
         y_ref, y = ref(x), ours(x)
         assert close(y, y_ref)
@@ -60,9 +61,9 @@ def test_statistics_are_two_pass_exact_for_a_large_mean():
 
 def test_used_only_where_it_applies():
     norm = FoldableBatchNorm2d(4)
-    big = torch.randn(1, 4, 64, batch_norm.MIN_ELEMENTS // 256 + 1)
-    assert batch_norm.applies(norm, big)
-    assert not batch_norm.applies(norm, torch.randn(1, 4, 3, 5))  # small: torch's single call is faster
+    big, small = torch.randn(1, 4, 64, batch_norm.MIN_ELEMENTS // 256 + 1), torch.randn(1, 4, 3, 5)
+    assert batch_norm.applies(norm, big) and batch_norm.uses_sums(big)
+    assert batch_norm.applies(norm, small) and not batch_norm.uses_sums(small)  # small: torch's kernel is faster
     assert not batch_norm.applies(norm, torch.randn(2, 4, 64, 1024))  # a sample axis: not a (C, n) view
     assert not batch_norm.applies(norm, big.transpose(2, 3))  # not contiguous
     norm.eval()

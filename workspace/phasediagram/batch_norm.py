@@ -12,8 +12,8 @@ dL/db_c = sum_i g_ci, dL/dw_c = r_c sum_i g_ci (x_ci - mu_c), dL/dx_ci = w_c r_c
 Why: torch's CPU batch norm computes the statistics with Welford's update, slow on large
 channels: with these passes, forward and backward together run 1.2-1.7x faster from
 `MIN_ELEMENTS` values on (bench/bench_batch_norm.py, the demo's activation shapes); below that,
-torch's single fused call is as fast or faster, and is used. First derivatives only: a second
-derivative raises (`once_differentiable`); the ensemble trains with first derivatives, and in
+torch's single fused call is as fast or faster, and is called directly. First derivatives only: a
+second derivative raises (`once_differentiable`); the ensemble trains with first derivatives, and in
 eval mode, where Hessian-vector products differentiate twice, its BatchNorm is folded away.
 """
 
@@ -62,26 +62,37 @@ def batch_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def applies(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> bool:
     """Whether `train_forward` serves `norm` on x: training mode, affine, running statistics tracked,
-    one sample axis of size 1 (x is (1, C, *positions)), contiguous, a floating dtype, at least
-    `MIN_ELEMENTS` values."""
+    one sample axis of size 1 (x is (1, C, *positions)), contiguous, a floating dtype."""
     return (norm.training and norm.affine and norm.track_running_stats and x.dim() >= 3 and x.shape[0] == 1
-            and x.is_contiguous() and x.is_floating_point() and x.shape[1] == norm.num_features
-            and x.numel() >= MIN_ELEMENTS)
+            and x.is_contiguous() and x.is_floating_point() and x.shape[1] == norm.num_features)
+
+
+def uses_sums(x: torch.Tensor) -> bool:
+    """Whether `train_forward` computes the statistics from sums (`MIN_ELEMENTS` values or more) rather
+    than with torch's batch-norm kernel."""
+    return x.numel() >= MIN_ELEMENTS
 
 
 def train_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """`norm`(x) in training mode for x (1, C, *positions) (`applies`), and its running statistics
     updated as torch's BatchNorm does: running <- (1 - m) running + m stat, with the unbiased
-    variance n / (n - 1) sigma^2, m = momentum (or 1 / batches tracked when momentum is None)."""
+    variance n / (n - 1) sigma^2, m = momentum (or 1 / batches tracked when momentum is None).
+    Below `MIN_ELEMENTS` values, torch's kernel called directly (`torch.batch_norm`, the call
+    `nn.BatchNorm2d` ends in, without its Python checks: 20 against 31 us on the demo's smallest
+    activations); else the sums (`batch_norm_channels`)."""
     c = x.shape[1]
     flat = x.view(c, -1)
     n = flat.shape[1]
     if n < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    y, mean, var = batch_norm_channels(flat, norm.weight, norm.bias, norm.eps)
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
-        m = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    m = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    if not uses_sums(x):
+        return torch.batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, m, norm.eps,
+                                torch.backends.cudnn.enabled)
+    y, mean, var = batch_norm_channels(flat, norm.weight, norm.bias, norm.eps)
+    with torch.no_grad():
         norm.running_mean.mul_(1 - m).add_(mean, alpha=m)
         norm.running_var.mul_(1 - m).add_(var, alpha=m * n / (n - 1))
     return y.view_as(x)
