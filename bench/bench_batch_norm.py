@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         for batch in (16, 64, 256):
             for channels, length in ((width, 40), (4 * width, 10)):
                 layer(channels, length, batch, args.repeats)
-    print("2. one ensemble training step of the demo's cells, ms (torch's BatchNorm / default)")
+    print("2. one ensemble training step of the demo's cells, ms (torch's batch-norm kernel everywhere / default)")
     print(f"{'width':>5} {'batch':>5} {'torch':>9} {'default':>9} {'ratio':>6}")
     ratios = [step(w, b, args.repeats) for w in (8, 16, 32) for b in (16, 32, 64, 128, 256)]
     print(f"step ratio torch / default: min {min(ratios):.3f}, median {statistics.median(ratios):.3f}, "
