@@ -7,7 +7,7 @@ done two ways, with one torch thread (as the job pool's workers run):
   (exactly the step `train.train_seed` takes: gather the batch, forward, cross-entropy,
   backward, `torch.optim.SGD` step with momentum 0.9 and weight decay 5e-4);
 - ensemble: `steps` steps of one S-member ensemble (`ensemble.ensemble_step`, every member
-  with its own batch: x of shape (S, B, 40));
+  with its own batch: x of shape (S, B, 40); its SGD `ensemble.sgd`, as `ensemble.assemble` builds it);
 - auto: what `--ensemble auto` trains, groups of g = `ensemble.group_size` members (timed as
   one g-member ensemble when 0 < g < S; g = S is the ensemble, g = 0 the sequential runs).
 
@@ -75,7 +75,7 @@ def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, 
 
     def ensemble_of(k):
         ens = ensemble_models.from_models([r.model for r in runs[:k]], conv).train()
-        return ens, torch.optim.SGD(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+        return ens, ensemble.sgd(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     full, part = ensemble_of(members), (ensemble_of(group) if 0 < group < members else None)
     for r in runs:

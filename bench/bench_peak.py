@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     print(f"{'batch':>5} {'step GFLOP':>10} {'ens ms':>8} {'ens GFLOP/s':>11} {'ens/peak':>8} "
           f"{'seq ms':>8} {'seq GFLOP/s':>11} {'seq/peak':>8}")
     ens = ensemble_models.from_models(ms)
-    opt = torch.optim.SGD(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+    opt = ensemble.sgd(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     method = build_method(spec, ms[0], lr=0.01, weight_decay=5e-4, seed=0)
     best = (0.0, 0)
     for batch in spec.batch_sizes:
