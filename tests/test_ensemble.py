@@ -330,9 +330,11 @@ def test_ensemble_choice():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("momentum, dampening, nesterov", [(0.9, 0.0, False), (0.9, 0.0, True), (0.5, 0.3, False),
                                                            (0.0, 0.0, False)])
-def test_fused_sgd_is_torchs_foreach_sgd_bit_for_bit(dtype, momentum, dampening, nesterov):
+def test_fused_sgd_is_torchs_foreach_sgd_up_to_rounding(dtype, momentum, dampening, nesterov):
+    """The same update as torch's foreach SGD; the fused kernel rounds some elements (its vector loop's
+    tail) differently, so the values agree to the last bit or two, over sizes with and without a tail."""
     gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(shape, generator=gen, dtype=dtype) for shape in [(7, 3), (5,), (2, 3, 4)]]
+    start = [torch.randn(shape, generator=gen, dtype=dtype) for shape in [(7, 3), (5,), (2, 3, 4), (64,), (10_003,)]]
     ours, other = [[t.clone().requires_grad_() for t in start] for _ in range(2)]
     hyper = dict(lr=0.1, momentum=momentum, dampening=dampening, weight_decay=5e-4, nesterov=nesterov)
     fused, reference = ensemble.sgd(ours, **hyper), torch.optim.SGD(other, **hyper, foreach=True)
@@ -346,9 +348,8 @@ def test_fused_sgd_is_torchs_foreach_sgd_bit_for_bit(dtype, momentum, dampening,
             b.grad = a.grad.clone()
         fused.step()
         reference.step()
-    exact = not (nesterov and dtype == torch.float32)  # Nesterov in float32: another rounding order
-    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-7)
+    eps = torch.finfo(dtype).eps
     for a, b in zip(ours, other):
-        torch.testing.assert_close(a, b, **tolerance)
+        torch.testing.assert_close(a, b, rtol=8 * eps, atol=8 * eps)
     no_kernel = ensemble.sgd([torch.zeros(2, dtype=torch.int64)], lr=0.1)  # no fused kernel: torch's default
     assert no_kernel.defaults["fused"] is None

@@ -233,9 +233,9 @@ def sgd(params, **hyper) -> torch.optim.SGD:
     """torch.optim.SGD(params, **hyper), with torch's fused kernel when every parameter is a floating tensor on
     a CPU or CUDA device (else torch's default). The fused step is the same update, v <- mu v + (1 - dampening)
     (g + wd w), w <- w - lr v (or the Nesterov form), in one pass per tensor: the values of torch's foreach
-    SGD bit for bit (with Nesterov in float32 up to rounding; tests/test_ensemble.py), 3x faster on the 29
-    tensors of a resnet1d ensemble (0.06 against 0.19 ms at width 2, 0.17 against 0.48 ms at width 32,
-    3 members, one thread)."""
+    SGD up to rounding (some elements differ in the last bit: the kernel rounds the tail of its vector loop
+    differently; tests/test_ensemble.py), 3x faster on the 29 tensors of a resnet1d ensemble (0.06 against
+    0.19 ms at width 2, 0.17 against 0.48 ms at width 32, 3 members, one thread)."""
     params = list(params)
     fused = all(p.is_floating_point() and p.device.type in FUSED_SGD_DEVICES for p in params) and bool(params)
     return torch.optim.SGD(params, **hyper, fused=fused or None)
