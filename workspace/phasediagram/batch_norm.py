@@ -1,4 +1,4 @@
-"""Training-mode batch normalisation of large channel-major activations: statistics from sums.
+"""Training-mode batch normalisation of channel-major activations: large ones' statistics from sums.
 
 For x viewed as (C, n) (channel c's n values in row c; member-major ensemble activations
 (1, S*C, L, B) are this view without a copy), with mu_c = (1/n) sum_i x_ci,
