@@ -9,14 +9,15 @@ Printed, each measured side by side in this run (time.perf_counter medians over 
 runs after one warm-up run each, the methods interleaved within every repeat, each repeat with
 its own random start):
 
-1. Top eigenvalue at the same tolerance (1e-3, at most 100 products): PyHessian's power
-   iteration (`eigenvalues(maxIter=100, tol=1e-3)`) vs our Lanczos (`linalg.lanczos_eigs`, as the
-   metric calls it: Krylov vectors in the model's dtype) with each stopping rule ("gap",
-   "residual", "change") and start (gradient-mixed, the metric's start when it computes no
-   density, or random as in PyHessian; with a density the metric starts from the SLQ run's Ritz
-   vectors, `metrics.hessian._eig_values`): time, products, relative error against the exact value, speed-up. The graph build
-   (and for the gradient start, reading the gradient off it) is inside every timing, as in
-   PyHessian's. Then the same error: PyHessian at tighter tolerances, against the metric's setting.
+1. Top eigenvalue at the same tolerance (1e-3, at most 100 products): PyHessian's power iteration
+   (`eigenvalues(maxIter=100, tol=1e-3)`) vs our Lanczos (`linalg.lanczos_eigs`, as the metric calls
+   it: Krylov vectors in the model's dtype) with each stopping rule ("gap", "residual", "change")
+   and start (gradient-mixed, the metric's start when it computes no density, or random as in
+   PyHessian; with a density the metric starts from the SLQ run's Ritz vectors,
+   `metrics.hessian._eig_values`): time, products, relative error against the exact value, speed-up.
+   The graph build (and for the gradient start, reading the gradient off it) is inside every timing,
+   as in PyHessian's. Then the same error: PyHessian at tighter tolerances, against the metric's
+   setting.
 2. Trace, both with at most 100 probes and tol 1e-3: our Hutchinson (same reference stopping
    rule, with |trace|) and Hutch++ (sketch 10) vs PyHessian's `trace(maxIter=100, tol=1e-3)`.
 3. Lanczos vs power iteration: products needed to reach relative accuracy 1e-2 ... 1e-6, on the

@@ -136,13 +136,14 @@ def _eig_values(op: HessianOperator, options: HessianOptions, generator,
                 krylov: linalg.Lanczos | None = None) -> dict[str, float]:
     """Lanczos for the top eigenvalues, from one of three starts.
 
-    "slq" with the SLQ run `krylov`: v0 = sum of its top_k Ritz vectors. After m steps from the
-    random probe z, the top Ritz vector is p(H) z for the degree m - 1 polynomial that best
-    isolates the top of the spectrum, so this run continues the probe's search (an explicitly
-    restarted Lanczos), with the probe's randomness as its guarantee; the SLQ run's products are
-    counted in `hvp_eig`. On the demo's trained models it stopped after one product of its own
-    (all 75 seeds of a `make demo` run); in an ad hoc comparison on 15 of them the gradient start
-    needed 3-7, and stopped at Ritz values no higher (Ritz values approach lambda_max from below).
+    "slq" with the SLQ run `krylov` (None without a density; the other starts ignore it): v0 = sum
+    of its top_k Ritz vectors. After m steps from the random probe z, the top Ritz vector is p(H) z
+    for the degree m - 1 polynomial that best isolates the top of the spectrum, so this run
+    continues the probe's search (an explicitly restarted Lanczos), with the probe's randomness as
+    its guarantee; the SLQ run's products are counted in `hvp_eig`. On the demo's trained models it
+    stopped after one product of its own (all 75 seeds of a `make demo` run); in an ad hoc
+    comparison on 15 of them the gradient start needed 3-7, and stopped at Ritz values no higher
+    (Ritz values approach lambda_max from below).
     "gradient" (or "slq" without a run): the gradient-mixed start (`linalg.start_vector`): the
     gradient of the cross-entropy lies mostly in the top eigenspace of H (Gur-Ari, Roberts, Dyer
     2018; on the benchmark model its cosine with the top eigenvector is 0.5-0.9, against ~0.006 for
@@ -255,7 +256,7 @@ def _estimates(op, options: HessianOptions, generator) -> dict[str, float]:
     """Density, eigenvalues (from the density's Krylov run with `eig_start` "slq"), then traces (Hutch++
     on that run's Krylov basis) of the operator `op`."""
     density, run = _density_values(op, options, generator)
-    out = _eig_values(op, options, generator, run if options.eig_start == "slq" else None)
+    out = _eig_values(op, options, generator, run)
     out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
     out.update(density)
     return out
