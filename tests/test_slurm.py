@@ -278,6 +278,19 @@ def test_scancel_midway_then_resubmit_resumes_without_retraining(slurm, study_pa
     assert marked == list(range(1, done_before + 1)), "the resubmitted task retrained epochs it had finished"
 
 
+def preempt(handle, timeout: float = 60) -> None:
+    """What Slurm does on preemption, as submitit's `_interrupt` sends it: SIGTERM, then submitit's USR2.
+    USR2 goes once the task has logged that it ignored the SIGTERM: scancel delivers signals
+    asynchronously, and a SIGTERM arriving late killed the `scontrol requeue` the USR2 handler runs."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    sh("scancel", handle.job_id, "--signal", "SIGTERM")
+    stderr, deadline = Path(handle.paths.stderr), time.monotonic() + timeout
+    while time.monotonic() < deadline and not (stderr.exists() and "Bypassing signal SIGTERM" in stderr.read_text()):
+        time.sleep(0.1)
+    sh("scancel", handle.job_id, "--signal", SlurmJobEnvironment.USR_SIG)
+
+
 @pytest.mark.slurm
 def test_submitit_requeue_on_preemption_resumes_from_disk(slurm, study_parent, mnist_cache):
     """Slurm signals the task; submitit calls StageTask.checkpoint, requeues it, and it resumes from last.pt."""
@@ -288,7 +301,7 @@ def test_submitit_requeue_on_preemption_resumes_from_disk(slurm, study_parent, m
     [task] = tasks_of(layout, stage_jobs(spec, "train"), options)
     [handle] = submit(executor, [task])
     wait_for_epoch(layout.checkpoint(cell, 0, "last"), 3)
-    handle._interrupt()  # what Slurm does on preemption: SIGTERM, then submitit's USR2
+    preempt(handle)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not handle.done() and time.monotonic() < deadline:
         time.sleep(0.5)
