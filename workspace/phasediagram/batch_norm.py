@@ -11,7 +11,7 @@ dL/db_c = sum_i g_ci, dL/dw_c = r_c sum_i g_ci (x_ci - mu_c), dL/dx_ci = w_c r_c
 - (x_ci - mu_c) r_c^2 mean_j g_cj (x_cj - mu_c)) for g = dL/dy.
 
 Why: torch's CPU batch norm computes the statistics with Welford's update, slow on large
-channels: with these passes, forward and backward together run 1.4-1.8x faster from
+channels: with these passes, forward and backward together run 1.3-1.8x faster from
 `MIN_ELEMENTS` values on (bench/bench_batch_norm.py, the demo's activation shapes); below that,
 torch's single fused call is as fast or faster, and is called directly. First derivatives only: a
 second derivative raises (`once_differentiable`); the ensemble trains with first derivatives, and in
@@ -29,7 +29,7 @@ MIN_ELEMENTS = 2**17  # below this many activation values torch's batch norm is 
 
 class _ChannelBatchNorm(torch.autograd.Function):
     """(y, mu, sigma^2) of `batch_norm_channels` for x (C, n); gradients flow through y only.
-    Saved for the backward: x, mu and r (x is kept alive by the graph anyway: no activation-sized copy)."""
+    Saved for the backward: x, mu and r (the temporary x - mu only serves the variance)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
