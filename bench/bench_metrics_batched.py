@@ -1,5 +1,5 @@
-"""Metric work done together vs one after another: the per-seed evaluations of a cell (`loss_acc`)
-and the Monte Carlo samples of `local_energy`.
+"""Metric work done together vs one after another: the per-seed evaluations of a cell (`loss_acc`),
+the Monte Carlo samples of `local_energy`, the `hessian` of a cell's seeds and the `curve`'s bends.
 
 Side by side in one process, one torch thread (as the pool's workers), on resnet1d models of
 MNIST-1D's shape (random weights and data: timing does not depend on the values; BatchNorm in
@@ -19,6 +19,10 @@ eval mode with its initial statistics):
    (`hessian_seeds`: the seeds' estimators in lockstep, one ensemble backward per round of
    products) vs one seed at a time in the ensemble form (`hessian_seeds` of one model): the job
    with `ensemble.metric_group_size` 0, S or 1.
+5. The `curve` metric's bend training for all S (S - 1) / 2 seed pairs at the demo's curve options
+   (`--preset demo`: 3 epochs of 16 batches of 128): pair after pair (`train_bend`, through
+   `nn.Conv1d`) vs together (`train_bends`: the pairs' bends as one ensemble) vs one pair at a
+   time in the ensemble form: the job with `ensemble.pair_group_size` 0, all pairs or 1.
 
 Printed: median seconds over `--repeats` alternating repeats after a warm-up, and the ratios
 to the sequential form, with the largest difference between the values each form returns.
@@ -40,6 +44,7 @@ from torch.nn import functional as F
 from phasediagram import cli, ensemble_models, models
 from phasediagram.data import Split
 from phasediagram.metrics import MetricData, key
+from phasediagram.metrics.curve import train_bend, train_bends
 from phasediagram.metrics.hessian import hessian, hessian_seeds
 from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy
 from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
@@ -124,6 +129,25 @@ def hessian_times(nets, d: MetricData, repeats: int) -> tuple[dict[str, float], 
     return times, diff
 
 
+def bend_times(nets, d: MetricData, repeats: int) -> tuple[dict[str, float], float, int]:
+    """Seconds of training the curve bends of all pairs of `nets` at the demo's curve options, pair after
+    pair, together and one pair at a time in the ensemble form; the largest relative difference (norm)
+    of a bend trained together and alone; the number of pairs."""
+    options = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"])).options_for("curve")
+    pairs = [(a, b) for i, a in enumerate(nets) for b in nets[i + 1:]]
+
+    def gens():
+        return [torch.Generator().manual_seed(200 + i) for i in range(len(pairs))]
+
+    times, res = timed({"seq": lambda: [train_bend(a, b, d.train, options, g) for (a, b), g in zip(pairs, gens())],
+                        "together": lambda: train_bends(pairs, d.train, options, gens(), [None] * len(pairs)),
+                        "alone": lambda: [train_bends([p], d.train, options, [g], [None])[0]
+                                          for p, g in zip(pairs, gens())]},
+                       repeats)
+    diff = max(float((x[n] - y[n]).norm() / x[n].norm()) for x, y in zip(res["seq"], res["together"]) for n in x)
+    return times, diff, len(pairs)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", type=int, nargs="+", default=[2, 8, 32])
@@ -164,6 +188,10 @@ def main(argv=None) -> None:
         print(f"      | hessian metric (demo options) of {len(nets)} seeds: {ht['seq']:.3f}s seed after seed, "
               f"{ht['together']:.3f}s together ({ht['seq'] / ht['together']:.2f}x, rel. diff {hdiff:.1e}), "
               f"{ht['alone']:.3f}s one at a time in the ensemble form ({ht['seq'] / ht['alone']:.2f}x)", flush=True)
+        bt, bdiff, n_pairs = bend_times(nets, cell_data, args.repeats)
+        print(f"      | curve bends (demo options) of {n_pairs} pairs: {bt['seq']:.3f}s pair after pair, "
+              f"{bt['together']:.3f}s together ({bt['seq'] / bt['together']:.2f}x, rel. diff {bdiff:.1e}), "
+              f"{bt['alone']:.3f}s one at a time in the ensemble form ({bt['seq'] / bt['alone']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from phasediagram import models
+from phasediagram import ensemble, jobs, models
+from phasediagram.data import Dataset
+from phasediagram.layout import Layout
 from phasediagram.data import Split
 from phasediagram.grid import ExperimentSpec, SpecError
 from phasediagram.metrics import METRICS, MetricData, key
-from phasediagram.metrics.curve import (STATE_FILE, CurveOptions, bezier, curve, line, lr_factor, mode_connectivity,
-                                        model_at, recompute_bn, train_bend)
+from phasediagram.metrics.curve import (STATE_FILE, CurveOptions, bezier, curve, curve_pairs, line, lr_factor,
+                                        mode_connectivity, model_at, recompute_bn, train_bend, train_bends)
 
 curve_mod = importlib.import_module("phasediagram.metrics.curve")  # the package's `curve` is the function
 N_TRAIN, N_TEST, LENGTH, CLASSES = 240, 60, 16, 3
@@ -289,3 +291,109 @@ def test_spec_validates_curve_options():
     assert spec.options_for("curve").epochs == 3
     with pytest.raises(SpecError, match="epochs"):
         ExperimentSpec(metrics=("curve",), metric_options={"curve": {"epochs": -1}})
+
+
+# ------------------------------------------------------------------------------- pairs trained together
+def three_pairs(arch):
+    ms = [make_model(arch, s) for s in range(4)]
+    return [(ms[0], ms[1]), (ms[1], ms[2]), (ms[2], ms[3])]
+
+
+def pair_generators():
+    return [torch.Generator().manual_seed(10 + i) for i in range(3)]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet1d"])
+def test_bends_trained_together_equal_their_sequential_runs(arch):
+    """float64: each pair's bend, and its curve's values, as `train_bend` / `curve` give them alone,
+    to rounding (the ensemble sums in another order than nn.Conv1d; observed ~5e-15)."""
+    data, pairs = make_data(), three_pairs(arch)
+    states = [[copy.deepcopy(m.state_dict()) for m in pair] for pair in pairs]
+    alone = [train_bend(a, b, data.train, TINY, g) for (a, b), g in zip(pairs, pair_generators())]
+    together = train_bends(pairs, data.train, TINY, pair_generators(), [None] * 3)
+    for (a, b), bend_alone, bend in zip(pairs, alone, together):
+        assert bend.keys() == bend_alone.keys()
+        assert all(torch.allclose(bend[n], bend_alone[n], rtol=1e-12, atol=1e-14) for n in bend)
+        midpoint = {n: (params(a)[n] + params(b)[n]) / 2 for n in bend}
+        assert any(not torch.allclose(bend[n], midpoint[n]) for n in bend)  # trained, not the start
+    values = curve_pairs(pairs, [data] * 3, TINY, pair_generators())
+    for v, (a, b), g in zip(values, pairs, pair_generators()):
+        ref = curve(a, b, data, TINY, g)
+        assert v.keys() == ref.keys()
+        assert all(v[k] == pytest.approx(ref[k], rel=1e-12, abs=1e-12) for k in ref)
+    for pair, saved in zip(pairs, states):  # the models are left as they were
+        for m, state in zip(pair, saved):
+            assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_pairs_interrupted_together_resume_to_the_uninterrupted_result(tmp_path):
+    data, pairs = make_data(), three_pairs("resnet1d")
+    full = train_bends(pairs, data.train, TINY, pair_generators(), [None] * 3)
+    dirs = [tmp_path / f"pair{i}" for i in range(3)]
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_bends(pairs, data.train, TINY, pair_generators(), dirs, on_epoch=stop_after_two)
+    saved = [(d / STATE_FILE).read_bytes() for d in dirs]  # each pair's own state, as `train_bend` writes it
+    assert all(torch.load(io.BytesIO(b[8 + 32:]), weights_only=True)["epoch"] == 2 for b in saved)
+    epochs_run = []
+    resumed = train_bends(pairs, data.train, TINY, pair_generators(), dirs, on_epoch=epochs_run.append)
+    assert epochs_run == [3, 4]
+    assert all(torch.equal(r[n], f[n]) for r, f in zip(resumed, full) for n in f)
+
+    for d, b in zip(dirs, saved):  # pairs at different epochs: 2, 0 (no state), 2
+        (d / STATE_FILE).write_bytes(b)
+    (dirs[1] / STATE_FILE).unlink()
+    epochs_run.clear()
+    mixed = train_bends(pairs, data.train, TINY, pair_generators(), dirs, on_epoch=epochs_run.append)
+    assert epochs_run == [3, 4, 1, 2, 3, 4, 3, 4]  # one pair after another
+    assert all(torch.allclose(m[n], f[n], rtol=1e-12, atol=1e-14) for m, f in zip(mixed, full) for n in f)
+
+
+def test_pair_group_size_rule():
+    def groups(arch, mode, width=2, batch_size=128):
+        spec = ExperimentSpec(name="t", arch=arch, widths=(width,), batch_sizes=(32,), seeds=(0, 1, 2), epochs=1,
+                              metrics=(), ensemble=mode)
+        return ensemble.pair_group_size(spec, spec.cells()[0], batch_size, 3)
+
+    assert (groups("resnet1d", "auto"), groups("resnet1d", "on"), groups("resnet1d", "off")) == (3, 3, 0)
+    assert groups("resnet1d", "auto", width=64) == 2 and groups("resnet1d", "auto", width=256) == 1
+    assert (groups("mlp", "auto", width=16), groups("mlp", "auto", width=256), groups("mlp", "on", width=256)) == (3, 0, 3)
+    assert groups("resnet18", "auto") == 0 and groups("resnet18", "on") == 3  # the 2D form exists; auto skips it
+
+
+@pytest.mark.parametrize("group", [3, 1])
+def test_the_curve_job_gives_the_same_rows_in_groups_or_pair_by_pair(tmp_path, monkeypatch, group):
+    """The job's rows (float64 checkpoints of a trained width-2 cell, all three pairs) either way."""
+    spec = ExperimentSpec(name="t", arch="resnet1d", widths=(2,), batch_sizes=(32,), seeds=(0, 1, 2), epochs=1,
+                          dtype="float64", metrics=("curve",),
+                          metric_options={"curve": dict(epochs=2, batch_size=32, max_batches_per_epoch=3,
+                                                        eval_examples=60, pairs="all")})
+    cell, layout = spec.cells()[0], Layout(tmp_path, "t")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (300,), generator=g)
+    dataset = Dataset("mnist1d", Split(x[:240], y[:240]), Split(x[240:], y[240:]), 10)
+    monkeypatch.setattr(jobs, "dataset_for", lambda *_: dataset)
+    assert ensemble.train_cell_auto(spec, cell, layout, dataset, log=lambda *_: None) == {0: "ok", 1: "ok", 2: "ok"}
+    rows = {}
+    for size in (group, 0):
+        calls = []
+        monkeypatch.setattr(jobs, "pair_group_size", lambda *_, size=size: size)
+        counted = replace(METRICS["curve"], compute_pairs=lambda ps, *a: calls.append(len(ps)) or curve_pairs(ps, *a))
+        monkeypatch.setitem(jobs.METRICS, "curve", counted)
+        models_ = jobs.CellModels(spec, layout, cell, "cpu", log=lambda *_: None)
+        rows[size] = jobs._metric_job(spec, layout, "curve", cell, "cpu", models_)
+        assert calls == ([group] * (3 // group) if size else [])
+        for path in (layout.exp_dir / "state").rglob(STATE_FILE):
+            path.unlink()  # the other way trains again from the start
+    a = {(r["seed"], r["seed_b"], r["metric"], r["coord"]): r["value"] for r in rows[group]}
+    b = {(r["seed"], r["seed_b"], r["metric"], r["coord"]): r["value"] for r in rows[0]}
+    assert a.keys() == b.keys() and {k[:2] for k in a} == {(0, 1), (0, 2), (1, 2)}
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-10, abs=1e-10), k

@@ -102,6 +102,23 @@ def metric_group_size(spec: ExperimentSpec, cell: Cell) -> int:
     return len(spec.seeds) if cell.width <= METRIC_GROUP_MAX_WIDTH[spec.arch] else 1
 
 
+def pair_group_size(spec: ExperimentSpec, cell: Cell, batch_size: int, pairs: int) -> int:
+    """Pairs per call of a pair metric's `compute_pairs` (`Metric.compute_pairs`: the `curve`'s bends,
+    trained as one ensemble); 0: `compute`, pair by pair.
+
+    `ensemble` "off": 0; "on": all pairs wherever the arch has an ensemble form; "auto": the training
+    policy, `group_size`(arch, width, batch_size, pairs), since training a bend is SGD at `batch_size`
+    (bench/bench_metrics_batched.py, section 5: the 3 pairs of 3 seeds at the demo's curve options,
+    together 2.4x at width 2, 2.2x at 4, 2.0x at 8, 1.5x at 16, 1.3x at 32 against pair after pair;
+    one pair alone in the ensemble form 0.97-1.14x).
+    """
+    if spec.ensemble == "off" or not ensemble_models.supports(spec.arch):
+        return 0
+    if spec.ensemble == "on":
+        return pairs
+    return group_size(spec.arch, cell.width, batch_size, pairs)
+
+
 def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
     """(seeds per ensemble group, why); 0 means ordinary sequential runs."""
     if spec.ensemble == "off":

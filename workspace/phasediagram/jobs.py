@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import results, train
 from .checkpoints import CorruptFile
-from .ensemble import metric_group_size, train_cell_auto
+from .ensemble import metric_group_size, pair_group_size, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
 from .metrics import METRICS, MetricData, parse_key
@@ -202,12 +202,16 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
         return layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
 
     together: dict[tuple, dict[str, float]] = {}
-    group = metric_group_size(spec, cell) if metric.compute_seeds is not None else 0
-    if group:  # the seeds' values in groups (`Metric.compute_seeds`)
-        ok = [u for u in units if loaded[u[0]][1] == "ok"]
-        for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):
+    ok = [u for u in units if all(loaded[s][1] == "ok" for s in u)]
+    if metric.compute_seeds is not None and (group := metric_group_size(spec, cell)):
+        for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):  # seeds in groups
             together.update(zip(chunk, metric.compute_seeds([loaded[u[0]][0] for u in chunk], mdata, options,
                                                             [generator(u) for u in chunk])))
+    if metric.compute_pairs is not None and (group := pair_group_size(spec, cell, options.batch_size, len(ok))):
+        for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):  # pairs in groups
+            together.update(zip(chunk, metric.compute_pairs(
+                [(loaded[a][0], loaded[b][0]) for a, b in chunk],
+                [replace(mdata, state_dir=state_dir(u)) for u in chunk], options, [generator(u) for u in chunk])))
     rows = []
     for unit in units:
         seed, seed_b = unit[0], (unit[1] if len(unit) > 1 else None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .base import Metric, MetricData, Panel, key, parse_key
 from .cka import CKAOptions, cka
-from .curve import CurveOptions, curve
+from .curve import CurveOptions, curve, curve_pairs
 from .dist import DistOptions, dist
 from .fisher import FisherOptions, fisher
 from .hessian import HessianOptions, hessian, hessian_seeds
@@ -40,6 +40,7 @@ METRICS: dict[str, Metric] = {
         panels=(Panel("mc", "train", "mode connectivity mc (train error %)", cmap="RdBu", center=0.0),
                 Panel("mc_linear", "train", "linear-path mc (train error %)", cmap="RdBu", center=0.0)),
         description="mode connectivity: trained quadratic Bezier curve between two seeds, mc and the curve's errors",
+        compute_pairs=curve_pairs,
     ),
     "hessian": Metric(
         "hessian", "single", hessian, HessianOptions,

@@ -57,6 +57,10 @@ class Metric:
     # the values `compute` gives each model with its generator, for several of a cell's seeds at once
     # (the jobs use it in groups of `ensemble.metric_group_size` seeds)
     compute_seeds: Callable[..., list[dict[str, float]]] | None = None
+    # pair metrics only, optional: compute_pairs(pairs, datas, options, generators) -> [dict per pair], the
+    # values `compute` gives each pair (a, b) with datas[i] (its state folder) and its generator, for several
+    # of a cell's pairs at once (the jobs use it in groups of `ensemble.pair_group_size` pairs)
+    compute_pairs: Callable[..., list[dict[str, float]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import ensemble_models
 from ..checkpoints import atomic_write_bytes
 from ..data import Split
 from .base import MetricData, check, evaluate, key
@@ -254,6 +255,53 @@ def sgd_step(params: Params, grads: Params, velocity: Params, lr: float, momentu
         w.sub_(velocity[n], alpha=lr)
 
 
+@dataclass
+class _BendRun:
+    """One pair's bend training: endpoints, bend, momentum, the next epoch, where its state goes."""
+
+    theta_0: Params
+    theta_1: Params
+    bend: Params
+    velocity: Params
+    epoch: int
+    generator: torch.Generator
+    path: Path | None
+    fingerprint: str
+
+    def save(self) -> None:
+        """Write the state after an epoch (atomically; no-op without a state folder)."""
+        if self.path is not None:
+            _write_state(self.path, {"fingerprint": self.fingerprint, "epoch": self.epoch,
+                                     "bend": {n: v.detach().cpu() for n, v in self.bend.items()},
+                                     "velocity": {n: v.cpu() for n, v in self.velocity.items()},
+                                     "generator": self.generator.get_state()})
+
+
+def _start(model_a: nn.Module, model_b: nn.Module, train: Split, options: CurveOptions, generator: torch.Generator,
+           state_dir: Path | None) -> _BendRun:
+    """The bend at the midpoint, or the saved state of this training run (restoring `generator`'s state)."""
+    theta_0, theta_1 = _endpoints(model_a, model_b)
+    device = next(iter(theta_0.values())).device
+    path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    fingerprint = _fingerprint(options, theta_0, theta_1, train, generator.get_state()) if path else ""
+    run = _BendRun(theta_0, theta_1, {n: ((theta_0[n] + theta_1[n]) / 2).requires_grad_(True) for n in theta_0},
+                   {}, 0, generator, path, fingerprint)
+    state = _read_state(path, fingerprint) if path else None
+    if state is not None:
+        with torch.no_grad():
+            for n, v in state["bend"].items():
+                run.bend[n].copy_(v)
+        run.velocity = {n: v.to(device) for n, v in state["velocity"].items()}
+        generator.set_state(state["generator"])
+        run.epoch = int(state["epoch"])
+    return run
+
+
+def _batches_per_epoch(n_train: int, options: CurveOptions) -> int:
+    n_batches = math.ceil(n_train / options.batch_size)
+    return min(n_batches, options.max_batches_per_epoch) if options.max_batches_per_epoch else n_batches
+
+
 def train_bend(model_a: nn.Module, model_b: nn.Module, train: Split, options: CurveOptions,
                generator: torch.Generator, state_dir: Path | None = None,
                on_epoch: Callable[[int], None] | None = None) -> Params:
@@ -266,47 +314,92 @@ def train_bend(model_a: nn.Module, model_b: nn.Module, train: Split, options: Cu
     `state_dir`, the state is saved after each epoch and a matching saved state is resumed;
     `on_epoch(epoch)` is called after each epoch's state is saved (epoch counted from 1).
     """
-    theta_0, theta_1 = _endpoints(model_a, model_b)
-    device = next(iter(theta_0.values())).device
-    path = Path(state_dir) / STATE_FILE if state_dir is not None else None
-    fingerprint = _fingerprint(options, theta_0, theta_1, train, generator.get_state()) if path else ""
-    bend = {n: ((theta_0[n] + theta_1[n]) / 2).requires_grad_(True) for n in theta_0}
-    velocity: Params = {}
-    start = 0
-    state = _read_state(path, fingerprint) if path else None
-    if state is not None:
-        with torch.no_grad():
-            for n, v in state["bend"].items():
-                bend[n].copy_(v)
-            velocity = {n: v.to(device) for n, v in state["velocity"].items()}
-        generator.set_state(state["generator"])
-        start = int(state["epoch"])
-    if start >= options.epochs:
-        return {n: v.detach() for n, v in bend.items()}
+    run = _start(model_a, model_b, train, options, generator, state_dir)
+    _train_alone(run, model_a, train, options, on_epoch)
+    return {n: v.detach() for n, v in run.bend.items()}
 
+
+def _train_alone(run: _BendRun, model_a: nn.Module, train: Split, options: CurveOptions,
+                 on_epoch: Callable[[int], None] | None) -> None:
+    """`train_bend`'s epochs from `run.epoch` on, on a train-mode copy of model_a (the pair's first model)."""
     net = copy.deepcopy(model_a).train()
     n_train = len(train)
-    n_batches = math.ceil(n_train / options.batch_size)
-    if options.max_batches_per_epoch:
-        n_batches = min(n_batches, options.max_batches_per_epoch)
-    for epoch in range(start, options.epochs):
+    for epoch in range(run.epoch, options.epochs):
         lr = options.lr * lr_factor(epoch, options.epochs)
-        perm = torch.randperm(n_train, generator=generator).to(train.y.device)
-        for b in range(n_batches):
+        perm = torch.randperm(n_train, generator=run.generator).to(train.y.device)
+        for b in range(_batches_per_epoch(n_train, options)):
             idx = perm[b * options.batch_size:(b + 1) * options.batch_size]
-            t = float(torch.rand((), generator=generator))
-            out = functional_call(net, bezier(theta_0, bend, theta_1, t), (train.x[idx],))
+            t = float(torch.rand((), generator=run.generator))
+            out = functional_call(net, bezier(run.theta_0, run.bend, run.theta_1, t), (train.x[idx],))
             loss = F.cross_entropy(out, train.y[idx])
-            grads = torch.autograd.grad(loss, list(bend.values()))
-            sgd_step(bend, dict(zip(bend, grads)), velocity, lr, options.momentum, options.weight_decay)
-        if path is not None:
-            _write_state(path, {"fingerprint": fingerprint, "epoch": epoch + 1,
-                                "bend": {n: v.detach().cpu() for n, v in bend.items()},
-                                "velocity": {n: v.cpu() for n, v in velocity.items()},
-                                "generator": generator.get_state()})
+            grads = torch.autograd.grad(loss, list(run.bend.values()))
+            sgd_step(run.bend, dict(zip(run.bend, grads)), run.velocity, lr, options.momentum, options.weight_decay)
+        run.epoch = epoch + 1
+        run.save()
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return {n: v.detach().to(device) for n, v in bend.items()}
+
+
+def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, options: CurveOptions,
+                generators: Sequence[torch.Generator], state_dirs: Sequence[Path | None],
+                on_epoch: Callable[[int], None] | None = None) -> list[Params]:
+    """[`train_bend`(a, b, train, options, generators[i], state_dirs[i]) for (a, b) in pairs], the
+    bends of pairs of one architecture trained together as one ensemble (`ensemble_models`).
+
+    Member i draws its permutations and its t_i from its own generator in the order `train_bend`
+    does; theta_0, theta_m, theta_1 of the pairs are stacked along a leading member axis, so
+    theta_i(t_i) = (1 - t_i)^2 theta_0,i + 2 t_i (1 - t_i) theta_m,i + t_i^2 theta_1,i is one
+    expression with per-member coefficients, viewed as the ensemble's parameters (a stack is the
+    ensemble's layout: its own for linear weights, member-major concatenation for convolutions and
+    BatchNorm). The loss CE_i(f(x_i; theta_i(t_i)), y_i) enters the sum L = sum_i CE_i, so
+    dL/dtheta_m,i is pair i's own gradient and the elementwise `sgd_step` on the stacked tensors is
+    each pair's step: pair
+    i's bend equals its sequential one up to rounding (the ensemble's operations sum in another
+    order than `nn.Conv1d`). Each pair's state is saved after every epoch in its own folder, as
+    `train_bend` saves it; pairs resumed at different epochs are trained one after another.
+    """
+    runs = [_start(a, b, train, options, g, d) for (a, b), g, d in zip(pairs, generators, state_dirs)]
+    if len({r.epoch for r in runs}) > 1:
+        for run, (model_a, _) in zip(runs, pairs):
+            _train_alone(run, model_a, train, options, on_epoch)
+        return [{n: v.detach() for n, v in run.bend.items()} for run in runs]
+    members = len(runs)
+    net = ensemble_models.from_models([pairs[0][0]] * members).train()
+    shapes = {n: p.shape for n, p in net.named_parameters()}
+
+    def stacked(field: str) -> Params:  # (members, *shape): viewed as the ensemble's layout when called
+        return {n: torch.stack([getattr(r, field)[n].detach() for r in runs]) for n in shapes}
+
+    theta_0, theta_1 = stacked("theta_0"), stacked("theta_1")
+    bend = {n: v.requires_grad_(True) for n, v in stacked("bend").items()}
+    velocity = stacked("velocity") if runs[0].velocity else {}
+    device, dtype = theta_0[next(iter(shapes))].device, theta_0[next(iter(shapes))].dtype
+    n_train = len(train)
+    for epoch in range(runs[0].epoch, options.epochs):
+        lr = options.lr * lr_factor(epoch, options.epochs)
+        perms = [torch.randperm(n_train, generator=r.generator).to(train.y.device) for r in runs]
+        for b in range(_batches_per_epoch(n_train, options)):
+            idx = [perm[b * options.batch_size:(b + 1) * options.batch_size] for perm in perms]
+            ts = [float(torch.rand((), generator=r.generator)) for r in runs]
+            c0, cm, c1 = (torch.tensor(c, dtype=dtype, device=device)
+                          for c in zip(*[((1 - t) ** 2, 2 * t * (1 - t), t ** 2) for t in ts]))
+            params = {}
+            for n, shape in shapes.items():
+                k = (-1, *[1] * (theta_0[n].dim() - 1))
+                params[n] = (c0.view(k) * theta_0[n] + cm.view(k) * bend[n] + c1.view(k) * theta_1[n]).view(shape)
+            out = functional_call(net, params, (torch.stack([train.x[i] for i in idx]),))
+            y = torch.stack([train.y[i] for i in idx])
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+            grads = torch.autograd.grad(loss.view(members, -1).mean(1).sum(), list(bend.values()))
+            sgd_step(bend, dict(zip(bend, grads)), velocity, lr, options.momentum, options.weight_decay)
+        for i, r in enumerate(runs):  # copies, so that each pair's state file holds its own tensors only
+            r.bend = {n: v[i].detach().clone() for n, v in bend.items()}
+            r.velocity = {n: v[i].clone() for n, v in velocity.items()}
+            r.epoch = epoch + 1
+            r.save()
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    return [{n: v[i].detach().clone() for n, v in bend.items()} for i in range(members)]
 
 
 # --------------------------------------------------------------------------- the metric
@@ -333,8 +426,24 @@ def curve(model_a: nn.Module, model_b: nn.Module, data: MetricData, options: Cur
     with `linear`, `{train,test}/{loss,err}_linear@t`, `train/mc_linear` and `train/mc_linear_t` on the
     straight line.
     """
-    theta_0, theta_1 = _endpoints(model_a, model_b)
     theta_m = train_bend(model_a, model_b, data.train, options, generator, data.state_dir, on_epoch)
+    return _values(model_a, model_b, theta_m, data, options)
+
+
+def curve_pairs(pairs: Sequence[tuple[nn.Module, nn.Module]], datas: Sequence[MetricData], options: CurveOptions,
+                generators: Sequence[torch.Generator]) -> list[dict[str, float]]:
+    """[`curve`(a, b, datas[i], options, generators[i]) for (a, b) in pairs] for pairs of one
+    architecture with an ensemble form (a cell's seed pairs), their bends trained together
+    (`train_bends`: each pair's values up to rounding, its state in `datas[i].state_dir`); the
+    curves are then evaluated pair by pair. `datas` differ only in their state folders."""
+    bends = train_bends(pairs, datas[0].train, options, generators, [d.state_dir for d in datas])
+    return [_values(a, b, theta_m, data, options) for (a, b), theta_m, data in zip(pairs, bends, datas)]
+
+
+def _values(model_a: nn.Module, model_b: nn.Module, theta_m: Params, data: MetricData, options: CurveOptions
+            ) -> dict[str, float]:
+    """`curve`'s keys for the trained bend theta_m between model_a and model_b."""
+    theta_0, theta_1 = _endpoints(model_a, model_b)
     ts = options.ts
     results = _evaluate_path(model_a, [bezier(theta_0, theta_m, theta_1, t) for t in ts], data, options)
     out: dict[str, float] = {}
