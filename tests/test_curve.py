@@ -12,14 +12,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from phasediagram import ensemble, jobs, models
-from phasediagram.data import Dataset
-from phasediagram.layout import Layout
-from phasediagram.data import Split
+from phasediagram import ensemble, models
+from phasediagram.data import Dataset, Split
 from phasediagram.grid import ExperimentSpec, SpecError
 from phasediagram.metrics import METRICS, MetricData, key
 from phasediagram.metrics.curve import (STATE_FILE, CurveOptions, bezier, curve, curve_pairs, line, lr_factor,
                                         mode_connectivity, model_at, recompute_bn, train_bend, train_bends)
+
+from .test_hvp_lockstep import job_rows_both_ways
 
 curve_mod = importlib.import_module("phasediagram.metrics.curve")  # the package's `curve` is the function
 N_TRAIN, N_TEST, LENGTH, CLASSES = 240, 60, 16, 3
@@ -47,6 +47,15 @@ def params(model):
 def random_like(theta, seed):
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in theta.items()}
+
+
+class Interrupt(Exception):
+    """A job killed after an epoch."""
+
+
+def stop_after_two(epoch):
+    if epoch == 2:
+        raise Interrupt
 
 
 # ------------------------------------------------------------------------------- the curve itself
@@ -181,13 +190,6 @@ def test_interrupted_curve_resumes_to_the_uninterrupted_result(tmp_path):
     full = curve(a, b, make_data(tmp_path / "full"), TINY, gen())
     assert (tmp_path / "full" / STATE_FILE).is_file()
     assert curve(a, b, make_data(None), TINY, gen()) == full  # writing state does not change the result
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(epoch):
-        if epoch == 2:
-            raise Interrupt
 
     with pytest.raises(Interrupt):
         curve(a, b, make_data(tmp_path / "cut"), TINY, gen(), on_epoch=stop_after_two)
@@ -331,13 +333,6 @@ def test_pairs_interrupted_together_resume_to_the_uninterrupted_result(tmp_path)
     full = train_bends(pairs, data.train, TINY, pair_generators(), [None] * 3)
     dirs = [tmp_path / f"pair{i}" for i in range(3)]
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(epoch):
-        if epoch == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         train_bends(pairs, data.train, TINY, pair_generators(), dirs, on_epoch=stop_after_two)
     saved = [(d / STATE_FILE).read_bytes() for d in dirs]  # each pair's own state, as `train_bend` writes it
@@ -375,23 +370,11 @@ def test_the_curve_job_gives_the_same_rows_in_groups_or_pair_by_pair(tmp_path, m
                           dtype="float64", metrics=("curve",),
                           metric_options={"curve": dict(epochs=2, batch_size=32, max_batches_per_epoch=3,
                                                         eval_examples=60, pairs="all")})
-    cell, layout = spec.cells()[0], Layout(tmp_path, "t")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(300, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (300,), generator=g)
     dataset = Dataset("mnist1d", Split(x[:240], y[:240]), Split(x[240:], y[240:]), 10)
-    monkeypatch.setattr(jobs, "dataset_for", lambda *_: dataset)
-    assert ensemble.train_cell_auto(spec, cell, layout, dataset, log=lambda *_: None) == {0: "ok", 1: "ok", 2: "ok"}
-    rows = {}
-    for size in (group, 0):
-        calls = []
-        monkeypatch.setattr(jobs, "pair_group_size", lambda *_, size=size: size)
-        counted = replace(METRICS["curve"], compute_pairs=lambda ps, *a: calls.append(len(ps)) or curve_pairs(ps, *a))
-        monkeypatch.setitem(jobs.METRICS, "curve", counted)
-        models_ = jobs.CellModels(spec, layout, cell, "cpu", log=lambda *_: None)
-        rows[size] = jobs._metric_job(spec, layout, "curve", cell, "cpu", models_)
-        assert calls == ([group] * (3 // group) if size else [])
-        for path in (layout.exp_dir / "state").rglob(STATE_FILE):
-            path.unlink()  # the other way trains again from the start
+    rows, calls = job_rows_both_ways(tmp_path, monkeypatch, spec, dataset, "pair_group_size", "compute_pairs", group)
+    assert calls == [group] * (3 // group)
     a = {(r["seed"], r["seed_b"], r["metric"], r["coord"]): r["value"] for r in rows[group]}
     b = {(r["seed"], r["seed_b"], r["metric"], r["coord"]): r["value"] for r in rows[0]}
     assert a.keys() == b.keys() and {k[:2] for k in a} == {(0, 1), (0, 2), (1, 2)}

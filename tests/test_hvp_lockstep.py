@@ -168,27 +168,40 @@ def test_metric_group_size_rule():
     assert groups("mlp", "on") == [3, 3, 3]
 
 
+def job_rows_both_ways(tmp_path, monkeypatch, spec: ExperimentSpec, dataset: Dataset, policy: str, field: str,
+                       group: int) -> tuple[dict[int, list[dict]], list[int]]:
+    """Train spec's one cell (ensemble auto) in tmp_path, then run its metric job (spec.metrics[0]) with
+    the grouping `jobs.<policy>` forced to `group` and to 0: ({group: rows, 0: rows}, the sizes
+    passed to the registry's `field` (compute_seeds / compute_pairs) in the grouped run)."""
+    stage, cell, layout = spec.metrics[0], spec.cells()[0], Layout(tmp_path, spec.name)
+    monkeypatch.setattr(jobs, "dataset_for", lambda *_: dataset)
+    assert ensemble.train_cell_auto(spec, cell, layout, dataset, log=lambda *_: None) == {0: "ok", 1: "ok", 2: "ok"}
+    rows, calls = {}, {group: [], 0: []}
+    original = getattr(METRICS[stage], field)
+    for size in (group, 0):
+        monkeypatch.setattr(jobs, policy, lambda *_, size=size: size)
+        counted = dataclasses.replace(METRICS[stage], **{field: lambda units, *a, size=size: calls[size].append(
+            len(units)) or original(units, *a)})
+        monkeypatch.setitem(jobs.METRICS, stage, counted)
+        rows[size] = jobs._metric_job(spec, layout, stage, cell, "cpu", jobs.CellModels(spec, layout, cell, "cpu",
+                                                                                         log=lambda *_: None))
+        for path in (layout.exp_dir / "state").rglob("*"):  # no resumable state: the other way starts afresh
+            if path.is_file():
+                path.unlink()
+    assert calls[0] == []
+    return rows, calls[group]
+
+
 @pytest.mark.parametrize("group", [3, 2, 1])
 def test_the_hessian_job_gives_the_same_rows_in_groups_or_seed_by_seed(tmp_path, monkeypatch, group):
     """The job's rows (float64 checkpoints of a trained width-2 cell) whichever way the seeds are computed."""
     spec = ExperimentSpec(name="t", arch="resnet1d", widths=(2,), batch_sizes=(32,), seeds=(0, 1, 2), epochs=1,
                           dtype="float64", metrics=("hessian",),
                           metric_options={"hessian": dataclasses.asdict(dataclasses.replace(SMALL, batch_size=48))})
-    cell, layout = spec.cells()[0], Layout(tmp_path, "t")
     d = data()
-    dataset = Dataset("mnist1d", d.train, d.test, 10)
-    monkeypatch.setattr(jobs, "dataset_for", lambda *_: dataset)
-    assert ensemble.train_cell_auto(spec, cell, layout, dataset, log=lambda *_: None) == {0: "ok", 1: "ok", 2: "ok"}
-    rows = {}
-    for g in (group, 0):
-        calls = []
-        monkeypatch.setattr(jobs, "metric_group_size", lambda *_, g=g: g)
-        counted = dataclasses.replace(METRICS["hessian"],
-                                      compute_seeds=lambda ms, *a: calls.append(len(ms)) or hessian_seeds(ms, *a))
-        monkeypatch.setitem(jobs.METRICS, "hessian", counted)
-        models_ = jobs.CellModels(spec, layout, cell, "cpu", log=lambda *_: None)
-        rows[g] = jobs._metric_job(spec, layout, "hessian", cell, "cpu", models_)
-        assert calls == ([group] * (3 // group) + [3 % group] * (3 % group > 0) if g else [])
+    rows, calls = job_rows_both_ways(tmp_path, monkeypatch, spec, Dataset("mnist1d", d.train, d.test, 10),
+                                     "metric_group_size", "compute_seeds", group)
+    assert calls == [group] * (3 // group) + [3 % group] * (3 % group > 0)
     a = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[group] if r["metric"] != "density"}
     b = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[0] if r["metric"] != "density"}
     assert a.keys() == b.keys() and {k[0] for k in a} == {0, 1, 2} and len({k[1] for k in a}) >= 12
