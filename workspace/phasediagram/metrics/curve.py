@@ -24,7 +24,9 @@ minima. `mc_linear` is the same quantity on the straight line theta(t) = (1 - t)
 The curve's state (theta_m, the optimizer's momentum, the epoch, the generator state and a
 fingerprint of everything that determines the training) is written atomically to
 `data.state_dir/curve_state.pt` after every epoch, so an interrupted job resumes at the next epoch
-and gives the result of an uninterrupted one.
+and gives the result of an uninterrupted one. The bends of several pairs of a cell can train
+together as one ensemble (`train_bends`, `curve_pairs`): each pair's result is unchanged up to
+rounding, and its state is written as above.
 """
 
 from __future__ import annotations
