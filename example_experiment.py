@@ -2,7 +2,7 @@
 
 import sys
 
-from phasediagram.cli import main
+from phasediagram.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

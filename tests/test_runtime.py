@@ -1,8 +1,9 @@
-"""Process settings of job-running processes (`runtime`): threads, glibc's malloc thresholds, and side work
-in a forked process (`in_forked_process`)."""
+"""Process settings of job-running processes (`runtime`): threads, glibc's malloc thresholds, the garbage
+collector's frozen objects, and side work in a forked process (`in_forked_process`)."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from phasediagram import runtime
+from phasediagram import jobs, runtime
 
 # In a fresh interpreter: minor page faults of 40 rounds of malloc + touch + free of 3, 5 and 1 MiB
 # blocks (what a training step does with activations), before and after `keep_freed_memory`.
@@ -86,6 +87,26 @@ def _dies_in_a_child(value):
     if os.getpid() != PARENT:
         os._exit(3)
     return value + 1
+
+
+TORCH_OBJECTS = 50_000  # fewer objects than importing torch alone leaves to the collector (about 1.8e5)
+
+
+def test_pool_workers_freeze_their_imports():
+    """A pool worker's imports (torch, this package) are exempt from garbage collection (`freeze_alive`)."""
+    with jobs.start_pool(1) as pool:
+        frozen = pool.submit(gc.get_freeze_count).result()
+    assert frozen > TORCH_OBJECTS
+
+
+def test_console_runs_main_then_freezes_what_is_alive(tmp_path):
+    """`cli.console`, the entry of the processes that end with the CLI, returns main's status and leaves the
+    objects still alive frozen, so that the interpreter's exit skips them."""
+    code = "import gc, sys; from phasediagram import cli; s = cli.console(sys.argv[1:]); print(s, gc.get_freeze_count())"
+    out = subprocess.run([sys.executable, "-c", code, "--preset", "demo", "--metrics", "train", "--root", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2] == "0" and int(out[-1]) > TORCH_OBJECTS
+    assert (tmp_path / "bash_scripts" / "demo" / "train.sh").is_file()
 
 
 def test_in_forked_process_returns_the_childs_result():

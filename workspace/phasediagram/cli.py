@@ -22,7 +22,7 @@ from .checkpoints import CorruptFile, atomic_write_bytes
 from .grid import ExperimentSpec, SpecError
 from .jobs import TRAIN, dataset_for, run_inprocess, run_pool, stage_jobs, start_pool
 from .layout import Layout
-from .runtime import in_forked_process, keep_freed_memory
+from .runtime import freeze_alive, in_forked_process, keep_freed_memory
 from .scripts import SlurmOptions, bash_script, slurm_script
 
 PRESET_SPECS = {
@@ -342,6 +342,15 @@ def main(argv=None) -> int:
         return 2
 
 
+def console(argv=None) -> int:
+    """`main` for a process that ends when it returns (the `phasediagram` script, example_experiment.py,
+    `python -m phasediagram.cli`): what is then still alive is frozen (`freeze_alive`), so the
+    interpreter's exit skips it in its last garbage collection (0.92 -> 0.14 s after a demo's figures)."""
+    status = main(argv)
+    freeze_alive()
+    return status
+
+
 def _check_write_run_draw(args, spec, layout, pool) -> int:
     """main's work once the spec and folder are valid; `pool`: the worker pool, started first so its
     processes import torch while the dataset is checked here."""
@@ -375,4 +384,4 @@ def _check_write_run_draw(args, spec, layout, pool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

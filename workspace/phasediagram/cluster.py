@@ -36,7 +36,7 @@ from . import checkpoints
 from .grid import Cell, ExperimentSpec, SpecError
 from .jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
 from .layout import Layout
-from .runtime import configure_worker
+from .runtime import configure_worker, freeze_alive
 from .scripts import SlurmOptions, check_text, log_dir, time_minutes
 
 DEFAULT_SLURM_MINUTES = 60  # asked of Slurm per task when --time is not given (tasks requeue on timeout)
@@ -74,6 +74,7 @@ class StageTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> list[tuple[str, str]]:
         configure_worker(self.threads)
+        freeze_alive()  # a submitit job process: torch and this package live until it exits
         layout = Layout.from_experiment_dir(self.experiment_dir)
         spec = ExperimentSpec.from_file(layout.spec_path)  # the spec on disk, not a pickled copy
         known = {c.id for c in spec.cells()}

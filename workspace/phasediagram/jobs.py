@@ -30,7 +30,7 @@ from .ensemble import metric_group_size, pair_group_size, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
 from .metrics import METRICS, MetricData, parse_key
-from .runtime import configure_worker
+from .runtime import configure_worker, freeze_alive
 
 TRAIN = "train"
 
@@ -299,7 +299,9 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
 
 
 def _pool_init() -> None:
+    """A pool worker: one torch thread; torch and this package, imported by now, frozen (`freeze_alive`)."""
     configure_worker(1)
+    freeze_alive()
 
 
 def _pool_ready() -> None:

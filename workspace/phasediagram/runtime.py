@@ -1,5 +1,5 @@
-"""Process settings for the processes that run jobs (torch threads, the C allocator), and
-`in_forked_process` for side work of the main process (a figure drawn beside the others).
+"""Process settings for the processes that run jobs (torch threads, the C allocator, the garbage
+collector), and `in_forked_process` for side work of the main process (a figure drawn beside the others).
 
 glibc's malloc serves blocks of 128 KiB and more (a threshold it raises adaptively up to 32 MiB)
 with mmap and gives them back to the OS on free; the next tensor of that size then page-faults
@@ -9,6 +9,11 @@ step. `keep_freed_memory` raises the mmap threshold to its maximum and the trim 
 1 GiB (`mallopt`), so freed blocks stay in the heap and are reused (in a one-off timing on the
 demo's checkpoints, one thread: metric jobs 1.12x faster, training 1.05x).
 The memory a process holds stays at its peak instead of shrinking between steps.
+
+Python's exit ends with a last garbage collection over every object still alive: with torch
+imported, 0.48 s of a worker's exit; with torch, pandas and matplotlib (the CLI after its figures),
+0.92 s. `freeze_alive` moves what is alive into the collector's permanent generation
+(`gc.freeze`), which collections skip: then 0.11 s and 0.14 s (one-off timings, this machine).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import multiprocessing
 import os
 from typing import Callable, TypeVar
@@ -51,6 +57,14 @@ def configure_worker(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
     os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
     keep_freed_memory()
+
+
+def freeze_alive() -> None:
+    """Exempt every object alive now from garbage collection (`gc.freeze`): the collector's full passes,
+    and the last one at the interpreter's exit, no longer walk them. For a process whose imports live
+    until it exits (a job worker once it has imported torch and this package), or that is about to
+    exit; the frozen objects are only freed when the process ends, so not for a long-lived caller."""
+    gc.freeze()
 
 
 def in_forked_process(fn: Callable[..., T], *args) -> Callable[[], T]:

@@ -14,7 +14,7 @@ from .checkpoints import CorruptFile
 from .grid import ExperimentSpec, SpecError
 from .jobs import run_job, stage_jobs
 from .layout import Layout
-from .runtime import configure_worker
+from .runtime import configure_worker, freeze_alive
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -31,6 +31,7 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     configure_worker(args.threads)
+    freeze_alive()  # torch and this package live until this process exits
     try:
         layout = Layout.from_experiment_dir(args.experiment_dir)
         if not layout.spec_path.is_file():
