@@ -63,7 +63,8 @@ def freeze_alive() -> None:
     """Exempt every object alive now from garbage collection (`gc.freeze`): the collector's full passes,
     and the last one at the interpreter's exit, no longer walk them. For a process whose imports live
     until it exits (a job worker once it has imported torch and this package), or that is about to
-    exit; the frozen objects are only freed when the process ends, so not for a long-lived caller."""
+    exit: frozen objects are still freed when their reference count drops to zero, but those in
+    reference cycles only when the process ends, so not for a long-lived caller."""
     gc.freeze()
 
 
