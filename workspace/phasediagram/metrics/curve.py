@@ -355,9 +355,8 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
     ensemble's layout: its own for linear weights, member-major concatenation for convolutions and
     BatchNorm). The loss CE_i(f(x_i; theta_i(t_i)), y_i) enters the sum L = sum_i CE_i, so
     dL/dtheta_m,i is pair i's own gradient and the elementwise `sgd_step` on the stacked tensors is
-    each pair's step: pair
-    i's bend equals its sequential one up to rounding (the ensemble's operations sum in another
-    order than `nn.Conv1d`). Each pair's state is saved after every epoch in its own folder, as
+    each pair's step: pair i's bend equals its sequential one up to rounding (the ensemble's
+    operations sum in another order than `nn.Conv1d`). Each pair's state is saved after every epoch in its own folder, as
     `train_bend` saves it; pairs resumed at different epochs are trained one after another.
     """
     runs = [_start(a, b, train, options, g, d) for (a, b), g, d in zip(pairs, generators, state_dirs)]
@@ -375,7 +374,8 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
     theta_0, theta_1 = stacked("theta_0"), stacked("theta_1")
     bend = {n: v.requires_grad_(True) for n, v in stacked("bend").items()}
     velocity = stacked("velocity") if runs[0].velocity else {}
-    device, dtype = theta_0[next(iter(shapes))].device, theta_0[next(iter(shapes))].dtype
+    first = next(iter(theta_0.values()))
+    device, dtype = first.device, first.dtype
     n_train = len(train)
     for epoch in range(runs[0].epoch, options.epochs):
         lr = options.lr * lr_factor(epoch, options.epochs)
