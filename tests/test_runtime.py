@@ -92,11 +92,28 @@ def _dies_in_a_child(value):
 TORCH_OBJECTS = 50_000  # fewer objects than importing torch alone leaves to the collector (about 1.8e5)
 
 
-def test_pool_workers_freeze_their_imports():
-    """A pool worker's imports (torch, this package) are exempt from garbage collection (`freeze_alive`)."""
+def _worker_state(_=None):
+    time.sleep(0.05)  # long enough that every worker takes some of the tasks
+    return os.getpid(), os.getppid(), "torch._dynamo" in sys.modules, gc.get_freeze_count()
+
+
+def test_pool_workers_are_forks_of_one_server_that_imported_torch_optims_lazy_import():
+    """Where the platform has a fork server, both workers are its children, not this process's, and start with
+    torch, this package and torch._dynamo (which torch.optim imports at a process's first optimizer) imported,
+    and those imports exempt from garbage collection (`freeze_alive`)."""
+    with jobs.start_pool(2) as pool:
+        states = set(pool.map(_worker_state, range(8)))
+    assert len({pid for pid, _, _, _ in states}) == 2
+    parents = {parent for _, parent, _, _ in states}
+    assert len(parents) == 1 and os.getpid() not in parents
+    assert all(dynamo and frozen > TORCH_OBJECTS for _, _, dynamo, frozen in states)
+
+
+def test_pool_spawns_its_workers_where_nothing_forks(monkeypatch):
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     with jobs.start_pool(1) as pool:
-        frozen = pool.submit(gc.get_freeze_count).result()
-    assert frozen > TORCH_OBJECTS
+        _, parent, _, frozen = pool.submit(_worker_state).result()
+    assert parent == os.getpid() and frozen > TORCH_OBJECTS
 
 
 def test_console_runs_main_then_freezes_what_is_alive(tmp_path):
