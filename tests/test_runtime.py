@@ -1,11 +1,13 @@
 """Process settings of job-running processes (`runtime`): threads, glibc's malloc thresholds, the garbage
-collector's frozen objects, and side work in a forked process (`in_forked_process`)."""
+collector's frozen objects, the pool's workers (forks of one server, ending with their owner: `exit_with`),
+and side work in a forked process (`in_forked_process`)."""
 
 from __future__ import annotations
 
 import gc
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -180,3 +182,75 @@ def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(pid)
+
+
+# A pool's owner that prints its workers' pids, then sleeps until it is killed.
+POOL_OWNER = textwrap.dedent("""
+    import os, time
+    from phasediagram import jobs
+
+    def pid(_):
+        time.sleep(0.2)
+        return os.getpid()
+
+    if __name__ == "__main__":
+        pool = jobs.start_pool(2)
+        print(*sorted(set(pool.map(pid, range(6)))), flush=True)
+        time.sleep(600)
+""")
+
+
+def _wait_until_gone(pids, seconds: float = 30) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _running(p)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_pool_workers_exit_when_their_owner_is_killed(tmp_path):
+    """A SIGKILLed owner cannot shut its pool down; its idle workers end by themselves (`exit_with`)
+    instead of waiting for tasks forever."""
+    script = tmp_path / "owner.py"
+    script.write_text(POOL_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in owner.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(p) for p in workers)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _wait_until_gone(workers) == []
+
+
+# `exit_with(pid)` (by a pidfd, or by polling without one), then sleeps.
+WATCHER = textwrap.dedent("""
+    import os, sys, time
+    from phasediagram import runtime
+
+    if sys.argv[1] == "poll":
+        del os.pidfd_open
+    runtime.exit_with(int(sys.argv[2]), poll_seconds=0.05)
+    print("watching", flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("how", ["pidfd", "poll"])
+def test_exit_with_ends_this_process_when_the_other_ends(tmp_path, how):
+    script = tmp_path / "watcher.py"
+    script.write_text(WATCHER)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    watcher = subprocess.Popen([sys.executable, str(script), how, str(sleeper.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+        time.sleep(0.3)
+        assert watcher.poll() is None  # still waiting while the other process runs
+        sleeper.kill()
+        sleeper.wait()
+        assert watcher.wait(timeout=30) == 1
+    finally:
+        sleeper.kill()
+        watcher.kill()
+        sleeper.wait()
+        watcher.wait()

@@ -31,7 +31,7 @@ from .ensemble import metric_group_size, pair_group_size, train_cell_auto
 from .grid import Cell, ExperimentSpec, SpecError, stable_seed
 from .layout import Layout
 from .metrics import METRICS, MetricData, parse_key
-from .runtime import configure_worker, freeze_alive
+from .runtime import configure_worker, exit_with, freeze_alive
 
 TRAIN = "train"
 
@@ -299,9 +299,11 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
     return report
 
 
-def _pool_init() -> None:
-    """A pool worker: one torch thread; torch and this package, imported by now, frozen (`freeze_alive`)."""
+def _pool_init(owner: int) -> None:
+    """A pool worker: one torch thread; torch and this package, imported by now, frozen (`freeze_alive`);
+    it ends when the pool's owner, process `owner`, ends (`exit_with`), even if the owner was SIGKILLed."""
     configure_worker(1)
+    exit_with(owner)
     freeze_alive()
 
 
@@ -325,8 +327,9 @@ def start_pool(workers: int | None = None) -> ProcessPoolExecutor:
         context = get_context("forkserver")
         context.set_forkserver_preload([f"{__package__}.pool_preload"])
         multiprocessing.forkserver.ensure_running()
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init)
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init)
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init,
+                               initargs=(os.getpid(),))
     for _ in range(workers):  # each submit with no idle worker starts one
         pool.submit(_pool_ready)
     return pool

@@ -1,5 +1,6 @@
 """Process settings for the processes that run jobs (torch threads, the C allocator, the garbage
-collector), and `in_forked_process` for side work of the main process (a figure drawn beside the others).
+collector, `exit_with` the process that owns them), and `in_forked_process` for side work of the main
+process (a figure drawn beside the others).
 
 glibc's malloc serves blocks of 128 KiB and more (a threshold it raises adaptively up to 32 MiB)
 with mmap and gives them back to the OS on free; the next tensor of that size then page-faults
@@ -24,6 +25,9 @@ import functools
 import gc
 import multiprocessing
 import os
+import select
+import threading
+import time
 from typing import Callable, TypeVar
 
 import torch
@@ -66,6 +70,37 @@ def freeze_alive() -> None:
     exit: frozen objects are still freed when their reference count drops to zero, but those in
     reference cycles only when the process ends, so not for a long-lived caller."""
     gc.freeze()
+
+
+def exit_with(pid: int, poll_seconds: float = 1.0) -> threading.Thread:
+    """End this process (`os._exit(1)`) as soon as process `pid` ends: a daemon thread waits on a pidfd
+    (Linux), else checks every `poll_seconds`. For a pool worker whose pool's owner was SIGKILLed, which
+    cannot shut its workers down: they would otherwise wait for tasks forever, each holding its memory.
+    A job cut short this way leaves whole files only (every write is atomic) and is redone by the rerun."""
+
+    def wait() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while _alive(pid):
+                time.sleep(poll_seconds)
+        else:
+            select.select([fd], [], [])
+        os._exit(1)
+
+    thread = threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def in_forked_process(fn: Callable[..., T], *args) -> Callable[[], T]:
