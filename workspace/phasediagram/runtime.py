@@ -94,12 +94,13 @@ def exit_with(pid: int, poll_seconds: float = 1.0) -> threading.Thread:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending; another user's process exists too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
