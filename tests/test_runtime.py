@@ -120,9 +120,10 @@ def test_pool_spawns_its_workers_where_nothing_forks(monkeypatch):
 def test_console_runs_main_then_freezes_what_is_alive(tmp_path):
     """`cli.console`, the entry of the processes that end with the CLI, returns main's status and leaves the
     objects still alive frozen, so that the interpreter's exit skips them."""
-    code = "import gc, sys; from phasediagram import cli; s = cli.console(sys.argv[1:]); print(s, gc.get_freeze_count())"
-    out = subprocess.run([sys.executable, "-c", code, "--preset", "demo", "--metrics", "train", "--root", str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout.split()
+    code = ("import gc, sys; from phasediagram import cli; s = cli.console(sys.argv[1:]); "
+            "print(s, gc.get_freeze_count())")
+    argv = ["--preset", "demo", "--metrics", "train", "--root", str(tmp_path)]
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout.split()
     assert out[-2] == "0" and int(out[-1]) > TORCH_OBJECTS
     assert (tmp_path / "bash_scripts" / "demo" / "train.sh").is_file()
 
@@ -168,6 +169,13 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _wait_until_gone(pids, seconds: float = 30) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _running(p)]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
     path = tmp_path / "pid"
@@ -178,9 +186,7 @@ def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
     while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     pid = int(path.read_text())
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _running(pid)
+    assert _wait_until_gone([pid], deadline - time.monotonic()) == []
 
 
 # A pool's owner that prints its workers' pids, then sleeps until it is killed.
@@ -197,13 +203,6 @@ POOL_OWNER = textwrap.dedent("""
         print(*sorted(set(pool.map(pid, range(6)))), flush=True)
         time.sleep(600)
 """)
-
-
-def _wait_until_gone(pids, seconds: float = 30) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while any(_running(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if _running(p)]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")

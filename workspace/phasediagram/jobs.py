@@ -323,15 +323,15 @@ def start_pool(workers: int | None = None) -> ProcessPoolExecutor:
     first optimizer. The fork server serves every pool of this process and ends with it; it starts
     with this process's environment and standard streams at its first pool."""
     workers = workers or os.cpu_count() or 1
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = get_context("forkserver")
+    forks = "forkserver" in multiprocessing.get_all_start_methods()
+    context = get_context("forkserver" if forks else "spawn")
+    if forks:
         context.set_forkserver_preload([f"{__package__}.pool_preload"])
         multiprocessing.forkserver.ensure_running()
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init, initargs=(os.getpid(),))
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_pool_init,
-                               initargs=(os.getpid(),))
-    for _ in range(workers):  # each submit with no idle worker starts one
-        pool.submit(_pool_ready)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init, initargs=(os.getpid(),))
+    if not forks:
+        for _ in range(workers):  # each submit with no idle worker starts one
+            pool.submit(_pool_ready)
     return pool
 
 

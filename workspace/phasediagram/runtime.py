@@ -72,7 +72,7 @@ def freeze_alive() -> None:
     gc.freeze()
 
 
-def exit_with(pid: int, poll_seconds: float = 1.0) -> threading.Thread:
+def exit_with(pid: int, poll_seconds: float = 1.0) -> None:
     """End this process (`os._exit(1)`) as soon as process `pid` ends: a daemon thread waits on a pidfd
     (Linux), else checks every `poll_seconds`. For a pool worker whose pool's owner was SIGKILLed, which
     cannot shut its workers down: they would otherwise wait for tasks forever, each holding its memory.
@@ -88,9 +88,7 @@ def exit_with(pid: int, poll_seconds: float = 1.0) -> threading.Thread:
             select.select([fd], [], [])
         os._exit(1)
 
-    thread = threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
 
 
 def _alive(pid: int) -> bool:

@@ -356,8 +356,9 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
     BatchNorm). The loss CE_i(f(x_i; theta_i(t_i)), y_i) enters the sum L = sum_i CE_i, so
     dL/dtheta_m,i is pair i's own gradient and the elementwise `sgd_step` on the stacked tensors is
     each pair's step: pair i's bend equals its sequential one up to rounding (the ensemble's
-    operations sum in another order than `nn.Conv1d`). Each pair's state is saved after every epoch in its own folder, as
-    `train_bend` saves it; pairs resumed at different epochs are trained one after another.
+    operations sum in another order than `nn.Conv1d`). Each pair's state is saved after every epoch
+    in its own folder, as `train_bend` saves it; pairs resumed at different epochs are trained one
+    after another.
     """
     runs = [_start(a, b, train, options, g, d) for (a, b), g, d in zip(pairs, generators, state_dirs)]
     if len({r.epoch for r in runs}) > 1:
