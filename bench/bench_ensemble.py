@@ -17,8 +17,14 @@ first ratio also from thread CPU time (`time.thread_time`, less disturbed when o
 share the cores). And the bound arithmetic puts on the ratio: the sequential step's FLOP rate as
 a fraction of the machine's fp32 matmul peak (`bench_peak.matmul_peak`, one thread; FLOPs by
 `bench_peak.step_flops`, 3x the analytic forward), and the fraction an ensemble step would have to
-reach for 4x (4 x that; above 100 % no implementation can reach 4x on this machine). `steps` is set so that one sequential
-repeat takes about `--seconds` (timed on the warm-up). Data: random inputs of MNIST-1D's shape
+reach for 4x (4 x that; above 100 % no implementation can reach 4x on this machine). And a
+floor from torch's own kernels (`kernel_floor`): the ensemble step's matrix products ("mm") and
+its BatchNorm and ReLU passes ("bn+relu"), each timed alone on its shapes (the fastest of the
+repeats), per member-step; "floor/4x" = their sum over the time a 4x faster step may take
+(sequential / 4; above 100 % no ensemble built from these kernels reaches 4x, even with nothing
+between them), "max ratio" = sequential / floor. `steps` is set so that one sequential repeat
+takes about `--seconds` (timed on the warm-up). The process keeps freed memory for reuse
+(`runtime.keep_freed_memory`), as the pool's workers do. Data: random inputs of MNIST-1D's shape
 (4000 x 40, 10 classes); the timing does not depend on the values.
 
     python bench/bench_ensemble.py                       # resnet1d, widths 8 32 128 x batch 16 128 512
@@ -32,9 +38,10 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 from bench_peak import matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
-from phasediagram import ensemble, ensemble_models, models
+from phasediagram import ensemble, ensemble_models, models, runtime
 from phasediagram.grid import ExperimentSpec
 from phasediagram.methods import build_method
 
@@ -116,16 +123,92 @@ def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, 
     return steps, med["seq"], med["ens"], auto
 
 
+def fastest(fn, repeats: int, warmup: int = 3) -> float:
+    """The least perf_counter seconds of `repeats` calls of fn after `warmup` calls: a kernel's time alone,
+    least disturbed by other processes."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bmm_time(members: int, m: int, k: int, n: int, repeats: int) -> float:
+    """Seconds of one torch.bmm of (members, m, k) @ (members, k, n), alone (`fastest`)."""
+    a, b = torch.randn(members, m, k), torch.randn(members, k, n)
+    return fastest(lambda: torch.bmm(a, b), repeats)
+
+
+def kernel_floor(arch: str, width: int, batch: int, members: int, repeats: int) -> tuple[float, float]:
+    """(matrix products, normalisation and ReLU): seconds per member-step of the ensemble step's own kernels,
+    each timed alone on tensors of its shape (`fastest`: warm caches, nothing between kernels).
+
+    Products: every Conv1d/Linear layer (C_in -> C_out, kernel k, N = L_out * B output columns) costs its
+    forward (C_out x C_in k) @ (C_in k x N), its input gradient (C_in k x C_out) @ (C_out x N) (not the
+    first layer's) and its weight gradient (C_out x N) @ (N x C_in k), as torch.bmm over the members, each
+    in the faster of the im2col form (one product, K = C_in k, without the im2col copy) and the tap form
+    (k products with K = C_in). Normalisation: every BatchNorm layer of the ensemble in training mode
+    (its own forward, as the ensemble runs it) and every ReLU, forward and backward. Left out: residual
+    adds, pooling, the loss, the SGD update, copies and all per-operation overhead, so an ensemble step
+    built from these kernels takes at least the sum.
+    """
+    torch.manual_seed(0)
+    model = models.create(arch, width, (40,), 10).eval()
+    layers = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: layers.append((mod, o.shape)))
+             for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.randn(batch, 40))
+    for h in hooks:
+        h.remove()
+    products = 0.0
+    for j, (layer, out_shape) in enumerate(layers):
+        if isinstance(layer, nn.Linear):
+            c_in, c_out, k, n = layer.in_features, layer.out_features, 1, batch
+        else:
+            c_in, c_out, k, n = layer.in_channels, layer.out_channels, layer.kernel_size[0], out_shape[-1] * batch
+        forms = {(c_in * k, 1), (c_in, k)}  # (K, products)
+        products += min(p * (bmm_time(members, c_out, kk, n, repeats) + bmm_time(members, c_out, n, kk, repeats)
+                             + (bmm_time(members, kk, c_out, n, repeats) if j else 0.0)) for kk, p in forms)
+    ens = ensemble_models.from_models([model] * members).train()
+    norms, relus = [], []
+    hooks = []
+    for m in ens.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: norms.append((mod, o.shape))))
+        if isinstance(m, nn.ReLU):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: relus.append(o.shape)))
+        if isinstance(m, models.BasicBlock):  # its two functional ReLUs, after bn1 and after bn2 + shortcut
+            hooks += [bn.register_forward_hook(lambda mod, i, o: relus.append(o.shape)) for bn in (m.bn1, m.bn2)]
+    with torch.no_grad():
+        ens(torch.randn(members, batch, 40))
+    for h in hooks:
+        h.remove()
+
+    def forward_backward(fn, shape):
+        x, g = torch.randn(shape, requires_grad=True), torch.randn(shape)
+        return fastest(lambda: fn(x).backward(g), repeats)
+
+    elementwise = sum(forward_backward(mod, shape) for mod, shape in norms)
+    elementwise += sum(forward_backward(torch.relu, shape) for shape in relus)
+    return products / members, elementwise / members
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    runtime.keep_freed_memory()
     print(f"{args.arch}, S = {args.members} seeds, one thread, float32; times per member-step; "
           f"ratio = sequential / ensemble (perf_counter medians of {args.repeats}; cpu: thread_time); "
           "auto: groups of g seeds (ensemble.group_size)")
     peak = matmul_peak(args.repeats)[0]
     print(f"fp32 matmul peak, one thread: {peak:.1f} GFLOP/s")
     print(f"{'width':>5} {'batch':>5} {'steps':>5} {'seq ms':>8} {'ens ms':>8} {'ratio':>6} {'cpu ratio':>9} "
-          f"{'g':>2} {'auto ms':>8} {'seq/auto':>8} {'seq/peak':>8} {'4x needs':>8}")
+          f"{'g':>2} {'auto ms':>8} {'seq/auto':>8} {'seq/peak':>8} {'4x needs':>8} "
+          f"{'mm ms':>8} {'bn+relu':>8} {'floor/4x':>8} {'max ratio':>8}")
     rows = []
     for width in args.widths:
         for batch in args.batch_sizes:
@@ -135,8 +218,11 @@ def main(argv=None) -> None:
             rows.append((width, batch, sw / ew, sc / ec, group, sw / aw))
             flops = step_flops(models.create(args.arch, width, (40,), 10), torch.randn(batch, 40))[1]
             seq_peak = flops / sw / 1e9 / peak
+            products, elementwise = kernel_floor(args.arch, width, batch, args.members, args.repeats)
+            floor = products + elementwise
             print(f"{width:5d} {batch:5d} {steps:5d} {sw * 1e3:8.3f} {ew * 1e3:8.3f} {sw / ew:6.2f} {sc / ec:9.2f} "
-                  f"{group:2d} {aw * 1e3:8.3f} {sw / aw:8.2f} {100 * seq_peak:7.1f}% {400 * seq_peak:7.1f}%",
+                  f"{group:2d} {aw * 1e3:8.3f} {sw / aw:8.2f} {100 * seq_peak:7.1f}% {400 * seq_peak:7.1f}% "
+                  f"{products * 1e3:8.3f} {elementwise * 1e3:8.3f} {400 * floor / sw:7.0f}% {sw / floor:8.2f}",
                   flush=True)
     small = [r for r in rows if r[0] <= 32 and r[1] <= 128]
     used = [r for r in rows if r[4]]

@@ -358,7 +358,8 @@ def test_pair_group_size_rule():
         return ensemble.pair_group_size(spec, spec.cells()[0], batch_size, 3)
 
     assert (groups("resnet1d", "auto"), groups("resnet1d", "on"), groups("resnet1d", "off")) == (3, 3, 0)
-    assert groups("resnet1d", "auto", width=64) == 2 and groups("resnet1d", "auto", width=256) == 1
+    assert groups("resnet1d", "auto", width=64) == 2 and groups("resnet1d", "auto", width=64, batch_size=256) == 1
+    assert groups("resnet1d", "auto", width=256) == 0  # beyond RESNET1D_ALONE_MAX_WIDTH: pair by pair
     assert (groups("mlp", "auto", width=16), groups("mlp", "auto", width=256), groups("mlp", "on", width=256)) == (3, 0, 3)
     assert groups("resnet18", "auto") == 0 and groups("resnet18", "on") == 3  # the 2D form exists; auto skips it
 

@@ -321,7 +321,9 @@ def test_ensemble_choice():
     cell = on.cells()[0]
     assert ensemble.ensemble_choice(on, cell)[0] == len(on.seeds) and ensemble.ensemble_choice(off, cell)[0] == 0
     assert ensemble.ensemble_choice(auto, cell)[0] == len(auto.seeds)  # width 4, batch 32: all seeds together
-    assert ensemble.group_size("resnet1d", 128, 512, 5) == 1  # still the faster form, one member at a time
+    assert ensemble.group_size("resnet1d", 64, 512, 5) == 1  # still the faster form, one member at a time
+    assert ensemble.group_size("resnet1d", 128, 128, 5) == 0 and ensemble.group_size("resnet1d", 128, 16, 5) == 5
+    assert ensemble.group_size("resnet1d", 32, 16, 1) == 1
     assert ensemble.group_size("resnet1d", 32, 256, 5) == 2 and ensemble.group_size("resnet1d", 8, 16, 5) == 5
     assert ensemble.group_size("mlp", 32, 128, 3) == 3 and ensemble.group_size("mlp", 1024, 512, 3) == 0
     assert ensemble.group_size("resnet18", 8, 16, 3) == 0

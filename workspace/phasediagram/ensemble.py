@@ -55,23 +55,28 @@ from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_div
 # 8-128, batch sizes 16-512, on a 2-core CPU).
 # - resnet1d: the ensemble form (im2col + one bmm per convolution on member-major activations)
 #   pays per-operation overhead once for its members, until the group's activations (members x
-#   width x batch) outgrow the caches: groups stay within RESNET1D_GROUP_BUDGET. Beyond it, a
-#   group of one member still beat nn.Conv1d sequential runs per member-step (1.29-1.46x at
-#   widths 32-128, batch 128-512), so auto never falls back to them.
+#   width x batch) outgrow the caches: groups stay within RESNET1D_GROUP_BUDGET. Beyond it, one
+#   member alone in that form still beats nn.Conv1d sequential runs up to RESNET1D_ALONE_MAX_WIDTH
+#   (1.07-1.21x at width 32, batch 512; 1.06-1.11x at widths 48 and 64, batch 256 and 512); at
+#   width 128 it gains nothing (0.96-1.06x at batch 128 and 512 over five runs), so auto trains
+#   sequential runs there.
 # - mlp: all seeds together where width^2 * batch_size <= 2^20 and batch_size <= 512, else sequential.
 # - other archs (resnet18: grouped 2D convolutions, slow on a CPU): sequential.
 RESNET1D_GROUP_BUDGET = 16_384
+RESNET1D_ALONE_MAX_WIDTH = 64
 MLP_BUDGET = (1_048_576, 512)
 
 
 def group_size(arch: str, width: int, batch_size: int, seeds: int) -> int:
     """Seeds trained together as one ensemble in auto mode; 0: ordinary sequential runs (`train.train_seed`).
 
-    resnet1d: the largest g <= seeds with g * width * batch_size <= RESNET1D_GROUP_BUDGET, at least 1.
+    resnet1d: the largest g <= seeds with g * width * batch_size <= RESNET1D_GROUP_BUDGET if that is 2 or
+    more; else 1 (one member alone in the ensemble form) up to width RESNET1D_ALONE_MAX_WIDTH, 0 beyond.
     mlp: all seeds if width^2 * batch_size <= 2^20 and batch_size <= 512, else 0. Other archs: 0.
     """
     if arch == "resnet1d":
-        return max(1, min(seeds, RESNET1D_GROUP_BUDGET // (width * batch_size)))
+        g = min(seeds, RESNET1D_GROUP_BUDGET // (width * batch_size))
+        return g if g >= 2 else int(width <= RESNET1D_ALONE_MAX_WIDTH)
     if arch == "mlp":
         budget, max_batch = MLP_BUDGET
         return seeds if width * width * batch_size <= budget and batch_size <= max_batch else 0
