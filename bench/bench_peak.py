@@ -13,7 +13,8 @@
    memory-bound and so a large part of the time).
 3. Achieved rate = FLOPs / (perf_counter median of a step) for the widest demo model (the demo
    preset read from the CLI, `--preset demo`) at each demo batch size: an ensemble step of
-   S = len(seeds) members (S x the FLOPs), and one sequential member's step.
+   S = len(seeds) members (S x the FLOPs), and one sequential member's step; the process keeps
+   freed memory for reuse (`runtime.keep_freed_memory`), as the pool's workers do.
 
     python bench/bench_peak.py
 """
@@ -27,7 +28,7 @@ import time
 import torch
 from torch import nn
 
-from phasediagram import cli, ensemble, ensemble_models, models
+from phasediagram import cli, ensemble, ensemble_models, models, runtime
 from phasediagram.methods import build_method
 
 
@@ -84,6 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    runtime.keep_freed_memory()  # as the pool's workers run
     spec = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"]))
     width, members = max(spec.widths), len(spec.seeds)
     peak, peak_n, rates = matmul_peak(args.repeats)
