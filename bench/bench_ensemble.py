@@ -9,12 +9,14 @@ done two ways, with one torch thread (as the job pool's workers run):
 - ensemble: `steps` steps of one S-member ensemble (`ensemble.ensemble_step`, every member
   with its own batch: x of shape (S, B, 40); its SGD `ensemble.sgd`, as `ensemble.assemble` builds it);
 - auto: what `--ensemble auto` trains, groups of g = `ensemble.group_size` members (timed as
-  one g-member ensemble when 0 < g < S; g = S is the ensemble, g = 0 the sequential runs).
+  one g-member ensemble when 0 < g < S, for round(S / g) x `steps` steps, so that each arm's
+  repeat holds about as many member-steps; g = S is the ensemble, g = 0 the sequential runs).
 
-Reported per cell: ms per member-step of each, the ratios sequential / ensemble and sequential /
-auto from `time.perf_counter` medians over `--repeats` alternating repeats after a warm-up, the
-first ratio also from thread CPU time (`time.thread_time`, less disturbed when other processes
-share the cores). And the bound arithmetic puts on the ratio: the sequential step's FLOP rate as
+Reported per cell: ms per member-step of each (`time.perf_counter` medians over `--repeats`
+repeats after a warm-up, the arms timed in turn within each repeat), and the ratios sequential /
+ensemble and sequential / auto as medians of the repeats' paired ratios (the two arms of one
+repeat run a second or so apart, so the machine's drifting speed cancels), the first ratio also
+from thread CPU time (`time.thread_time`, less disturbed when other processes share the cores). And the bound arithmetic puts on the ratio: the sequential step's FLOP rate as
 a fraction of the machine's fp32 matmul peak (`bench_peak.matmul_peak`, one thread; FLOPs by
 `bench_peak.step_flops`, 3x the analytic forward), and the fraction an ensemble step would have to
 reach for 4x (4 x that; above 100 % no implementation can reach 4x on this machine). And a
@@ -66,8 +68,9 @@ def timed(fn) -> tuple[float, float]:
 
 def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, repeats: int, conv: str,
                group: int):
-    """(steps, (sequential wall, cpu), (ensemble wall, cpu), (auto wall, cpu)): medians in seconds per
-    member-step; auto is a `group`-member ensemble (or one of the other two when group is 0 or S)."""
+    """(steps, {"seq", "ens", "auto": [(wall, cpu) seconds per member-step, one per repeat]}), the three
+    timed in turn in every repeat; auto is a `group`-member ensemble (or one of the other two when group
+    is 0 or S)."""
     spec = ExperimentSpec(name="bench", arch=arch, widths=(width,), batch_sizes=(batch,), seeds=tuple(range(members)),
                           metrics=())
     g = torch.Generator().manual_seed(0)
@@ -102,25 +105,28 @@ def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, 
 
     def together(ens_opt, k):
         def run():
-            for step in range(steps):
+            for step in range(steps * rounds(k)):
                 idx = batch_idx(step)[:k]
                 ensemble.ensemble_step(*ens_opt, x[idx], y[idx])
         return run
 
-    timers = {"seq": (sequential, members), "ens": (together(full, members), members)}
+    def rounds(k):  # a k-member ensemble repeats its steps so that every repeat has about S * steps member-steps
+        return max(1, round(members / k))
+
+    timers = {"seq": (sequential, members, 1), "ens": (together(full, members), members, 1)}
     if part is not None:
-        timers["auto"] = (together(part, group), group)
-    for fn, _ in timers.values():
+        timers["auto"] = (together(part, group), group, rounds(group))
+    for fn, _, _ in timers.values():
         fn()  # warm-up
     steps = max(2, min(500, round(seconds * steps / timed(sequential)[0])))  # ~`seconds` per sequential repeat
-    times = {name: [] for name in timers}
+    per = {name: [] for name in timers}
     for _ in range(repeats):
-        for name, (fn, _) in timers.items():
-            times[name].append(timed(fn))
-    per = {name: [(w / (k * steps), c / (k * steps)) for w, c in times[name]] for name, (_, k) in timers.items()}
-    med = {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for name, ts in per.items()}
-    auto = med["auto"] if part is not None else med["ens"] if group == members else med["seq"]
-    return steps, med["seq"], med["ens"], auto
+        for name, (fn, k, r) in timers.items():
+            wall, cpu = timed(fn)
+            per[name].append((wall / (k * r * steps), cpu / (k * r * steps)))
+    if part is None:
+        per["auto"] = per["ens"] if group == members else per["seq"]
+    return steps, per
 
 
 def fastest(fn, repeats: int, warmup: int = 3) -> float:
@@ -213,15 +219,18 @@ def main(argv=None) -> None:
     for width in args.widths:
         for batch in args.batch_sizes:
             group = ensemble.group_size(args.arch, width, batch, args.members)
-            steps, (sw, sc), (ew, ec), (aw, _) = bench_cell(args.arch, width, batch, args.members, args.seconds,
-                                                            args.repeats, args.conv, group)
-            rows.append((width, batch, sw / ew, sc / ec, group, sw / aw))
+            steps, per = bench_cell(args.arch, width, batch, args.members, args.seconds, args.repeats, args.conv,
+                                    group)
+            sw, ew, aw = (statistics.median(t[0] for t in per[name]) for name in ("seq", "ens", "auto"))
+            ratio, cpu_ratio, auto_ratio = (statistics.median(a[i] / b[i] for a, b in zip(per["seq"], per[name]))
+                                            for name, i in (("ens", 0), ("ens", 1), ("auto", 0)))
+            rows.append((width, batch, ratio, cpu_ratio, group, auto_ratio))
             flops = step_flops(models.create(args.arch, width, (40,), 10), torch.randn(batch, 40))[1]
             seq_peak = flops / sw / 1e9 / peak
             products, elementwise = kernel_floor(args.arch, width, batch, args.members, args.repeats)
             floor = products + elementwise
-            print(f"{width:5d} {batch:5d} {steps:5d} {sw * 1e3:8.3f} {ew * 1e3:8.3f} {sw / ew:6.2f} {sc / ec:9.2f} "
-                  f"{group:2d} {aw * 1e3:8.3f} {sw / aw:8.2f} {100 * seq_peak:7.1f}% {400 * seq_peak:7.1f}% "
+            print(f"{width:5d} {batch:5d} {steps:5d} {sw * 1e3:8.3f} {ew * 1e3:8.3f} {ratio:6.2f} {cpu_ratio:9.2f} "
+                  f"{group:2d} {aw * 1e3:8.3f} {auto_ratio:8.2f} {100 * seq_peak:7.1f}% {400 * seq_peak:7.1f}% "
                   f"{products * 1e3:8.3f} {elementwise * 1e3:8.3f} {400 * floor / sw:7.0f}% {sw / floor:8.2f}",
                   flush=True)
     small = [r for r in rows if r[0] <= 32 and r[1] <= 128]
