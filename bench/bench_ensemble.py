@@ -42,7 +42,7 @@ import time
 import torch
 from torch import nn
 
-from bench_peak import matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
+from bench_peak import call_times, matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
 from phasediagram import ensemble, ensemble_models, models, runtime
 from phasediagram.grid import ExperimentSpec
 from phasediagram.methods import build_method
@@ -132,14 +132,7 @@ def bench_cell(arch: str, width: int, batch: int, members: int, seconds: float, 
 def fastest(fn, repeats: int, warmup: int = 3) -> float:
     """The least perf_counter seconds of `repeats` calls of fn after `warmup` calls: a kernel's time alone,
     least disturbed by other processes."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_times(fn, repeats, warmup))
 
 
 def bmm_time(members: int, m: int, k: int, n: int, repeats: int) -> float:

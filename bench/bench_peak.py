@@ -32,7 +32,8 @@ from phasediagram import cli, ensemble, ensemble_models, models, runtime
 from phasediagram.methods import build_method
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
+def call_times(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """perf_counter seconds of `repeats` calls of fn, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -40,7 +41,11 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    return statistics.median(call_times(fn, repeats, warmup))
 
 
 def matmul_peak(repeats: int) -> tuple[float, int, dict[int, float]]:
