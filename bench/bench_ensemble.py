@@ -12,22 +12,22 @@ done two ways, with one torch thread (as the job pool's workers run):
   one g-member ensemble when 0 < g < S, for round(S / g) x `steps` steps, so that each arm's
   repeat holds about as many member-steps; g = S is the ensemble, g = 0 the sequential runs).
 
-Reported per cell: ms per member-step of each (`time.perf_counter` medians over `--repeats`
-repeats after a warm-up, the arms timed in turn within each repeat), and the ratios sequential /
-ensemble and sequential / auto as medians of the repeats' paired ratios (the two arms of one
-repeat run a second or so apart, so the machine's drifting speed cancels), the first ratio also
-from thread CPU time (`time.thread_time`, less disturbed when other processes share the cores). And the bound arithmetic puts on the ratio: the sequential step's FLOP rate as
-a fraction of the machine's fp32 matmul peak (`bench_peak.matmul_peak`, one thread; FLOPs by
-`bench_peak.step_flops`, 3x the analytic forward), and the fraction an ensemble step would have to
-reach for 4x (4 x that; above 100 % no implementation can reach 4x on this machine). And a
-floor from torch's own kernels (`kernel_floor`): the ensemble step's matrix products ("mm") and
-its BatchNorm and ReLU passes ("bn+relu"), each timed alone on its shapes (the fastest of the
-repeats), per member-step; "floor/4x" = their sum over the time a 4x faster step may take
-(sequential / 4; above 100 % no ensemble built from these kernels reaches 4x, even with nothing
-between them), "max ratio" = sequential / floor. `steps` is set so that one sequential repeat
-takes about `--seconds` (timed on the warm-up). The process keeps freed memory for reuse
-(`runtime.keep_freed_memory`), as the pool's workers do. Data: random inputs of MNIST-1D's shape
-(4000 x 40, 10 classes); the timing does not depend on the values.
+Reported per cell: ms per member-step of each (`time.perf_counter` medians over `--repeats` repeats
+after a warm-up, the arms timed in turn within each repeat), and the ratios sequential / ensemble
+and sequential / auto as medians of the repeats' paired ratios (the two arms of one repeat run a
+second or so apart, so the machine's drifting speed cancels), the first ratio also from thread CPU
+time (`time.thread_time`, less disturbed when other processes share the cores). And the bound
+arithmetic puts on the ratio: the sequential step's FLOP rate as a fraction of the machine's fp32
+matmul peak (`bench_peak.matmul_peak`, one thread; FLOPs by `bench_peak.step_flops`, 3x the analytic
+forward), and the fraction an ensemble step would have to reach for 4x (4 x that; above 100 % no
+implementation can reach 4x on this machine). And a floor from torch's own kernels (`kernel_floor`):
+the ensemble step's matrix products ("mm") and its BatchNorm and ReLU passes ("bn+relu"), each timed
+alone on its shapes (the fastest of the repeats), per member-step; "floor/4x" = their sum over the
+time a 4x faster step may take (sequential / 4; above 100 % no ensemble built from these kernels
+reaches 4x, even with nothing between them), "max ratio" = sequential / floor. `steps` is set so
+that one sequential repeat takes about `--seconds` (timed on the warm-up). The process keeps freed
+memory for reuse (`runtime.keep_freed_memory`), as the pool's workers do. Data: random inputs of
+MNIST-1D's shape (4000 x 40, 10 classes); the timing does not depend on the values.
 
     python bench/bench_ensemble.py                       # resnet1d, widths 8 32 128 x batch 16 128 512
     python bench/bench_ensemble.py --arch mlp --repeats 3
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     runtime.keep_freed_memory()
     print(f"{args.arch}, S = {args.members} seeds, one thread, float32; times per member-step; "
-          f"ratio = sequential / ensemble (perf_counter medians of {args.repeats}; cpu: thread_time); "
+          f"ratio = sequential / ensemble (median of {args.repeats} paired perf_counter ratios; cpu: thread_time); "
           "auto: groups of g seeds (ensemble.group_size)")
     peak = matmul_peak(args.repeats)[0]
     print(f"fp32 matmul peak, one thread: {peak:.1f} GFLOP/s")

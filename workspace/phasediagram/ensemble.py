@@ -57,9 +57,9 @@ from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_div
 #   pays per-operation overhead once for its members, until the group's activations (members x
 #   width x batch) outgrow the caches: groups stay within RESNET1D_GROUP_BUDGET. Beyond it, one
 #   member alone in that form still beats nn.Conv1d sequential runs up to RESNET1D_ALONE_MAX_WIDTH
-#   (1.07-1.21x at width 32, batch 512; 1.06-1.11x at widths 48 and 64, batch 256 and 512); at
-#   width 128 it gains nothing (0.96-1.06x at batch 128 and 512 over five runs), so auto trains
-#   sequential runs there.
+#   (at width 32, batch 512: 1.07-1.21x in seven of eight runs, 0.89x in one noisy two-step run;
+#   1.06-1.11x at widths 48 and 64, batch 256 and 512); at width 128 it gains nothing
+#   (0.96-1.06x at batch 128 and 512 over five runs), so auto trains sequential runs there.
 # - mlp: all seeds together where width^2 * batch_size <= 2^20 and batch_size <= 512, else sequential.
 # - other archs (resnet18: grouped 2D convolutions, slow on a CPU): sequential.
 RESNET1D_GROUP_BUDGET = 16_384
