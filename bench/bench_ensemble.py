@@ -152,7 +152,8 @@ def kernel_floor(arch: str, width: int, batch: int, members: int, repeats: int) 
     (k products with K = C_in). Normalisation: every BatchNorm layer of the ensemble in training mode
     (its own forward, as the ensemble runs it) and every ReLU, forward and backward. Left out: residual
     adds, pooling, the loss, the SGD update, copies and all per-operation overhead, so an ensemble step
-    built from these kernels takes at least the sum.
+    built from these kernels takes at least the sum. The products are those of the bmm form (`--conv
+    auto` for resnet1d), whichever `--conv` the ensemble arm is timed with.
     """
     torch.manual_seed(0)
     model = models.create(arch, width, (40,), 10).eval()
