@@ -116,3 +116,18 @@ def test_markdown_formatting():
     assert C.to_markdown(frame, 2) == "| name | x |\n| --- | ---: |\n| a | 0.12 |\n| b |  |\n"
     empty = C.correlations(synthetic_table().iloc[:0])
     assert empty.empty and "No correlations" in C.markdown(empty)
+
+
+def test_only_measurements_are_correlated():
+    """Standard errors and run diagnostics (here the Hessian's product count and its trace's standard error,
+    as the registry declares them) stay in the table, marked by `kind`, but are not ranked."""
+    base = monotone_table()
+    extra = base[(base.metric == "up")].assign(source="hessian")
+    rows = pd.concat([extra.assign(metric=m, kind=None) for m in ("hvp_trace", "trace_stderr", "trace_hutchpp")])
+    df = normalise(pd.concat([base, rows], ignore_index=True))
+    kinds = df.drop_duplicates("metric").set_index("metric")["kind"]
+    assert (kinds["hvp_trace"], kinds["trace_stderr"], kinds["trace_hutchpp"], kinds["up"]) == \
+        ("diagnostic", "stderr", "value", "value")
+    ranked = set(C.correlations(df, min_cells=3)["metric"])
+    assert "trace_hutchpp" in ranked and "up" in ranked
+    assert not ranked & {"hvp_trace", "trace_stderr"}

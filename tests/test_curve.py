@@ -122,11 +122,14 @@ def test_recompute_bn_is_the_cumulative_average_of_batch_statistics():
 
 
 def test_lr_schedule():
-    assert [lr_factor(e, 10) for e in (0, 5)] == [1.0, 1.0]
+    """Epochs counted from 1, as the reference's loop (`for epoch in range(1, epochs + 1)`) calls it."""
+    assert [lr_factor(e, 10) for e in (1, 5)] == [1.0, 1.0]
+    assert lr_factor(6, 10) == pytest.approx(1 - 0.99 * 0.25, abs=1e-12)
     assert lr_factor(7, 10) == pytest.approx(1 - 0.99 * 0.5, abs=1e-12)
     assert lr_factor(9, 10) == pytest.approx(0.01, abs=1e-12)
     assert lr_factor(90, 100) == pytest.approx(0.01, abs=1e-12)
-    factors = [lr_factor(e, 50) for e in range(50)]
+    factors = [lr_factor(e, 50) for e in range(1, 51)]
+    assert factors[24] == 1.0 and factors[25] < 1.0 and factors[-1] == pytest.approx(0.01)
     assert all(x >= y for x, y in zip(factors, factors[1:]))
 
 
@@ -144,6 +147,82 @@ def test_sgd_step_is_torch_sgd():
         opt.step()
         curve_mod.sgd_step(mine, grads, velocity, 0.1 / (step + 1), 0.9, 5e-4)
     assert all(torch.allclose(mine[n], p, rtol=0, atol=1e-14) for n, p in zip(mine, ref))
+
+
+def reference_bend(model_a, model_b, train, options, generator):
+    """The reference's curve training written out independently (the taxonomy repository's
+    Mode_connectivity.py on dnn-mode-connectivity's curves.py), with this toolkit's random draws:
+    torch.optim.SGD on the middle bend only, momentum, weight_decay=0; loss = CE + 0.5 wd sum ||w(t)||^2
+    with w(t) = sum_k binom(2, k) t^k (1 - t)^(2 - k) w_k; lr = base * schedule(epoch) for epoch = 1..E;
+    one t ~ U(0, 1) per batch."""
+    def schedule(epoch, total):
+        alpha = epoch / total
+        return 1.0 if alpha <= 0.5 else (1.0 - (alpha - 0.5) / 0.4 * 0.99 if alpha <= 0.9 else 0.01)
+
+    ends = [dict(model_a.named_parameters()), dict(model_b.named_parameters())]
+    w0, w2 = ({n: p.detach().clone() for n, p in e.items()} for e in ends)
+    w1 = {n: ((w0[n] + w2[n]) / 2).requires_grad_(True) for n in w0}
+    opt = torch.optim.SGD(list(w1.values()), lr=options.lr, momentum=options.momentum, weight_decay=0.0)
+    net = copy.deepcopy(model_a).train()
+    n = len(train)
+    for epoch in range(1, options.epochs + 1):
+        for group in opt.param_groups:
+            group["lr"] = options.lr * schedule(epoch, options.epochs)
+        perm = torch.randperm(n, generator=generator)
+        steps = -(-n // options.batch_size)
+        for b in range(min(steps, options.max_batches_per_epoch or steps)):
+            idx = perm[b * options.batch_size:(b + 1) * options.batch_size]
+            t = float(torch.rand((), generator=generator))
+            coeffs = [(1 - t) ** 2, 2 * t * (1 - t), t ** 2]
+            point = {k: coeffs[0] * w0[k] + coeffs[1] * w1[k] + coeffs[2] * w2[k] for k in w0}
+            loss = nn.functional.cross_entropy(functional_call(net, point, (train.x[idx],)), train.y[idx])
+            loss = loss + 0.5 * options.weight_decay * sum((v ** 2).sum() for v in point.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {k: v.detach() for k, v in w1.items()}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet1d"])
+def test_bend_training_is_the_reference_step(arch):
+    """train_bend and the ensemble's train_bends equal an independent re-implementation of the reference's
+    curve training (schedule from epoch 1, L2 on the curve point, optimizer without weight decay) in
+    float64, with a weight decay large enough to matter."""
+    data = make_data()
+    a, b = make_model(arch, 0), make_model(arch, 1)
+    options = CurveOptions(epochs=5, lr=0.05, weight_decay=0.05, batch_size=32, max_batches_per_epoch=4)
+    expected = reference_bend(a, b, data.train, options, torch.Generator().manual_seed(3))
+    alone = train_bend(a, b, data.train, options, torch.Generator().manual_seed(3))
+    together = train_bends([(a, b), (b, a)], data.train, options,
+                           [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)], [None, None])[0]
+    midpoint = {n: (p + q) / 2 for (n, p), q in zip(params(a).items(), params(b).values())}
+    assert max(float((expected[n] - midpoint[n]).abs().max()) for n in expected) > 1e-3  # it did train
+    for got in (alone, together):
+        assert max(float((got[n] - expected[n]).abs().max()) for n in expected) < 1e-10
+
+
+def test_random_bend_init_is_a_fresh_seeded_initialisation():
+    """bend_init="random" (the taxonomy repository's choice): the bend starts at reset_parameters() of the
+    architecture, drawn from the metric's generator: reproducible, different per generator, not the midpoint,
+    and torch's global generator is left as it was."""
+    data, a, b = make_data(), make_model("resnet1d", 0), make_model("resnet1d", 1)
+    options = replace(TINY, epochs=0, bend_init="random")
+    state = torch.random.get_rng_state()
+    first = train_bend(a, b, data.train, options, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = train_bend(a, b, data.train, options, torch.Generator().manual_seed(1))
+    other = train_bend(a, b, data.train, options, torch.Generator().manual_seed(2))
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first if n.endswith("weight"))
+    midpoint = {n: (p + q) / 2 for (n, p), q in zip(params(a).items(), params(b).values())}
+    assert all(not torch.allclose(first[n], midpoint[n]) for n in first if "conv" in n or "fc" in n)
+    fresh = make_model("resnet1d", 7)
+    for n, p in fresh.named_parameters():  # the same family of initial values: conv weights within +-1/sqrt(fan_in)
+        if p.dim() == 3:
+            bound = 1 / (p.shape[1] * p.shape[2]) ** 0.5
+            assert float(first[n].abs().max()) <= bound + 1e-12
+    with pytest.raises(SpecError, match="bend_init"):
+        CurveOptions(bend_init="zero")
 
 
 @pytest.mark.parametrize("errors, mc, k", [

@@ -34,7 +34,7 @@ SMALL_OPTIONS = {
 }
 BAD_OPTIONS = [
     ("fisher", dict(n_batches=0)), ("fisher", dict(batch_size=1)), ("fisher", dict(batchnorm="none")),
-    ("fisher", dict(batch_size=100, chunk_size=7)), ("fisher", dict(logit_norm=0.0)),
+    ("fisher", dict(batch_size=100, chunk_size=7, batchnorm="train")), ("fisher", dict(chunk_size=1)), ("fisher", dict(logit_norm=0.0)),
     ("fisher", dict(logit_norm=math.inf)), ("fisher", dict(floor=0.0)), ("fisher", dict(n_batches=2.5)),
     ("local_energy", dict(sigmas=())), ("local_energy", dict(sigmas=(-0.1, 0.1))),
     ("local_energy", dict(sigmas=(0.0, math.nan))), ("local_energy", dict(sigma_value=-1.0)),
@@ -255,6 +255,14 @@ def test_nrs_zero_at_radius_zero_and_increasing():
 def test_out_of_range_options_raise_spec_error(name, bad):
     with pytest.raises(SpecError, match=f"metric_options.{name}"):
         METRICS[name].options(**bad)
+
+
+def test_fisher_chunk_size_checked_only_where_used():
+    """chunk_size splits batches only with batchnorm="train"; in eval mode any batch size is allowed."""
+    assert FisherOptions(batch_size=12).batch_size == 12
+    assert FisherOptions(batch_size=12, batchnorm="train", chunk_size=4).chunk_size == 4
+    with pytest.raises(SpecError, match="chunk_size"):
+        FisherOptions(batch_size=12, batchnorm="train")
 
 
 @pytest.mark.parametrize("name", FLATNESS)

@@ -337,10 +337,11 @@ def test_options_out_of_range_raise_spec_error(field, value):
 
 
 def test_default_options_are_the_reference_settings():
+    """The reference's batch, Lanczos budget and tolerance; the trace stops at a 2 % relative standard error
+    (the reference's relative-change rule, tol 1e-3, is trace_rule="change")."""
     opts = HessianOptions()
-    assert (opts.batch_size, opts.lanczos_iters, opts.tol, opts.trace_probes, opts.trace_tol) == (200, 100, 1e-3, 100,
-                                                                                                  1e-3)
-    assert dataclasses.asdict(opts)["trace_rule"] == "change"
+    assert (opts.batch_size, opts.lanczos_iters, opts.tol, opts.trace_probes) == (200, 100, 1e-3, 100)
+    assert (opts.trace_rule, opts.trace_tol, opts.hutchpp_basis, opts.eig_start) == ("stderr", 0.02, "krylov", "slq")
 
 
 def test_plot_density_from_a_result_and_from_a_table(tmp_path):
@@ -352,3 +353,113 @@ def test_plot_density_from_a_result_and_from_a_table(tmp_path):
              "value": v, "status": "ok", "source": "hessian"}
             for w in (4, 8) for b in (16,) for s in (0, 1) for t, v in zip(*density_curve(out))]
     assert plot_density(pd.DataFrame(rows), tmp_path / "grid.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- the metric at its defaults, any sign
+class QuadraticLogit(nn.Module):
+    """logits (-theta^T A theta / 2, 0, ..., 0) whatever the input. With every label != 0, at theta = 0
+    the mean cross-entropy has gradient 0 and Hessian exactly -A / K (K classes): d CE / d z_0 = 1 / K there,
+    and d z_0 / d theta = 0."""
+
+    def __init__(self, a: torch.Tensor, classes: int = 3):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(len(a), dtype=DT))
+        self.register_buffer("a", a)
+        self.classes = classes
+
+    def forward(self, x):
+        z0 = (-0.5 * self.theta @ self.a @ self.theta).expand(len(x), 1)
+        return torch.cat([z0, torch.zeros(len(x), self.classes - 1, dtype=x.dtype)], dim=1) + 0.0 * x[:, :1]
+
+
+def quadratic(eigenvalues) -> nn.Module:
+    """A QuadraticLogit whose Hessian at theta = 0 is Q diag(eigenvalues) Q^T (Q a seeded random rotation)."""
+    lam = torch.as_tensor(eigenvalues, dtype=DT)
+    q = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=seeded(4), dtype=DT))[0]
+    return QuadraticLogit(-3.0 * q @ torch.diag(lam) @ q.T)
+
+
+def tanh_mlp(seed: int) -> nn.Module:
+    """A 4-6-3 tanh MLP whose tanh units sit at pre-activation ~1 (tanh'' < 0): for seeds 2, 7, 15 and 19 its
+    cross-entropy Hessian has |lambda_min| > lambda_max (seed 2: -1.03 against 0.69), for seed 0 not."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    with torch.no_grad():
+        model[0].bias.fill_(1.0)
+        model[0].weight.mul_(0.5)
+        model[2].weight.mul_(3.0)
+    return model
+
+
+SIGNED_CASES = [  # (name, model factory, input dimension): negative, indefinite and positive dominance, BatchNorm
+    ("negative_definite", lambda: quadratic(-torch.linspace(0.1, 5.0, 30)), 4),
+    ("indefinite", lambda: quadratic(torch.cat([torch.linspace(-1.0, 2.0, 29), torch.tensor([-8.0])])), 4),
+    ("few_distinct", lambda: quadratic(torch.tensor([3.0] * 10 + [-6.0] * 10 + [1.0] * 10)), 4),
+    *[(f"tanh_saddle_{s}", lambda s=s: tanh_mlp(s), 4) for s in (2, 7, 15, 19)],
+    ("tanh_positive", lambda: tanh_mlp(0), 4),
+    ("resnet_batchnorm", tiny_resnet, 40),
+]
+
+
+def signed_data(dim: int) -> MetricData:
+    x, y = batch(256, (dim,), 3, seed=11)
+    y = 1 + y % 2  # labels 1 and 2, as QuadraticLogit needs (any labels serve the networks)
+    return MetricData(Split(x, y), Split(x[:16], y[:16]), 3 if dim == 4 else 10)
+
+
+@pytest.mark.parametrize("start", ["slq", "gradient", "random"])
+@pytest.mark.parametrize("name,factory,dim", SIGNED_CASES, ids=[c[0] for c in SIGNED_CASES])
+def test_signed_eigenvalues_at_the_defaults_against_the_dense_hessian(name, factory, dim, start):
+    """At the shipped defaults (batch of 200, Lanczos tol 1e-3, SLQ start) and with the other starts,
+    `top_eigenvalue` is lambda_max, `bottom_eigenvalue` lambda_min and `top_abs_eigenvalue` the signed
+    eigenvalue of largest magnitude of the dense Hessian (torch.func.hessian, float64) of the same batch,
+    each within tol * max|lambda|; every value is finite."""
+    model, data = factory(), signed_data(dim)
+    if name == "resnet_batchnorm":
+        data = MetricData(Split(*batch(256, (40,), 10, seed=11)), Split(*batch(16, (40,), 10, seed=12)), 10)
+    options = HessianOptions(eig_start=start, eig_rule="residual" if start == "random" else "gap")
+    drawn = data.train.batch(options.batch_size, seeded(7))
+    exact = np.linalg.eigvalsh(reference_hessian(model, drawn.x, drawn.y).numpy())
+    out = METRICS["hessian"].compute(model, data, options, seeded(7))
+    assert all(math.isfinite(v) for v in out.values())
+    scale = np.abs(exact).max()
+    assert out["train/top_eigenvalue"] == pytest.approx(exact[-1], abs=1e-3 * scale)
+    assert out["train/bottom_eigenvalue"] == pytest.approx(exact[0], abs=1e-3 * scale)
+    assert out["train/top_abs_eigenvalue"] == pytest.approx(exact[np.argmax(np.abs(exact))], abs=1e-3 * scale)
+    if name.startswith(("negative", "indefinite", "tanh_saddle")):
+        assert out["train/top_abs_eigenvalue"] < 0
+        assert -out["train/top_abs_eigenvalue"] > abs(out["train/top_eigenvalue"])
+
+
+@pytest.mark.parametrize("name,factory,dim", SIGNED_CASES, ids=[c[0] for c in SIGNED_CASES])
+def test_traces_at_the_defaults_are_finite_and_within_their_error(name, factory, dim):
+    """Hutch++ on the Krylov basis at the defaults: within 4 standard errors (or 1e-8 relative, where the
+    basis holds the whole trace) of tr(H) of the dense Hessian, with a relative standard error <= 2 %
+    (the default stopping rule); Hutchinson's standard error is finite and honest (within 4 of them)."""
+    model, data = factory(), signed_data(dim)
+    if name == "resnet_batchnorm":
+        data = MetricData(Split(*batch(256, (40,), 10, seed=11)), Split(*batch(16, (40,), 10, seed=12)), 10)
+    drawn = data.train.batch(200, seeded(7))
+    exact = float(reference_hessian(model, drawn.x, drawn.y).trace())
+    out = METRICS["hessian"].compute(model, data, HessianOptions(), seeded(7))
+    for q in ("trace", "trace_stderr", "trace_hutchpp", "trace_hutchpp_stderr"):
+        assert math.isfinite(out[f"train/{q}"]), q
+    plus, plus_se = out["train/trace_hutchpp"], out["train/trace_hutchpp_stderr"]
+    assert abs(plus - exact) <= 4 * plus_se + 1e-8 * abs(exact)
+    probes = out["train/hvp_trace_hutchpp"] - out["train/hvp_density"]
+    if name != "few_distinct":  # there the Krylov space is exhausted after 3 steps and holds little of the trace
+        assert probes < HessianOptions().trace_probes
+    if probes < HessianOptions().trace_probes:  # stopped by the rule, not by the cap
+        assert plus_se <= 0.02 * abs(plus) + 1e-12
+    assert abs(out["train/trace"] - exact) <= 4 * out["train/trace_stderr"] + 1e-8 * abs(exact)
+
+
+@pytest.mark.parametrize("rule", ["change", "stderr"])
+def test_trace_stderr_is_finite_when_the_krylov_basis_holds_the_trace(rule):
+    """Three distinct eigenvalues: the SLQ run exhausts its Krylov space after 3 steps, so the basis holds
+    the trace up to the probe's own part and the first residual sample is ~0; each stopping rule still takes
+    at least two probes, so the standard error is defined."""
+    model, data = quadratic(torch.tensor([3.0] * 10 + [-6.0] * 10 + [1.0] * 10)), signed_data(4)
+    out = METRICS["hessian"].compute(model, data, HessianOptions(trace_rule=rule, trace_tol=1e-3), seeded(3))
+    assert math.isfinite(out["train/trace_hutchpp_stderr"]) and math.isfinite(out["train/trace_stderr"])
+    assert abs(out["train/trace_hutchpp"] + 20.0) <= 4 * out["train/trace_hutchpp_stderr"]

@@ -16,7 +16,7 @@ import torch
 
 from phasediagram import models
 from phasediagram.data import Split
-from phasediagram.metrics import METRICS, MetricData, parse_key
+from phasediagram.metrics import DIAGNOSTIC, METRICS, STDERR, VALUE, MetricData, parse_key
 
 CHEAP = {
     "hessian": {"batch_size": 64, "lanczos_iters": 10, "trace_probes": 4, "hutchpp_sketch": 2, "density_iters": 8,
@@ -78,3 +78,35 @@ def test_metric_contract(name, tmp_path):
         assert all(torch.equal(state[k], after_state[k]) for k in state)
     assert compute(1, tmp_path / "b") == first
     assert {p.quantity for p in metric.panels} <= {parse_key(k)[1] for k in first}
+
+
+def default_data() -> MetricData:
+    """Enough examples for every metric's default batch sizes (Hessian 200, Fisher 100, CKA 128)."""
+    g = torch.Generator().manual_seed(2)
+    x, xt = torch.randn(256, 40, generator=g, dtype=torch.float64), torch.randn(64, 40, generator=g, dtype=torch.float64)
+    y, yt = torch.randint(0, 10, (256,), generator=g), torch.randint(0, 10, (64,), generator=g)
+    return MetricData(Split(x, y), Split(xt, yt), 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet1d", "mlp"])
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_value_is_finite_at_the_default_options(name, arch, tmp_path):
+    """The options as shipped, on small models with and without BatchNorm: every value finite, every
+    declared non-measurement quantity present, and each quantity named like a standard error or a product
+    count declared as one (so figures, phases and correlations skip it)."""
+    metric = METRICS[name]
+    torch.manual_seed(0)
+    models_ = [models.create(arch, 2, (40,), 10).double() for _ in range(1 if metric.kind == "single" else 2)]
+    data = dataclasses.replace(default_data(), state_dir=tmp_path)
+    out = metric.compute(*models_, data, metric.options(), torch.Generator().manual_seed(1))
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.values()), \
+        {k: v for k, v in out.items() if not math.isfinite(v)}
+    quantities = {parse_key(k)[1] for k in out}
+    assert set(metric.stderrs) | set(metric.diagnostics) <= quantities
+    for q in quantities:
+        if q.endswith(("_stderr", "_se")):
+            assert metric.quantity_kind(q) == STDERR, q
+        elif q.startswith("hvp_") or q.endswith(("_t", "_converged", "_floored")):
+            assert metric.quantity_kind(q) == DIAGNOSTIC, q
+        else:
+            assert metric.quantity_kind(q) == VALUE, q

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from phasediagram import checkpoints, cli, results, table, train
-from phasediagram.jobs import Job, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs, start_pool
+from phasediagram.jobs import (Job, dataset_for, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs,
+                               start_pool)
 from phasediagram.layout import Layout
+from phasediagram.metrics.base import evaluate
 
 from .conftest import tiny_spec
 
@@ -221,3 +223,27 @@ def test_no_progress_bar_and_no_tqdm_lock_without_a_terminal(monkeypatch, capsys
     bar = jobs._progress(3, "x")
     assert isinstance(bar, tqdm)
     bar.close()
+
+
+def test_metrics_read_the_best_checkpoint_when_asked(tiny):
+    """metric_checkpoint="best": the metric jobs read best.pt (lowest training loss), not final.pt; the
+    result records it, so switching redoes the metric jobs but not the training."""
+    _, layout = tiny
+    spec = tiny_spec(epochs=4, lrs=(2.0,))  # a large lr, so the last epoch is not the best one in some run
+    cell = spec.cells()[0]
+    assert run_job(spec, layout, Job("train", cell)) == "done"
+    best = tiny_spec(epochs=4, lrs=(2.0,), metric_checkpoint="best")
+    assert best.training_hash() == spec.training_hash()
+    assert run_job(spec, layout, Job("loss_acc", cell)) == "done"
+    final_rows = results.read(layout.result_path("loss_acc", cell))["rows"]
+    assert run_job(best, layout, Job("train", cell)) == "skipped"
+    assert run_job(best, layout, Job("loss_acc", cell)) == "done"
+    best_rows = results.read(layout.result_path("loss_acc", cell))["rows"]
+    for seed in spec.seeds:
+        for name, rows in (("best", best_rows), ("final", final_rows)):
+            model, _ = train.load_model(layout.checkpoint(cell, seed, name))
+            expected = evaluate(model, dataset_for(spec, cell, layout).train)[0]
+            got = next(r["value"] for r in rows if r["seed"] == seed and r["split"] == "train" and r["metric"] == "loss")
+            assert got == pytest.approx(expected, rel=1e-6), (name, seed)
+    assert any(checkpoints.load(layout.checkpoint(cell, s, "best"))["epoch"] < spec.epochs for s in spec.seeds)
+

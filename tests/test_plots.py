@@ -20,7 +20,7 @@ from .test_phases import BATCH_SIZES, KNOWN, WIDTHS, synthetic_table  # noqa: E4
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CORE_TITLES = ["(a) test accuracy (%)", "(b) log10 training loss", "(c) log10 top Hessian eigenvalue",
-               "(d) log10 Hessian trace", "(e) mode connectivity (error %)", "(f) CKA similarity",
+               "(d) log10 Hessian trace (Hutchinson)", "(e) mode connectivity (error %)", "(f) CKA similarity",
                "(g) L2 distance between seeds", "(h) phases"]
 
 
@@ -134,7 +134,7 @@ def test_colour_ranges_default_override_and_centred_mc():
 def test_non_positive_values_on_a_log_panel_are_blank_and_noted():
     df = synthetic_table()
     df.loc[(df.metric == "trace") & (df.width == 2), "value"] = -5.0
-    grid, _, mesh, notes = _draw(df, plots.CORE[3])
+    grid, _, mesh, notes = _draw(df, plots.CORE[3].for_table(df))
     assert np.ma.getmaskarray(mesh.get_array()).sum() == 4
     assert len(notes) == 1 and "4 cell(s) <= 0" in notes[0]
 
@@ -190,3 +190,24 @@ def test_edges_and_tick_labels():
 
 def test_registry_panels_are_panels():
     assert all(isinstance(p, Panel) for m in METRICS.values() for p in m.panels)
+
+
+def test_trace_panel_draws_hutchpp_and_falls_back_to_hutchinson(tmp_path):
+    """Panel (d) draws the Hutch++ trace where the table has it (the accurate estimator), Hutchinson's only
+    where it is all there is (e.g. the reference's published table); panel (c) likewise falls back to the
+    largest-magnitude eigenvalue; standard errors and diagnostics are never drawn."""
+    df = synthetic_table()
+    hutchpp = df[df.metric == "trace"].assign(metric="trace_hutchpp", value=lambda d: d.value * 1.5)
+    noise = df[df.metric == "trace"].assign(metric="trace_hutchpp_stderr", kind=None)
+    both = normalise(pd.concat([df, hutchpp, noise], ignore_index=True))
+    res = plots.phase_figure(both, tmp_path / "both.png", formats=("png",), dpi=50)
+    assert res.titles[3] == "(d) log10 Hessian trace (Hutch++)"
+    assert not any("stderr" in t for t in res.titles)
+    grid = plots.cell_grid(both, plots.CORE[3].for_table(both), list(WIDTHS), list(BATCH_SIZES), "width",
+                           "batch_size")
+    expected = plots.cell_grid(df, plots.CORE[3].for_table(df), list(WIDTHS), list(BATCH_SIZES), "width",
+                               "batch_size")
+    pd.testing.assert_frame_equal(grid, 1.5 * expected)
+    abs_only = normalise(df.assign(metric=df.metric.replace({"top_eigenvalue": "top_abs_eigenvalue"})))
+    res = plots.phase_figure(abs_only, tmp_path / "abs.png", formats=("png",), dpi=50)
+    assert res.titles[2] == "(c) log10 largest-magnitude Hessian eigenvalue"

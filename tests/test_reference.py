@@ -54,7 +54,7 @@ def test_every_cell_and_quantity_is_imported(imported):
     counts = scalar.groupby(["source", "split", "metric"]).size().to_dict()
     assert counts == {("loss_acc", "train", "loss"): 1050, ("loss_acc", "train", "acc"): 1050,
                       ("loss_acc", "test", "loss"): 910, ("loss_acc", "test", "acc"): 910,
-                      ("hessian", "train", "top_eigenvalue"): 1050, ("hessian", "train", "trace"): 1050,
+                      ("hessian", "train", "top_abs_eigenvalue"): 1050, ("hessian", "train", "trace"): 1050,
                       ("dist", "-", "dist"): 2100, ("CKA", "train", "cka_logits"): 2100,
                       ("CKA", "train", "cka_softmax"): 2100, ("curve", "train", "mc"): 210}
     pairs = imported[imported.source == "dist"]
@@ -81,7 +81,7 @@ def test_cell_means_equal_the_files(tree, imported, bs, w):
         ("acc", "train"): np.mean([train[s]["accuracy"] for s in seeds]),
         ("acc", "test"): np.mean([test[s]["accuracy"] for s in seeds]),
         ("loss", "test"): np.mean([test[s]["loss"] for s in seeds]),
-        ("top_eigenvalue", "train"): np.mean([hess[s]["top_eigenvalue"][0] for s in seeds]),
+        ("top_abs_eigenvalue", "train"): np.mean([hess[s]["top_eigenvalue"][0] for s in seeds]),
         ("trace", "train"): np.mean([hess[s]["trace"] for s in seeds]),
         ("dist", "-"): np.mean([dist[i][j]["dist"] for i, j in off]),
         ("cka_logits", "train"): np.mean([cka[i][j][0] for i, j in off]),
@@ -132,7 +132,7 @@ def test_the_phase_partition_on_the_archive(classified, imported):
 def test_the_figure_from_the_archive(imported, tmp_path):
     res = plots.phase_figure(imported, tmp_path / "reference.png", formats=("png",), dpi=60)
     assert res.titles[:8] == ["(a) test accuracy (%)", "(b) log10 training loss",
-                              "(c) log10 top Hessian eigenvalue", "(d) log10 Hessian trace",
+                              "(c) log10 largest-magnitude Hessian eigenvalue", "(d) log10 Hessian trace (Hutchinson)",
                               "(e) mode connectivity (error %)", "(f) CKA similarity",
                               "(g) L2 distance between seeds", "(h) phases"]
     assert res.notes == [] and res.paths[0].stat().st_size > 50_000

@@ -26,19 +26,47 @@ from .runtime import freeze_alive, in_forked_process, keep_freed_memory
 from .scripts import SlurmOptions, bash_script, slurm_script
 
 PRESET_SPECS = {
-    # The embedded default: residual conv nets on MNIST-1D, 5 widths x 5 batch sizes x 3 seeds, with
-    # the reference study's landscape metrics at settings cheap enough for a laptop CPU.
-    "demo": {"name": "demo", "arch": "resnet1d", "dataset": "mnist1d", "widths": [2, 4, 8, 16, 32],
-             "batch_sizes": [16, 32, 64, 128, 256], "seeds": [0, 1, 2], "epochs": 6, "schedule": "step",
-             "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve"],
-             "metric_options": {"hessian": {"trace_probes": 10, "hutchpp_sketch": 3, "density_iters": 20},
-                                "curve": {"epochs": 3, "max_batches_per_epoch": 16, "lr": 0.05,
-                                          "eval_examples": 500, "linear": False, "pairs": "first"}}},
+    # The embedded default: residual conv nets on MNIST-1D, 3 widths x 5 learning rates (the temperature) x 2
+    # seeds, every landscape metric at its default settings except where a cheaper one still measures
+    # what the figure shows (README, "The demo" says which and why).
+    "demo": {"name": "demo", "arch": "resnet1d", "dataset": "mnist1d", "widths": [2, 8, 32], "batch_sizes": [32],
+             "lrs": [0.05, 0.1, 0.2, 0.4, 0.8], "temperature_axis": "lr", "seeds": [0, 1], "epochs": 8,
+             "schedule": "step", "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve", "fisher"],
+             "metric_options": {"fisher": {"n_batches": 20},
+                                "curve": {"epochs": 20, "lr": 0.1, "linear": False, "pairs": "first"}}},
     "tiny": {"name": "tiny", "arch": "mlp", "widths": [4, 16], "batch_sizes": [32, 128], "seeds": [0, 1],
              "epochs": 3, "metrics": ["loss_acc", "dist"]},
-    "reference": {"name": "reference", "arch": "resnet18", "dataset": "cifar10", "widths": "reference",
-                  "batch_sizes": "efficient_fine", "seeds": [0, 1, 2, 3, 4], "epochs": 150, "lrs": [0.05],
-                  "metrics": ["loss_acc", "dist"]},
+    # The reference study's recipe (nsfzyzz/loss_landscape_taxonomy, workspace/src/): ResNet18 of width k on
+    # CIFAR-10, as its width x batch-size experiment trained and measured it (tests/test_presets.py pins each value).
+    "reference": {
+        "name": "reference", "arch": "resnet18", "dataset": "cifar10",
+        "widths": "reference",              # example_experiment.py: widths 1 ... 128
+        "batch_sizes": "efficient_fine",    # write_script.py, temperature range Efficient_fine: 16 ... 1024
+        "seeds": [0, 1, 2, 3, 4],           # example_experiment.py: --exp-num 5 models per cell
+        "epochs": 100,                      # write_script.py, lr_decay: --epochs 100
+        "lrs": [0.1],                       # example_experiment.py --lr-standard 0.1, the same at every batch size
+        "weight_decays": [5e-4],            # --wd-standard 5e-4, coupled, on every parameter (code/train.py)
+        "momentum": 0.9,                    # code/train.py: SGD(momentum=0.9)
+        "schedule": "step", "lr_decay_at": 0.75, "lr_decay_factor": 0.1,  # code/train.py --one-lr-decay
+        "train_fractions": [1.0],           # "subset_10": load 10 -> --subset 1.0, the whole training set
+        "metric_checkpoint": "best",        # --save-best writes only the lowest-training-loss checkpoint,
+                                            # which the metric scripts read (utils.py return_file_name)
+        "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve"],
+        "metric_options": {
+            # code/measure_hessian.py: one batch of 200 training images, eval mode; PyHessian eigenvalues
+            # (100 iterations, tol 1e-3) and trace (Hutchinson, 100 probes, relative change below 1e-3)
+            "hessian": {"batch_size": 200, "lanczos_iters": 100, "tol": 1e-3, "trace_probes": 100,
+                        "trace_rule": "change", "trace_tol": 1e-3},
+            # code/CKA.py: --mixup-CKA --mixup-alpha 16, batches 0..5 of 128 training images, every seed pair
+            "CKA": {"mixup_alpha": 16.0, "batches": 6, "batch_size": 128, "pairs": "all"},
+            # example_experiment.py CURVE_PARAMETERS, code/Mode_connectivity.py: Bezier with 3 bends between
+            # models 0 and 1, 50 epochs of the whole training set, lr 0.01, momentum 0.9, L2 5e-4, batch 128,
+            # 5 points, its bend left at the curve layers' initialisation (init_linear is not called)
+            "curve": {"epochs": 50, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
+                      "max_batches_per_epoch": 0, "points": 5, "eval_examples": 0, "pairs": "first",
+                      "bend_init": "random"},
+        },
+    },
 }
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
 
@@ -89,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ensemble", help="auto | on | off: train the seeds of a cell, and compute their Hessians, "
                                       "as ensemble models (auto: in groups where faster; on: all in one)")
     s.add_argument("--dtype", help="float32 | float64")
+    s.add_argument("--metric-checkpoint", help="final | best: the checkpoint the metrics read (best: lowest "
+                                               "training loss, as the reference study)")
 
     w = p.add_argument_group("what to do")
     w.add_argument("--metrics", nargs="+", metavar="STAGE",
@@ -167,7 +197,7 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         data.update(ExperimentSpec.from_file(args.spec).to_dict())
     scalar = {"name": str, "arch": str, "dataset": str, "data_root": str, "load_axis": str,
               "temperature_axis": str, "schedule": str, "optimizer": str, "regularizer": str, "ensemble": str,
-              "dtype": str}
+              "dtype": str, "metric_checkpoint": str}
     for field in scalar:
         value = getattr(args, field)
         if value is not None:

@@ -1,7 +1,8 @@
 """Rank correlations between every metric and generalisation, over all cells and within each phase.
 
-For every scalar quantity q of the table (one per (source, split, metric); training bookkeeping
-rows, curve points and phase rows are left out) take its cell mean over seeds (and seed pairs),
+For every measured scalar quantity q of the table (one per (source, split, metric) of kind
+"value"; standard errors, run diagnostics, training rows, curve points and phase rows are left
+out) take its cell mean over seeds (and seed pairs),
 and correlate it over cells with two targets:
 
 - ``test_acc``: the mean test accuracy (percent);
@@ -38,6 +39,7 @@ from scipy import stats
 
 from . import phases as phases_mod
 from .checkpoints import atomic_write_bytes
+from .table import measurements
 
 GRID_AXES = ("width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise")
 TARGETS = ("test_acc", "gap")
@@ -56,8 +58,9 @@ def cell_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, tuple[str, str
 
     Returns the wide table and {column name: (source, split, metric)} for the quantity columns.
     """
-    sel = df[(df["status"] == "ok") & df["coord"].isna() & ~df["source"].isin(EXCLUDED_SOURCES)
-             & df["value"].notna()]
+    sel = measurements(df)
+    sel = sel[(sel["status"] == "ok") & sel["coord"].isna() & ~sel["source"].isin(EXCLUDED_SOURCES)
+              & sel["value"].notna()]
     key = ["experiment", "cell", *GRID_AXES]
     base = df[key].drop_duplicates(["experiment", "cell"]).reset_index(drop=True)
     means = sel.groupby(["experiment", "cell", "source", "split", "metric"])["value"].mean().reset_index()

@@ -55,6 +55,7 @@ AXIS_FIELDS = {
     "label_noise": "label_noises",
 }
 SCHEDULES = ("constant", "step")
+METRIC_CHECKPOINTS = ("final", "best")
 DTYPES = ("float32", "float64")
 ENSEMBLE_CHOICES = ("auto", "on", "off")
 MAX_SEED = 2**31 - 1
@@ -176,8 +177,11 @@ class Cell:
 class ExperimentSpec:
     """Everything that defines a study; see the module docstring for the grid it spans.
 
-    Training-relevant fields are immutable once `spec.json` is written; `metrics` and
-    `metric_options` may be extended later (results record the options they were made with).
+    Training-relevant fields are immutable once `spec.json` is written; `metrics`,
+    `metric_options` and `metric_checkpoint` may change later (results record the options and the
+    checkpoint they were made with). `metric_checkpoint` "best" makes the metrics read each run's
+    checkpoint of lowest mean training loss (over an epoch's SGD steps), as the reference study's
+    metric scripts read its `_best` files; "final" the last epoch's.
     """
 
     name: str = "demo"
@@ -204,6 +208,7 @@ class ExperimentSpec:
     regularizer_options: Mapping[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = ("loss_acc", "dist")
     metric_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    metric_checkpoint: str = "final"  # which trained checkpoint the metrics read: "final" or "best" (lowest training loss)
     ensemble: str = "auto"
     dtype: str = "float32"
 
@@ -250,6 +255,7 @@ class ExperimentSpec:
         set_("metrics", tuple(_choice("metrics", m, _known("metric")) for m in self.metrics))
         _nonempty_unique("metrics", self.metrics) if self.metrics else None
         _choice("ensemble", self.ensemble, ENSEMBLE_CHOICES)
+        _choice("metric_checkpoint", self.metric_checkpoint, METRIC_CHECKPOINTS)
         _choice("dtype", self.dtype, DTYPES)
         set_("optimizer_options", _options_dict("optimizer_options", self.optimizer_options))
         set_("regularizer_options", _options_dict("regularizer_options", self.regularizer_options))
@@ -310,8 +316,8 @@ class ExperimentSpec:
     def training_identity(self) -> dict[str, Any]:
         """The fields that determine the trained checkpoints (everything but the metrics)."""
         d = self.to_dict()
-        d.pop("metrics")
-        d.pop("metric_options")
+        for name in ("metrics", "metric_options", "metric_checkpoint"):
+            d.pop(name)
         return d
 
     def training_hash(self) -> str:

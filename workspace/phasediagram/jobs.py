@@ -75,7 +75,11 @@ def dataset_for(spec: ExperimentSpec, cell: Cell, layout: Layout) -> data_mod.Da
 
 # --------------------------------------------------------------------------- one job
 def job_options(spec: ExperimentSpec, stage: str) -> dict:
-    return {} if stage == TRAIN else asdict(spec.options_for(stage))
+    """What a stage's result was made with: a metric's options and the checkpoint it read."""
+    if stage == TRAIN:
+        return {}
+    options = asdict(spec.options_for(stage))
+    return options if spec.metric_checkpoint == "final" else {**options, "checkpoint": spec.metric_checkpoint}
 
 
 class MissingCheckpoint(RuntimeError):
@@ -162,7 +166,8 @@ def pairs_of(seeds: tuple[int, ...], how: str) -> list[tuple[int, int]]:
 
 
 class CellModels:
-    """The trained final checkpoints of a cell's seeds, each loaded (and checked) at most once.
+    """The trained checkpoints of a cell's seeds that the metrics read (`spec.metric_checkpoint`), each
+    loaded (and checked) at most once; the final checkpoint says whether the run is ok or diverged.
 
     `get(seed)` returns (model, status); the model is None unless status is "ok". Metric jobs
     leave models as they found them (the metric contract), so the jobs of one cell share them.
@@ -181,6 +186,13 @@ class CellModels:
                                         "(a corrupt one was moved aside)")
             model, ckpt = train.load_model(path, self.device)
             train.check_matches(ckpt, self.spec, self.cell, path)
+            if ckpt["status"] == "ok" and self.spec.metric_checkpoint != "final":
+                path = self.layout.checkpoint(self.cell, seed, self.spec.metric_checkpoint)
+                try:
+                    model, best = train.load_model(path, self.device)
+                except FileNotFoundError:
+                    raise MissingCheckpoint(f"no {path}: the run has no checkpoint of this kind") from None
+                train.check_matches(best, self.spec, self.cell, path)
             self._loaded[seed] = (model if ckpt["status"] == "ok" else None, ckpt["status"])
         return self._loaded[seed]
 

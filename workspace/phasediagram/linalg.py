@@ -184,8 +184,9 @@ class Eigs:
     """Extreme eigenvalues from `lanczos_eigs`.
 
     `top`: the k largest algebraic eigenvalues, descending. `largest_magnitude`: the eigenvalue
-    of largest |lambda|, signed (what power iteration converges to). `bottom`: the smallest Ritz
-    value, an upper bound on lambda_min that is converged only if it is the largest in magnitude.
+    of largest |lambda|, signed (what power iteration converges to): lambda_max or lambda_min,
+    whichever is larger in magnitude. `bottom`: lambda_min, the smallest Ritz value (an upper bound
+    on lambda_min, converged under the same stopping test as `top`).
     `residuals`: the Ritz residual bounds of `top`; each |theta_i - lambda| <= residual_i for some
     eigenvalue lambda of A. `bounds`: the sharper error bounds of `top` from `ritz_bounds`
     (min(r_i, r_i^2 / gap_i), valid under the gap assumption stated there). `vectors`: the Ritz
@@ -205,11 +206,16 @@ class Eigs:
 EIG_RULES = ("gap", "residual", "change")
 
 
-def _wanted(theta: np.ndarray, k: int) -> np.ndarray:
-    """Indices (into ascending theta) of the k largest and of the largest-magnitude Ritz value."""
+def _wanted(theta: np.ndarray, k: int, bottom: bool = True) -> np.ndarray:
+    """Indices (into ascending theta) of the k largest and (with `bottom`) of the smallest Ritz value.
+
+    Both ends of the spectrum are needed for the eigenvalue of largest magnitude: it is lambda_max
+    or lambda_min, and which one is only known once both have converged. Testing only the current
+    largest-magnitude Ritz value would accept lambda_max while a dominant negative lambda_min is
+    still unresolved (Ritz values approach lambda_min from above, so |theta_min| < |lambda_min|).
+    """
     top = list(range(len(theta) - 1, max(len(theta) - 1 - k, -1), -1))
-    big = int(np.argmax(np.abs(theta)))
-    return np.array(top + ([big] if big not in top else []))
+    return np.array(top + ([0] if bottom and 0 not in top else []))
 
 
 def ritz_bounds(theta: np.ndarray, s: np.ndarray, residual: float, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -281,15 +287,15 @@ class _Converged:
     the top k are only final once that value is no larger than the k-th (no missed multiplicity).
     """
 
-    def __init__(self, k: int, tol: float, rule: str):
+    def __init__(self, k: int, tol: float, rule: str, bottom: bool = True):
         if rule not in EIG_RULES:
             raise ValueError(f"rule must be one of {EIG_RULES}, got {rule!r}")
-        self.k, self.tol, self.rule = k, tol, rule
+        self.k, self.tol, self.rule, self.bottom = k, tol, rule, bottom
         self.previous: np.ndarray | None = None
 
     def __call__(self, run: Lanczos) -> bool:
         theta, s = run.ritz()
-        idx = _wanted(theta, self.k)
+        idx = _wanted(theta, self.k, self.bottom)
         wanted = theta[idx]
         moved = self.previous if self.previous is not None and len(self.previous) == len(wanted) else None
         self.previous = wanted
@@ -342,25 +348,26 @@ def start_vector(n: int, generator: torch.Generator, device="cpu", dtype: torch.
 
 def lanczos_eigs(matvec: Matvec, n: int, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
                  generator: torch.Generator | None = None, device="cpu", rule: str = "gap",
-                 dtype: torch.dtype = DTYPE, hint: torch.Tensor | None = None, start: torch.Tensor | None = None
-                 ) -> Eigs:
-    """The k largest algebraic eigenvalues of A and its eigenvalue of largest magnitude, by Lanczos.
+                 dtype: torch.dtype = DTYPE, hint: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                 magnitude: bool = True) -> Eigs:
+    """The k largest algebraic eigenvalues of A, its smallest, and its eigenvalue of largest magnitude, by Lanczos.
 
     Starts from `start` when given (used as it is: e.g. Ritz vectors of an earlier Krylov run,
     which continues that run's search; `hint` is then ignored and `generator` only serves
     restarts), else from `start_vector` (Gaussian, plus the direction `hint` if given), and runs Lanczos
     (full reorthogonalisation, restarts at invariant subspaces) until the wanted Ritz values (the
-    k largest, and the one largest in magnitude, which is the most negative one when negative
-    curvature dominates) pass the stopping test (`_Converged`; by default the gap rule: each
+    k largest and the smallest, so that the one of largest magnitude, lambda_max or lambda_min,
+    is known) pass the stopping test (`_Converged`; by default the gap rule: each
     within min(r_i, r_i^2 / gap_i) <= tol * max_j |theta_j| of an eigenvalue of A, see
     `ritz_bounds`), or `max_iter` products are spent. One product per step; the error of the top
     Ritz value decays like T_m(1 + 2 gamma)^-2 ~ exp(-4 m sqrt(gamma)),
     gamma = (lambda_1 - lambda_2) / (lambda_2 - lambda_n), against (lambda_2 / lambda_1)^(2m) for
-    power iteration.
+    power iteration. With `magnitude=False` only the k largest are tested (for lambda_max alone;
+    `largest_magnitude` and `bottom` are then not certified).
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     v0 = start.reshape(-1).to(device, dtype) if start is not None else start_vector(n, generator, device, dtype, hint)
-    run = lanczos(matvec, v0, max_iter, stop=_Converged(k, tol, rule), restart=generator, dtype=dtype)
+    run = lanczos(matvec, v0, max_iter, stop=_Converged(k, tol, rule, magnitude), restart=generator, dtype=dtype)
     theta, s = run.ritz()
     top_idx = np.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1)
     big = int(np.argmax(np.abs(theta)))
@@ -432,17 +439,21 @@ class Trace:
 
 
 def _should_stop(rule: str, tol: float, offset: float, samples: list[float]) -> bool:
-    """Stopping rules on T_m = offset + mean(samples), both with |T| in the denominator.
+    """Stopping rules on T_m = offset + mean(samples), both with |T| in the denominator and m >= 2
+    (so that the standard error is defined).
 
-    "change" (the reference rule, made sign-safe): |T_m - T_{m-1}| / (|T_{m-1}| + 1e-6) < tol,
-    with T_0 = offset. "stderr": m >= 2 and std(samples) / sqrt(m) <= tol * |T_m|.
+    "change" (the reference rule, made sign-safe): |T_m - T_{m-1}| / (|T_{m-1}| + 1e-6) < tol.
+    "stderr": std(samples) / sqrt(m) <= tol * |T_m|, so the reported relative standard error is
+    at most tol whenever the rule, not the probe cap, ends the run.
     """
     m = len(samples)
+    if m < 2:
+        return False
     now = offset + float(np.mean(samples))
     if rule == "change":
-        before = offset + (float(np.mean(samples[:-1])) if m > 1 else 0.0)
+        before = offset + float(np.mean(samples[:-1]))
         return abs(now - before) / (abs(before) + 1e-6) < tol
-    return m >= 2 and float(np.std(samples, ddof=1)) / math.sqrt(m) <= tol * abs(now)
+    return float(np.std(samples, ddof=1)) / math.sqrt(m) <= tol * abs(now)
 
 
 def _check_rule(rule: str) -> None:

@@ -37,6 +37,8 @@ Fallbacks when an input is missing for a cell (each recorded in the ``note`` col
 - no training loss: sharpness comes from the top Hessian eigenvalue if `hessian_threshold` is
   set, otherwise it is unknown;
 - no ``cka_softmax``: ``cka_logits`` is used; no CKA at all: the phase is ``IV`` (not split);
+- no ``top_eigenvalue`` (e.g. a published table holding power iteration's largest-magnitude
+  eigenvalue): ``top_abs_eigenvalue`` serves for `hessian_threshold`;
 - unknown sharpness: a poorly connected cell is ``I/III``, a well connected one ``II/IV``;
 - no mc: the cell is not classified (phase ``""``); so is a cell whose runs all diverged.
 
@@ -57,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .table import COLUMNS, normalise
+from .table import COLUMNS, measurements, normalise
 
 PHASES = ("I", "II", "III", "IV-A", "IV-B")
 PARTIAL = ("IV", "I/III", "II/IV")
@@ -107,7 +109,8 @@ KEY = ["experiment", "cell"]
 
 def _means(df: pd.DataFrame, cell_rows: pd.DataFrame, metric: str, split: str) -> np.ndarray:
     """Mean over seeds (and pairs) of one scalar quantity for each row of `cell_rows` (NaN if none)."""
-    sel = df[(df["metric"] == metric) & (df["split"] == split) & (df["status"] == "ok") & df["coord"].isna()]
+    sel = measurements(df)
+    sel = sel[(sel["metric"] == metric) & (sel["split"] == split) & (sel["status"] == "ok") & sel["coord"].isna()]
     means = sel.groupby(KEY)["value"].mean().rename("mean").reset_index()
     return cell_rows[KEY].merge(means, on=KEY, how="left")["mean"].to_numpy(float)
 
@@ -168,6 +171,7 @@ def classify(df: pd.DataFrame, rule: PhaseRule | None = None) -> pd.DataFrame:
     loss = _means(df, out, "loss", "train")
     mc = _means(df, out, "mc", "train")
     eig = _means(df, out, "top_eigenvalue", "train")
+    eig = np.where(np.isnan(eig), _means(df, out, "top_abs_eigenvalue", "train"), eig)
     fallback = "cka_logits" if rule.cka_quantity == "cka_softmax" else "cka_softmax"
     cka_main = _means(df, out, rule.cka_quantity, "train")
     cka = np.where(np.isnan(cka_main), _means(df, out, fallback, "train"), cka_main)
@@ -193,7 +197,7 @@ def phase_rows(phases: pd.DataFrame) -> pd.DataFrame:
         if rec["phase"] in PHASE_CODES:
             rows.append({**{c: rec[c] for c in CELL_COLUMNS}, "seed": None, "seed_b": None, "split": "-",
                          "metric": PHASE_SOURCE, "coord": None, "value": float(PHASE_CODES[rec["phase"]]),
-                         "status": "ok", "source": PHASE_SOURCE})
+                         "status": "ok", "source": PHASE_SOURCE, "kind": "value"})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -3,8 +3,10 @@
 :func:`phase_figure` draws, on one shared pair of axes per panel,
 
     (a) test accuracy, with the phase regions of :mod:`.phases` outlined and labelled
-    (b) training loss                      (c) top Hessian eigenvalue (log colour scale)
-    (d) Hessian trace (log colour scale)   (e) mode connectivity, diverging colormap centred at 0
+    (b) training loss                      (c) top Hessian eigenvalue (log colour scale; the
+                                               largest-magnitude one where a table has only that)
+    (d) Hessian trace, Hutch++ (Hutchinson where a table has no Hutch++ rows; log colour scale)
+    (e) mode connectivity, diverging colormap centred at 0
     (f) CKA similarity                     (g) L2 distance between seeds
     (h) the phase map (categorical colours)
 
@@ -44,6 +46,7 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from . import phases as phases_mod  # noqa: E402
 from .metrics import METRICS, Panel  # noqa: E402
+from .table import measurements  # noqa: E402
 
 AXIS_LABELS = {"width": "width (load)", "train_fraction": "training-set fraction (load)",
                "label_noise": "label-noise fraction (load)", "batch_size": "batch size (temperature)",
@@ -59,17 +62,31 @@ class PanelSpec:
 
     source: str
     panel: Panel
+    fallback: Panel | None = None  # drawn instead where the table lacks `panel` (e.g. a published table)
 
     @property
     def key(self) -> tuple[str, str, str]:
         return self.source, self.panel.quantity, self.panel.split
 
+    def panels(self) -> tuple[Panel, ...]:
+        return (self.panel,) if self.fallback is None else (self.panel, self.fallback)
+
+    def for_table(self, df: pd.DataFrame) -> "PanelSpec":
+        """This spec, or its fallback where the table has rows of the fallback's quantity only."""
+        if self.fallback is None or has_data(df, self):
+            return self
+        alternative = PanelSpec(self.source, self.fallback)
+        return alternative if has_data(df, alternative) else self
+
 
 CORE = (
     PanelSpec("loss_acc", Panel("acc", "test", "test accuracy (%)", cmap="viridis")),
     PanelSpec("loss_acc", Panel("loss", "train", "training loss", log=True, cmap="viridis_r")),
-    PanelSpec("hessian", Panel("top_eigenvalue", "train", "top Hessian eigenvalue", log=True, cmap="viridis_r")),
-    PanelSpec("hessian", Panel("trace", "train", "Hessian trace", log=True, cmap="viridis_r")),
+    PanelSpec("hessian", Panel("top_eigenvalue", "train", "top Hessian eigenvalue", log=True, cmap="viridis_r"),
+              fallback=Panel("top_abs_eigenvalue", "train", "largest-magnitude Hessian eigenvalue", log=True,
+                             cmap="viridis_r")),
+    PanelSpec("hessian", Panel("trace_hutchpp", "train", "Hessian trace (Hutch++)", log=True, cmap="viridis_r"),
+              fallback=Panel("trace", "train", "Hessian trace (Hutchinson)", log=True, cmap="viridis_r")),
     PanelSpec("curve", Panel("mc", "train", "mode connectivity (error %)", cmap="RdBu_r", center=0.0)),
     PanelSpec("CKA", Panel("cka_softmax", "train", "CKA similarity", cmap="viridis")),
     PanelSpec("dist", Panel("dist", "-", "L2 distance between seeds", cmap="viridis_r")),
@@ -128,7 +145,8 @@ def cell_grid(df: pd.DataFrame, spec: PanelSpec, xs, ys, load: str, temperature:
     split from any source (a table written by other tools).
     """
     p = spec.panel
-    sel = df[(df["metric"] == p.quantity) & (df["split"] == p.split) & (df["status"] == "ok") & df["coord"].isna()]
+    sel = measurements(df)
+    sel = sel[(sel["metric"] == p.quantity) & (sel["split"] == p.split) & (sel["status"] == "ok") & sel["coord"].isna()]
     own = sel[sel["source"] == spec.source]
     sel = own if not own.empty else sel
     if sel.empty:
@@ -138,8 +156,8 @@ def cell_grid(df: pd.DataFrame, spec: PanelSpec, xs, ys, load: str, temperature:
 
 
 def has_data(df: pd.DataFrame, spec: PanelSpec) -> bool:
-    p = spec.panel
-    return bool(((df["metric"] == p.quantity) & (df["split"] == p.split) & df["coord"].isna()).any())
+    p, sel = spec.panel, measurements(df)
+    return bool(((sel["metric"] == p.quantity) & (sel["split"] == p.split) & sel["coord"].isna()).any())
 
 
 def divergence(df: pd.DataFrame, load: str, temperature: str) -> dict[tuple, tuple[int, int]]:
@@ -349,7 +367,7 @@ def draw_phase_map(ax, grid: pd.DataFrame, diverged: dict | None = None, load="w
 
 def further_panels(df: pd.DataFrame) -> list[PanelSpec]:
     """Registered panels (metrics.METRICS) whose quantity is in the table and not among the core panels."""
-    core = {s.key for s in CORE} | {(None, s.panel.quantity, s.panel.split) for s in CORE}
+    core = {(w, p.quantity, p.split) for s in CORE for p in s.panels() for w in (s.source, None)}
     present = set(zip(df["source"], df["metric"], df["split"]))
     out = []
     for name, metric in METRICS.items():
@@ -390,7 +408,7 @@ def phase_figure(df: pd.DataFrame, path: str | Path, load: str = "width", temper
     letters = iter("abcdefghijklmnopqrstuvwxyz")
     drawn: list[tuple[str, PanelSpec | None]] = []
     notes = []
-    for spec in CORE:
+    for spec in (c.for_table(table) for c in CORE):
         if has_data(table, spec):
             drawn.append((next(letters), spec))
         else:

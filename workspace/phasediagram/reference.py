@@ -18,7 +18,12 @@ file                         content
 errors are percentages there too, so values are copied unchanged):
 
 - ``loss_acc``: rows (split train/test, metric ``loss`` and ``acc``) per seed;
-- ``hessian``: ``top_eigenvalue`` (the first entry of the list) and ``trace`` per seed, split train;
+- ``hessian``: ``top_abs_eigenvalue`` (the first entry of the list) and ``trace`` per seed, split
+  train. The reference computed both with PyHessian: power iteration converges to the eigenvalue
+  of largest magnitude, which is this toolkit's ``top_abs_eigenvalue`` (``top_eigenvalue`` here
+  means the largest algebraic one, and the two differ where negative curvature dominates); its
+  ``trace`` is Hutchinson's estimate under the relative-change rule, our ``trace`` with
+  ``trace_rule="change"``;
 - ``dist``: one row per seed pair i < j (the file holds both orders; they are equal);
 - ``CKA``: one row per seed pair i < j for ``cka_logits`` and ``cka_softmax``. The file holds both
   orders (i, j) and (j, i), measured on different mixup batches, so they differ slightly; the
@@ -142,7 +147,7 @@ def cell_rows(metrics: Path, cell: Cell, experiment: str = EXPERIMENT) -> list[d
     def row(seed, seed_b, split, metric, value, source, coord=None, status="ok"):
         rows.append({"experiment": experiment, "cell": cell.id, **cell.as_dict(), "seed": seed, "seed_b": seed_b,
                      "split": split, "metric": metric, "coord": coord, "value": float(value), "status": status,
-                     "source": source})
+                     "source": source, "kind": "value"})
 
     seeds: list[int] = []
     for split, name in (("train", "loss_acc.pkl"), ("test", "loss_acc_test.pkl")):
@@ -161,7 +166,8 @@ def cell_rows(metrics: Path, cell: Cell, experiment: str = EXPERIMENT) -> list[d
     if path.exists():
         for seed, vals in sorted(load_pickle(path).items()):
             top = vals["top_eigenvalue"]
-            row(seed, None, "train", "top_eigenvalue", top[0] if isinstance(top, (list, tuple)) else top, "hessian")
+            row(seed, None, "train", "top_abs_eigenvalue", top[0] if isinstance(top, (list, tuple)) else top,
+                "hessian")
             row(seed, None, "train", "trace", vals["trace"], "hessian")
     path = metrics / "model_dist.pkl"
     if path.exists():

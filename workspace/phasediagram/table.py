@@ -1,8 +1,12 @@
 """Rows -> one tidy table: `collect` concatenates every job's result file into a DataFrame.
 
 Columns: experiment, cell, width, batch_size, lr, weight_decay, train_fraction, label_noise,
-seed, seed_b, split, metric, coord, value, status, source. One row per (cell, seed[, seed_b],
-split, metric[, coord]).
+seed, seed_b, split, metric, coord, value, status, source, kind. One row per (cell, seed[, seed_b],
+split, metric[, coord]). `kind` says what the value is: "value" (a measurement), "stderr" (the
+standard error of a measurement) or "diagnostic" (of the run: product counts, convergence flags,
+the coordinate of an extremum, epochs trained), as each metric's registry entry declares
+(`metrics.row_kind`); a table read without the column gets it from there. Figures, phases and
+correlations use the measurements only; every row stays in the table.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from . import results
 from .checkpoints import CorruptFile, atomic_write_bytes, quarantine
 from .grid import SpecError
 from .layout import Layout
+from .metrics import VALUE, row_kind
 
-COLUMNS = list(results.ROW_KEYS)
+COLUMNS = [*results.ROW_KEYS, "kind"]
 SORT = ["width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise", "source", "metric", "split",
         "coord", "seed", "seed_b"]
 
@@ -47,7 +52,11 @@ def collect(layout: Layout, experiment: str | None = None, log=print) -> pd.Data
 
 
 def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with typed columns, `kind` filled in where missing, sorted."""
     df = df.copy()
+    given = df["kind"].astype(object) if "kind" in df else pd.Series(None, index=df.index, dtype=object)
+    df["kind"] = [k if isinstance(k, str) else row_kind(str(s), str(m))
+                  for k, s, m in zip(given, df["source"], df["metric"])]
     for c in ("value", "coord", "lr", "weight_decay", "train_fraction", "label_noise"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in ("width", "batch_size", "seed", "seed_b"):
@@ -68,7 +77,7 @@ def read(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
         df = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpecError("table", f"cannot read {path} as a results table: {exc}") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in results.ROW_KEYS if c not in df.columns]
     if missing:
         raise SpecError("table", f"{path} is not a phasediagram results table (missing columns {missing})")
     if experiment is not None:
@@ -78,10 +87,16 @@ def read(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     return normalise(df)
 
 
+def measurements(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that are measurements (kind "value"): no standard errors, no run diagnostics."""
+    return df[df["kind"] == VALUE] if "kind" in df else df
+
+
 def cell_means(df: pd.DataFrame, metric: str, split: str, load: str = "width", temperature: str = "batch_size",
                source: str | None = None) -> pd.DataFrame:
     """Mean over seeds (and seed pairs) of one scalar quantity: a (temperature x load) grid."""
-    sel = df[(df["metric"] == metric) & (df["split"] == split) & (df["status"] == "ok") & df["coord"].isna()]
+    sel = measurements(df)
+    sel = sel[(sel["metric"] == metric) & (sel["split"] == split) & (sel["status"] == "ok") & sel["coord"].isna()]
     if source is not None:
         sel = sel[sel["source"] == source]
     if sel.empty:

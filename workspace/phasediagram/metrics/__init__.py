@@ -6,7 +6,7 @@ add one entry here. The registry-wide contract tests then cover it.
 
 from __future__ import annotations
 
-from .base import Metric, MetricData, Panel, key, parse_key
+from .base import DIAGNOSTIC, ROW_KINDS, STDERR, VALUE, Metric, MetricData, Panel, key, parse_key
 from .cka import CKAOptions, cka
 from .curve import CurveOptions, curve, curve_pairs
 from .dist import DistOptions, dist
@@ -41,30 +41,48 @@ METRICS: dict[str, Metric] = {
                 Panel("mc_linear", "train", "linear-path mc (train error %)", cmap="RdBu", center=0.0)),
         description="mode connectivity: trained quadratic Bezier curve between two seeds, mc and the curve's errors",
         compute_pairs=curve_pairs,
+        diagnostics=("mc_t", "mc_linear_t"),
     ),
     "hessian": Metric(
         "hessian", "single", hessian, HessianOptions,
         panels=(Panel("top_eigenvalue", "train", "top Hessian eigenvalue", log=True, cmap="magma"),
-                Panel("trace", "train", "Hessian trace (Hutchinson)", log=True, cmap="magma")),
+                Panel("trace_hutchpp", "train", "Hessian trace (Hutch++)", log=True, cmap="magma")),
         description="training-loss Hessian: top eigenvalues (Lanczos), trace (Hutchinson, Hutch++), SLQ density",
         compute_seeds=hessian_seeds,
+        stderrs=("trace_stderr", "trace_hutchpp_stderr"),
+        diagnostics=("hvp_eig", "hvp_trace", "hvp_trace_hutchpp", "hvp_traces", "hvp_density", "eig_converged"),
     ),
     "fisher": Metric(
         "fisher", "single", fisher, FisherOptions,
         panels=(Panel("fisher", "train", "Fisher metric 1/2 log det JJ^T (InfoMCR)", cmap="magma"),),
         description="InfoMCR observed-Fisher metric: mean over batches of sum log singular values of per-example gradients",
+        diagnostics=("fisher_floored",),
     ),
     "local_energy": Metric(
         "local_energy", "single", local_energy, LocalEnergyOptions,
         panels=(Panel("local_energy", "train", "local energy dE at sigma_value (train loss)", cmap="magma"),
                 Panel("local_energy", "test", "local energy dE at sigma_value (test loss)", cmap="magma")),
         description="Pittorino et al. local energy under multiplicative Gaussian weight noise, curve over sigma",
+        stderrs=("local_energy_se", "local_energy_err_se"),
     ),
     "nrs": Metric(
         "nrs", "single", nrs, NRSOptions,
         panels=(Panel("nrs", "train", "NRS divergence KL(p(w) || p(w + delta)), train", log=True, cmap="magma"),),
         description="mean KL between the outputs of w and of random neighbours at relative radius rho",
+        stderrs=("nrs_se",),
     ),
 }
 
-__all__ = ["METRICS", "Metric", "MetricData", "Panel", "key", "parse_key"]
+TRAIN_DIAGNOSTICS = ("epochs", "diverged_epoch", "diverged_step")  # rows of the train stage that are bookkeeping
+
+
+def row_kind(source: str, quantity: str) -> str:
+    """What a table row of `source` (a metric, "train", or another tool's name) and `quantity` holds:
+    "value" (a measurement), "stderr" (the standard error of one) or "diagnostic" (of the run)."""
+    if source in METRICS:
+        return METRICS[source].quantity_kind(quantity)
+    return DIAGNOSTIC if source == "train" and quantity in TRAIN_DIAGNOSTICS else VALUE
+
+
+__all__ = ["DIAGNOSTIC", "METRICS", "ROW_KINDS", "STDERR", "VALUE", "Metric", "MetricData", "Panel", "key",
+           "parse_key", "row_kind"]

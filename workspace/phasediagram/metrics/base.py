@@ -29,6 +29,8 @@ from ..data import Split
 from ..grid import SpecError
 
 NO_SPLIT = "-"
+VALUE, STDERR, DIAGNOSTIC = "value", "stderr", "diagnostic"
+ROW_KINDS = (VALUE, STDERR, DIAGNOSTIC)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ class Metric:
     # values `compute` gives each pair (a, b) with datas[i] (its state folder) and its generator, for several
     # of a cell's pairs at once (the jobs use it in groups of `ensemble.pair_group_size` pairs)
     compute_pairs: Callable[..., list[dict[str, float]]] | None = None
+    # quantities that are not measurements: standard errors of one, and run diagnostics (product
+    # counts, convergence flags, coordinates of an extremum); figures, phases and correlations skip them
+    stderrs: tuple[str, ...] = ()
+    diagnostics: tuple[str, ...] = ()
+
+    def quantity_kind(self, quantity: str) -> str:
+        """"stderr", "diagnostic" or "value" (a measurement) for one of this metric's quantities."""
+        return STDERR if quantity in self.stderrs else DIAGNOSTIC if quantity in self.diagnostics else VALUE
 
 
 @dataclass(frozen=True)

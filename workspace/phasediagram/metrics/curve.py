@@ -4,11 +4,24 @@ The curve between the parameters theta_0, theta_1 of two trained seeds is
 
     theta(t) = (1 - t)^2 theta_0 + 2 t (1 - t) theta_m + t^2 theta_1,   t in [0, 1],
 
-with the endpoints fixed and the bend theta_m initialised at the midpoint (theta_0 + theta_1) / 2.
-theta_m minimises E_{t ~ U(0, 1)} L(theta(t)) by SGD with one t drawn per batch (reference: 50
-epochs, lr 0.01, momentum 0.9, weight decay 5e-4 on theta_m, batch 128; the lr is flat for the first
-half of the epochs, then decays linearly to 1% at 90% of them and stays there). During curve
-training BatchNorm layers use batch statistics (train mode); their running statistics are not used.
+with the endpoints fixed. theta_m minimises
+
+    E_{t ~ U(0, 1)} [ CE(f(x; theta(t)), y) + (wd / 2) ||theta(t)||^2 ]
+
+by SGD with momentum, one t drawn per batch, as the reference's curve code does (the taxonomy
+repository's `Mode_connectivity.py` on dnn-mode-connectivity's `curves.py`: the L2 term is its
+`l2_regularizer`, 0.5 wd times the squared norm of the curve point's weights, with the optimizer's
+own weight decay 0; its gradient on theta_m is wd 2t(1 - t) theta(t)). Reference settings: 50
+epochs, lr 0.01, momentum 0.9, wd 5e-4, batch 128, the whole training set each epoch. The lr of
+epoch e = 1..epochs (counted from 1, as the reference's loop calls its schedule) is lr times
+1 for e / epochs <= 0.5, then 1 - 0.99 (e / epochs - 0.5) / 0.4 down to 0.01 at 0.9, and 0.01
+after. The bend starts at the midpoint (theta_0 + theta_1) / 2 (`bend_init="midpoint"`, the
+default: dnn-mode-connectivity's `init_linear`), or at a fresh initialisation of the model
+(`bend_init="random"`: the taxonomy repository never calls `init_linear`, so its bend starts at the
+curve layers' own initialisation; here each layer's `reset_parameters`, drawn from the metric's
+generator). The midpoint is the default because a short curve (the demo's) trained from a random
+bend is still far from converged. During curve training BatchNorm layers use batch statistics
+(train mode); their running statistics are not used.
 
 Evaluation at t_k = k / (points - 1): load theta(t_k) into a copy of the model, recompute every
 BatchNorm layer's running statistics on the training set (reset, cumulative average over one
@@ -53,10 +66,11 @@ from ..data import Split
 from .base import MetricData, check, evaluate, key
 
 PAIRS = ("all", "adjacent", "first")
+BEND_INITS = ("midpoint", "random")
 STATE_FILE = "curve_state.pt"
 _STATE_MAGIC = b"PDCURVE1"
 # options that determine the trained bend (the evaluation options do not)
-_TRAINING_OPTIONS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "max_batches_per_epoch")
+_TRAINING_OPTIONS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "max_batches_per_epoch", "bend_init")
 
 Params = dict[str, torch.Tensor]
 
@@ -71,7 +85,8 @@ class CurveOptions:
     `eval_examples` caps the examples of each split used for the BatchNorm statistics and the
     evaluation (the first ones; 0: all, the reference) for cheap demo curves. `eval_batch_size`
     only sets the evaluation batch size (the BatchNorm statistics are recomputed with
-    `batch_size`, as in training). `pairs`: which seed pairs of a cell are joined.
+    `batch_size`, as in training). `pairs`: which seed pairs of a cell are joined. `bend_init`:
+    "midpoint" or "random" (the module docstring says why and what the reference did).
     """
 
     epochs: int = 50
@@ -85,6 +100,7 @@ class CurveOptions:
     eval_examples: int = 0
     eval_batch_size: int = 1000
     pairs: str = "adjacent"
+    bend_init: str = "midpoint"
 
     def __post_init__(self):
         def num(v):
@@ -106,6 +122,7 @@ class CurveOptions:
         check("curve", "eval_batch_size", _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
               "integer >= 1", self.eval_batch_size)
         check("curve", "pairs", self.pairs in PAIRS, " | ".join(PAIRS), self.pairs)
+        check("curve", "bend_init", self.bend_init in BEND_INITS, " | ".join(BEND_INITS), self.bend_init)
 
     @property
     def ts(self) -> list[float]:
@@ -134,8 +151,8 @@ def line(theta_0: Mapping[str, torch.Tensor], theta_1: Mapping[str, torch.Tensor
 
 
 def lr_factor(epoch: int, epochs: int) -> float:
-    """The curve lr schedule of Garipov et al.: with a = epoch / epochs, 1 for a <= 0.5, then
-    1 - 0.99 (a - 0.5) / 0.4 down to 0.01 at a = 0.9, and 0.01 after."""
+    """The curve lr schedule of Garipov et al. for epoch = 1..epochs: with a = epoch / epochs, 1 for
+    a <= 0.5, then 1 - 0.99 (a - 0.5) / 0.4 down to 0.01 at a = 0.9, and 0.01 after."""
     a = epoch / epochs
     if a <= 0.5:
         return 1.0
@@ -244,10 +261,16 @@ def _read_state(path: Path, fingerprint: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------- training
+def l2_term(point: Params, weight_decay: float) -> torch.Tensor:
+    """(weight_decay / 2) sum_n ||point[n]||^2: the reference's L2 regularizer on a curve point theta(t)."""
+    return 0.5 * weight_decay * sum(p.pow(2).sum() for p in point.values())
+
+
 @torch.no_grad()
 def sgd_step(params: Params, grads: Params, velocity: Params, lr: float, momentum: float, weight_decay: float) -> None:
     """torch.optim.SGD's step (no dampening, no Nesterov), in place on `params` and `velocity`:
     g = grad + weight_decay * w,  v <- momentum * v + g  (v = g at the first step),  w <- w - lr * v.
+    The bend's training passes weight_decay 0: its L2 term is in the loss (`l2_term`).
 
     Written out rather than built from torch.optim, whose first construction in a process imports
     torch._dynamo (seconds of start-up in every fresh worker)."""
@@ -281,13 +304,17 @@ class _BendRun:
 
 def _start(model_a: nn.Module, model_b: nn.Module, train: Split, options: CurveOptions, generator: torch.Generator,
            state_dir: Path | None) -> _BendRun:
-    """The bend at the midpoint, or the saved state of this training run (restoring `generator`'s state)."""
+    """The initial bend (`bend_init`), or the saved state of this training run (restoring `generator`'s state)."""
     theta_0, theta_1 = _endpoints(model_a, model_b)
     device = next(iter(theta_0.values())).device
     path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     fingerprint = _fingerprint(options, theta_0, theta_1, train, generator.get_state()) if path else ""
-    run = _BendRun(theta_0, theta_1, {n: ((theta_0[n] + theta_1[n]) / 2).requires_grad_(True) for n in theta_0},
-                   {}, 0, generator, path, fingerprint)
+    if options.bend_init == "random":
+        bend = _fresh_parameters(model_a, generator)
+    else:
+        bend = {n: (theta_0[n] + theta_1[n]) / 2 for n in theta_0}
+    run = _BendRun(theta_0, theta_1, {n: v.requires_grad_(True) for n, v in bend.items()}, {}, 0, generator, path,
+                   fingerprint)
     state = _read_state(path, fingerprint) if path else None
     if state is not None:
         with torch.no_grad():
@@ -297,6 +324,21 @@ def _start(model_a: nn.Module, model_b: nn.Module, train: Split, options: CurveO
         generator.set_state(state["generator"])
         run.epoch = int(state["epoch"])
     return run
+
+
+@torch.no_grad()
+def _fresh_parameters(model: nn.Module, generator: torch.Generator) -> Params:
+    """The parameters of a copy of `model` after every submodule's `reset_parameters()`, drawn under
+    torch's global generator seeded from `generator` (which advances by one draw); the global state
+    is restored."""
+    fresh = copy.deepcopy(model)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in fresh.modules():
+            if hasattr(m, "reset_parameters") and m is not fresh:
+                m.reset_parameters()
+    return {n: p.detach().clone() for n, p in fresh.named_parameters()}
 
 
 def _batches_per_epoch(n_train: int, options: CurveOptions) -> int:
@@ -309,10 +351,10 @@ def train_bend(model_a: nn.Module, model_b: nn.Module, train: Split, options: Cu
                on_epoch: Callable[[int], None] | None = None) -> Params:
     """Train theta_m of the Bezier curve from model_a to model_b; return it (detached tensors).
 
-    Each epoch: lr = options.lr * lr_factor(epoch, epochs); a random permutation of the training
+    Epoch e = 1..epochs: lr = options.lr * lr_factor(e, epochs); a random permutation of the training
     set is cut into batches (at most `max_batches_per_epoch` of them); for each batch draw
-    t ~ U(0, 1), evaluate CE(f(x; theta(t)), y) by `torch.func.functional_call` on a copy of model_a
-    in train mode, and take one `sgd_step` on theta_m (weight decay on theta_m only). With
+    t ~ U(0, 1), evaluate CE(f(x; theta(t)), y) + `l2_term`(theta(t)) by `torch.func.functional_call`
+    on a copy of model_a in train mode, and take one `sgd_step` on theta_m (no decay of its own). With
     `state_dir`, the state is saved after each epoch and a matching saved state is resumed;
     `on_epoch(epoch)` is called after each epoch's state is saved (epoch counted from 1).
     """
@@ -327,15 +369,16 @@ def _train_alone(run: _BendRun, model_a: nn.Module, train: Split, options: Curve
     net = copy.deepcopy(model_a).train()
     n_train = len(train)
     for epoch in range(run.epoch, options.epochs):
-        lr = options.lr * lr_factor(epoch, options.epochs)
+        lr = options.lr * lr_factor(epoch + 1, options.epochs)
         perm = torch.randperm(n_train, generator=run.generator).to(train.y.device)
         for b in range(_batches_per_epoch(n_train, options)):
             idx = perm[b * options.batch_size:(b + 1) * options.batch_size]
             t = float(torch.rand((), generator=run.generator))
-            out = functional_call(net, bezier(run.theta_0, run.bend, run.theta_1, t), (train.x[idx],))
-            loss = F.cross_entropy(out, train.y[idx])
+            point = bezier(run.theta_0, run.bend, run.theta_1, t)
+            out = functional_call(net, point, (train.x[idx],))
+            loss = F.cross_entropy(out, train.y[idx]) + l2_term(point, options.weight_decay)
             grads = torch.autograd.grad(loss, list(run.bend.values()))
-            sgd_step(run.bend, dict(zip(run.bend, grads)), run.velocity, lr, options.momentum, options.weight_decay)
+            sgd_step(run.bend, dict(zip(run.bend, grads)), run.velocity, lr, options.momentum, 0.0)
         run.epoch = epoch + 1
         run.save()
         if on_epoch is not None:
@@ -353,7 +396,8 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
     theta_i(t_i) = (1 - t_i)^2 theta_0,i + 2 t_i (1 - t_i) theta_m,i + t_i^2 theta_1,i is one
     expression with per-member coefficients, viewed as the ensemble's parameters (a stack is the
     ensemble's layout: its own for linear weights, member-major concatenation for convolutions and
-    BatchNorm). The loss CE_i(f(x_i; theta_i(t_i)), y_i) enters the sum L = sum_i CE_i, so
+    BatchNorm). The loss CE_i(f(x_i; theta_i(t_i)), y_i) + `l2_term`(theta_i(t_i)) enters the sum
+    L = sum_i (CE_i + L2_i) (the L2 of the stacked point is the sum of the members'), so
     dL/dtheta_m,i is pair i's own gradient and the elementwise `sgd_step` on the stacked tensors is
     each pair's step: pair i's bend equals its sequential one up to rounding (the ensemble's
     operations sum in another order than `nn.Conv1d`). Each pair's state is saved after every epoch
@@ -379,7 +423,7 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
     device, dtype = first.device, first.dtype
     n_train = len(train)
     for epoch in range(runs[0].epoch, options.epochs):
-        lr = options.lr * lr_factor(epoch, options.epochs)
+        lr = options.lr * lr_factor(epoch + 1, options.epochs)
         perms = [torch.randperm(n_train, generator=r.generator).to(train.y.device) for r in runs]
         for b in range(_batches_per_epoch(n_train, options)):
             idx = [perm[b * options.batch_size:(b + 1) * options.batch_size] for perm in perms]
@@ -393,8 +437,9 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
             out = functional_call(net, params, (torch.stack([train.x[i] for i in idx]),))
             y = torch.stack([train.y[i] for i in idx])
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
-            grads = torch.autograd.grad(loss.view(members, -1).mean(1).sum(), list(bend.values()))
-            sgd_step(bend, dict(zip(bend, grads)), velocity, lr, options.momentum, options.weight_decay)
+            total = loss.view(members, -1).mean(1).sum() + l2_term(params, options.weight_decay)
+            grads = torch.autograd.grad(total, list(bend.values()))
+            sgd_step(bend, dict(zip(bend, grads)), velocity, lr, options.momentum, 0.0)
         for i, r in enumerate(runs):  # copies, so that each pair's state file holds its own tensors only
             r.bend = {n: v[i].detach().clone() for n, v in bend.items()}
             r.velocity = {n: v[i].clone() for n, v in velocity.items()}

@@ -52,7 +52,7 @@ class FisherOptions:
     n_batches: int = 100  # batches drawn from the training split (reference 100)
     batch_size: int = 100  # n, examples per batch (reference 100)
     batchnorm: str = "eval"  # "eval": running statistics; "train": batch statistics of chunks (reference)
-    chunk_size: int = 10  # chunk for batchnorm="train" (reference 10); must divide batch_size
+    chunk_size: int = 10  # chunk for batchnorm="train" (reference 10), dividing batch_size; unused in "eval"
     logit_norm: float | None = None  # rescale each logit vector to this L2 norm before the loss
     floor: float = 1e-12  # eigenvalues of the normalised Gram below this are floored
     vmap_chunk: int | None = None  # examples per vmap call in eval mode (None: the whole batch)
@@ -63,8 +63,10 @@ class FisherOptions:
         check("fisher", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
               self.batch_size)
         check("fisher", "batchnorm", self.batchnorm in BATCHNORM_MODES, " or ".join(BATCHNORM_MODES), self.batchnorm)
-        check("fisher", "chunk_size", is_int(self.chunk_size) and self.chunk_size >= 2
-              and self.batch_size % self.chunk_size == 0, "integer >= 2 dividing batch_size", self.chunk_size)
+        check("fisher", "chunk_size", is_int(self.chunk_size) and self.chunk_size >= 2, "integer >= 2",
+              self.chunk_size)
+        check("fisher", "chunk_size", self.batchnorm != "train" or self.batch_size % self.chunk_size == 0,
+              "a divisor of batch_size with batchnorm=\"train\"", self.chunk_size)
         check("fisher", "logit_norm", self.logit_norm is None or (isinstance(self.logit_norm, (int, float))
               and not isinstance(self.logit_norm, bool) and 0 < self.logit_norm < math.inf),
               "null or a finite number > 0", self.logit_norm)
