@@ -338,9 +338,9 @@ def test_options_out_of_range_raise_spec_error(field, value):
 
 def test_default_options_are_the_reference_settings():
     """The reference's batch, Lanczos budget and tolerance; the trace stops at a 2 % relative standard error
-    (the reference's relative-change rule, tol 1e-3, is trace_rule="change")."""
+    within 200 probes (the reference's relative-change rule, tol 1e-3, 100 probes, is trace_rule="change")."""
     opts = HessianOptions()
-    assert (opts.batch_size, opts.lanczos_iters, opts.tol, opts.trace_probes) == (200, 100, 1e-3, 100)
+    assert (opts.batch_size, opts.lanczos_iters, opts.tol, opts.trace_probes) == (200, 100, 1e-3, 200)
     assert (opts.trace_rule, opts.trace_tol, opts.hutchpp_basis, opts.eig_start) == ("stderr", 0.02, "krylov", "slq")
 
 
@@ -451,6 +451,8 @@ def test_traces_at_the_defaults_are_finite_and_within_their_error(name, factory,
         assert probes < HessianOptions().trace_probes
     if probes < HessianOptions().trace_probes:  # stopped by the rule, not by the cap
         assert plus_se <= 0.02 * abs(plus) + 1e-12
+    if probes > 0:  # Hutchinson takes Hutch++'s probes, none beyond
+        assert out["train/hvp_trace"] <= probes
     assert abs(out["train/trace"] - exact) <= 4 * out["train/trace_stderr"] + 1e-8 * abs(exact)
 
 

@@ -29,6 +29,7 @@ from scipy.linalg import eigh_tridiagonal
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 DTYPE = torch.float64
 RULES = ("change", "stderr")
+STDERR_MIN_PROBES = 10
 
 
 # --------------------------------------------------------------------------- random vectors
@@ -439,15 +440,16 @@ class Trace:
 
 
 def _should_stop(rule: str, tol: float, offset: float, samples: list[float]) -> bool:
-    """Stopping rules on T_m = offset + mean(samples), both with |T| in the denominator and m >= 2
-    (so that the standard error is defined).
+    """Stopping rules on T_m = offset + mean(samples), both with |T| in the denominator.
 
-    "change" (the reference rule, made sign-safe): |T_m - T_{m-1}| / (|T_{m-1}| + 1e-6) < tol.
-    "stderr": std(samples) / sqrt(m) <= tol * |T_m|, so the reported relative standard error is
-    at most tol whenever the rule, not the probe cap, ends the run.
+    "change" (the reference rule, made sign-safe), from m = 2 on (so that the standard error is
+    defined): |T_m - T_{m-1}| / (|T_{m-1}| + 1e-6) < tol.
+    "stderr", from m = STDERR_MIN_PROBES on (the sample standard deviation of fewer probes is too
+    noisy to stop on): std(samples) / sqrt(m) <= tol * |T_m|, so the reported relative standard
+    error is at most tol whenever the rule, not the probe cap, ends the run.
     """
     m = len(samples)
-    if m < 2:
+    if m < (2 if rule == "change" else STDERR_MIN_PROBES):
         return False
     now = offset + float(np.mean(samples))
     if rule == "change":
@@ -544,8 +546,8 @@ class Deflation:
 
 def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol: float = 1e-3,
            generator: torch.Generator | None = None, device="cpu", rule: str = "change",
-           dtype: torch.dtype = DTYPE, plain: bool = True, deflation: Deflation | None = None
-           ) -> tuple[Trace | None, Trace]:
+           dtype: torch.dtype = DTYPE, plain: bool = True, deflation: Deflation | None = None,
+           plain_follows: bool = False) -> tuple[Trace | None, Trace]:
     """Hutchinson and Hutch++ on one stream of Rademacher probes: (plain, plus).
 
     Hutch++ deflates by `deflation` when given (e.g. `Deflation.krylov` of an SLQ run, no product
@@ -558,7 +560,9 @@ def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol:
     that + m_plain + m_plus. `n_products` of each counts the products its estimate rests on
     (the deflation's included). With `sketch = 0` and no deflation both are plain Hutchinson;
     with `plain=False` only Hutch++ is run (first element None); when Q spans R^n its residual is
-    zero and it needs no probe.
+    zero and it needs no probe. With `plain_follows`, Hutchinson also ends when Hutch++ ends (it is
+    then the estimate on Hutch++'s probes, its standard error reported as it is), unless its own
+    rule ends it first; this bounds the products by what the accurate estimator needs.
     """
     _check_rule(rule)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -578,6 +582,7 @@ def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol:
             c = defl.q_t(z)
             plus_samples.append(float((z - defl.q(c)) @ (az - defl.aq(c))))
             plus_on = not _should_stop(rule, tol, defl.low, plus_samples)
+            plain_on = plain_on and (plus_on or not plain_follows)
     plus = _trace(defl.low, plus_samples, defl.n_products + (0 if defl.full else len(plus_samples)))
     return (_trace(0.0, plain_samples, len(plain_samples)) if plain else None), plus
 
