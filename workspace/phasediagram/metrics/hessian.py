@@ -9,9 +9,9 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
 - `top_eigenvalue`: lambda_max, the largest *algebraic* eigenvalue, by Lanczos stopped once the gap
   bound min(r, r^2 / gap) certifies it within tol * |lambda| (`linalg.ritz_bounds`). Started
   (`eig_start` "slq", the default when the density is computed) from the sum of the top_k Ritz
-  vectors of the first SLQ probe's Lanczos run, i.e. that random-start Krylov search continued
-  (a restart with its best vectors), else from the loss gradient plus a random vector
-  ("gradient") or a random vector ("random"); `eigenvalue@i`: the i-th largest algebraic,
+  vectors and the bottom Ritz vector of the first SLQ probe's Lanczos run, i.e. that random-start
+  Krylov search continued (a restart with its best vectors), else from the loss gradient plus a
+  random vector ("gradient") or a random vector ("random"); `eigenvalue@i`: the i-th largest algebraic,
   i = 1..top_k.
 - `top_abs_eigenvalue`: the eigenvalue of largest magnitude, signed: lambda_max, unless negative
   curvature dominates (|lambda_min| > lambda_max), then lambda_min < 0. It is what the reference
@@ -27,10 +27,11 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
   mean below trace_tol, reference 1e-3; it certifies nothing and can stop with an error far above
   its tol) each estimator stops by its own rule. Hutch++ on the Krylov basis is the accurate
   one (the figures draw it): the basis removes the outlying eigenvalues that dominate
-  Hutchinson's variance, so it reaches 2 % within a few probes where Hutchinson needs hundreds. Hutch++ deflates by the Krylov
-  basis of the first SLQ probe's Lanczos run (`hutchpp_basis` "krylov", the default when the
-  density is computed: density_iters vectors at no extra product, `linalg.Deflation.krylov`) or
-  by a random sketch of `hutchpp_sketch` columns ("sketch", or when density_probes is 0).
+  Hutchinson's variance, so it reaches 2 % within a few probes where Hutchinson needs hundreds.
+  Hutch++ deflates by the Krylov basis of the first SLQ probe's Lanczos run (`hutchpp_basis`
+  "krylov", the default when the density is computed: density_iters vectors at no extra product,
+  `linalg.Deflation.krylov`) or by a random sketch of `hutchpp_sketch` columns ("sketch", or when
+  density_probes is 0).
 - `density@t`: the SLQ spectral density phi(t) on a grid of eigenvalues t, smoothed by a
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
   parameter count for eigenvalues per unit). `plot_density` draws it.
