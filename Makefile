@@ -16,6 +16,7 @@ demo: install
 	$(PY) example_experiment.py --preset demo --run --plot
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: install

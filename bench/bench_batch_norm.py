@@ -23,8 +23,11 @@ import time
 import torch
 from torch import nn
 
-from phasediagram import batch_norm, ensemble, ensemble_models, models, runtime
-from phasediagram.ensemble_models import FoldableBatchNorm2d
+from phasediagram.accel import batch_norm, ensemble_models
+from phasediagram.accel.ensemble_models import FoldableBatchNorm2d
+from phasediagram.execution import runtime
+from phasediagram.models import families as models
+from phasediagram.training import ensemble
 
 MEMBERS = 3
 NEVER = 2**62  # a threshold no activation reaches: torch's BatchNorm everywhere

@@ -40,12 +40,15 @@ import statistics
 import time
 
 import torch
+from bench_peak import call_times, matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
 from torch import nn
 
-from bench_peak import call_times, matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
-from phasediagram import ensemble, ensemble_models, models, runtime
-from phasediagram.grid import ExperimentSpec
+from phasediagram.accel import ensemble_models
+from phasediagram.execution import runtime
 from phasediagram.methods import build_method
+from phasediagram.models import families as models
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.training import ensemble
 
 
 def parse_args(argv=None):

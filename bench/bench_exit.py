@@ -19,13 +19,13 @@ import sys
 import time
 
 WORK = {
-    "pool worker": "import phasediagram.jobs; from phasediagram.runtime import configure_worker; configure_worker(1)",
+    "pool worker": "import phasediagram.execution.jobs; from phasediagram.execution.runtime import configure_worker; configure_worker(1)",
     "CLI after its figures": (
         "import phasediagram.cli, pandas, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; "
         "from scipy import stats; fig, ax = plt.subplots(); ax.plot([1, 2, 3]); "
         "import io; fig.savefig(io.BytesIO(), format='png')"),
 }
-FREEZE = "from phasediagram.runtime import freeze_alive; freeze_alive()"
+FREEZE = "from phasediagram.execution.runtime import freeze_alive; freeze_alive()"
 
 
 def exit_time(code: str) -> float:

@@ -63,9 +63,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from phasediagram import data, linalg, models
-from phasediagram.hvp import HessianOperator
+from phasediagram.data import datasets as data
 from phasediagram.metrics.hessian import vector_dtype
+from phasediagram.models import families as models
+from phasediagram.numerics import linalg
+from phasediagram.numerics.hvp import HessianOperator
 
 TOL = 1e-3
 MAX_ITER = 100

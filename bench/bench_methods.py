@@ -36,10 +36,12 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from phasediagram import data, train
-from phasediagram.grid import ExperimentSpec, stable_seed
-from phasediagram.layout import Layout
+from phasediagram.data import datasets as data
 from phasediagram.metrics import METRICS, MetricData, key
+from phasediagram.seeding import stable_seed
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage.layout import Layout
+from phasediagram.training import train
 
 # name -> (optimizer, optimizer options, regularizer, regularizer options); defaults otherwise
 METHODS = {

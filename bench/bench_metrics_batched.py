@@ -41,13 +41,16 @@ import time
 import torch
 from torch.nn import functional as F
 
-from phasediagram import cli, ensemble_models, models
-from phasediagram.data import Split
+from phasediagram import cli
+from phasediagram.accel import ensemble_models
+from phasediagram.data.datasets import Split
 from phasediagram.metrics import MetricData, key
 from phasediagram.metrics.curve import train_bend, train_bends
 from phasediagram.metrics.hessian import hessian, hessian_seeds
 from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy
 from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
+from phasediagram.models import families as models
+from phasediagram.resolve import metric_options
 
 
 def data(n_train: int, n_test: int) -> MetricData:
@@ -115,7 +118,7 @@ def max_diff(a: list[dict], b: list[dict]) -> float:
 def hessian_times(nets, d: MetricData, repeats: int) -> tuple[dict[str, float], float]:
     """Seconds of the demo's `hessian` of every model, seed after seed and together, and the largest
     relative difference of their scalar values (the density grid moves with rounding)."""
-    options = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"])).options_for("hessian")
+    options = metric_options(cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"])), "hessian")
 
     def gens():
         return [torch.Generator().manual_seed(100 + s) for s in range(len(nets))]
@@ -133,7 +136,7 @@ def bend_times(nets, d: MetricData, repeats: int) -> tuple[dict[str, float], flo
     """Seconds of training the curve bends of all pairs of `nets` at the demo's curve options, pair after
     pair, together and one pair at a time in the ensemble form; the largest relative difference (norm)
     of a bend trained together and alone; the number of pairs."""
-    options = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"])).options_for("curve")
+    options = metric_options(cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo"])), "curve")
     pairs = [(a, b) for i, a in enumerate(nets) for b in nets[i + 1:]]
 
     def gens():

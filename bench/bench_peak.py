@@ -28,8 +28,12 @@ import time
 import torch
 from torch import nn
 
-from phasediagram import cli, ensemble, ensemble_models, models, runtime
+from phasediagram import cli
+from phasediagram.accel import ensemble_models
+from phasediagram.execution import runtime
 from phasediagram.methods import build_method
+from phasediagram.models import families as models
+from phasediagram.training import ensemble
 
 
 def call_times(fn, repeats: int, warmup: int = 2) -> list[float]:

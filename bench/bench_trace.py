@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from bench_hessian import reference_trace, timed, trained_model
 
-from phasediagram import data, models
+from phasediagram.data import datasets as data
 from phasediagram.metrics import METRICS
 from phasediagram.metrics.base import MetricData
+from phasediagram.models import families as models
 
 DEMO = {"trace_probes": 10, "hutchpp_sketch": 3, "density_iters": 20}
 

@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from phasediagram import data
-from phasediagram.grid import ExperimentSpec
-from phasediagram.layout import Layout
+from phasediagram.data import datasets as data
+from phasediagram.resolve import check
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage.layout import Layout
 
 # One torch thread for the whole session: small models run as fast, and processes forked by the
 # fault tests never inherit a busy OpenMP pool (which would deadlock them).
@@ -33,11 +34,11 @@ def root(tmp_path, mnist_cache):
 
 
 def tiny_spec(**overrides) -> ExperimentSpec:
-    """A 2x2 grid of small MLPs that trains in about a second."""
+    """A 2x2 grid of small MLPs that trains in about a second, checked against the registries."""
     fields = dict(name="tiny", arch="mlp", widths=(4, 8), batch_sizes=(256, 512), seeds=(0, 1), epochs=2,
                   train_fractions=(0.25,), metrics=("loss_acc", "dist"))
     fields.update(overrides)
-    return ExperimentSpec(**fields)
+    return check(ExperimentSpec(**fields))
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_checkpoint_of_another_arch_or_width_is_refused(root, capsys):
     assert run(root, "--run", "--executor", "inprocess", "--metrics", "train") == 0
     spec_path = root / "checkpoint" / "bad" / "spec.json"
     spec_path.write_text(spec_path.read_text().replace('"arch": "mlp"', '"arch": "resnet1d"'))
-    proc = subprocess.run([sys.executable, "-m", "phasediagram.worker", "--experiment-dir",
+    proc = subprocess.run([sys.executable, "-m", "phasediagram.execution.worker", "--experiment-dir",
                            str(root / "checkpoint" / "bad"), "--stage", "loss_acc", "--index", "0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
@@ -116,6 +116,6 @@ def test_results_table_of_another_experiment_is_refused(root, capsys):
 def test_worker_bad_input_exits_2(root):
     for argv, words in [(["--experiment-dir", str(root / "nowhere")], "is not of the form <root>/checkpoint/<name>"),
                         (["--experiment-dir", str(root / "checkpoint" / "none")], "generate the jobs first")]:
-        proc = subprocess.run([sys.executable, "-m", "phasediagram.worker", *argv, "--stage", "train", "--index",
+        proc = subprocess.run([sys.executable, "-m", "phasediagram.execution.worker", *argv, "--stage", "train", "--index",
                                "0"], capture_output=True, text=True)
         assert proc.returncode == 2 and words in proc.stderr

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from phasediagram import batch_norm
-from phasediagram.ensemble_models import FoldableBatchNorm2d
+from phasediagram.accel import batch_norm
+from phasediagram.accel.ensemble_models import FoldableBatchNorm2d
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> bool:

@@ -7,11 +7,13 @@ import copy
 import pytest
 import torch
 
-from phasediagram import models
-from phasediagram.data import Split, mixup
-from phasediagram.grid import ExperimentSpec, SpecError
+from phasediagram.data.datasets import Split, mixup
+from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData, key
 from phasediagram.metrics.cka import CKAAccumulator, CKAOptions, cka, linear_cka, linear_cka_gram
+from phasediagram.models import families as models
+from phasediagram.resolve import check, metric_options
+from phasediagram.spec.experiment import ExperimentSpec
 
 TOL = 1e-10  # float64 agreement between mathematically equal quantities
 
@@ -217,6 +219,6 @@ def test_out_of_range_options_raise(bad):
 
 def test_spec_accepts_json_options_and_rejects_bad_ones():
     spec = ExperimentSpec(metrics=("CKA",), metric_options={"CKA": {"layers": ["stem"], "pairs": "first"}})
-    assert spec.options_for("CKA").layers == ("stem",)
+    assert metric_options(spec, "CKA").layers == ("stem",)
     with pytest.raises(SpecError, match="mixup_alpha"):
-        ExperimentSpec(metrics=("CKA",), metric_options={"CKA": {"mixup_alpha": 0}})
+        check(ExperimentSpec(metrics=("CKA",), metric_options={"CKA": {"mixup_alpha": 0}}))

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phasediagram import correlations as C
-from phasediagram.grid import Cell
-from phasediagram.table import COLUMNS, normalise
+from phasediagram.analysis import correlations as C
+from phasediagram.analysis.table import COLUMNS, normalise
+from phasediagram.spec.experiment import Cell
 
 from .test_phases import synthetic_table
 

@@ -12,12 +12,27 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from phasediagram import ensemble, models
-from phasediagram.data import Dataset, Split
-from phasediagram.grid import ExperimentSpec, SpecError
+from phasediagram.data.datasets import Dataset, Split
+from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData, key
-from phasediagram.metrics.curve import (STATE_FILE, CurveOptions, bezier, curve, curve_pairs, line, lr_factor,
-                                        mode_connectivity, model_at, recompute_bn, train_bend, train_bends)
+from phasediagram.metrics.curve import (
+    STATE_FILE,
+    CurveOptions,
+    bezier,
+    curve,
+    curve_pairs,
+    line,
+    lr_factor,
+    mode_connectivity,
+    model_at,
+    recompute_bn,
+    train_bend,
+    train_bends,
+)
+from phasediagram.models import families as models
+from phasediagram.resolve import check, metric_options
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.training import ensemble
 
 from .test_hvp_lockstep import job_rows_both_ways
 
@@ -369,9 +384,9 @@ def test_out_of_range_options_raise(bad):
 
 def test_spec_validates_curve_options():
     spec = ExperimentSpec(metrics=("curve",), metric_options={"curve": {"epochs": 3, "max_batches_per_epoch": 2}})
-    assert spec.options_for("curve").epochs == 3
+    assert metric_options(spec, "curve").epochs == 3
     with pytest.raises(SpecError, match="epochs"):
-        ExperimentSpec(metrics=("curve",), metric_options={"curve": {"epochs": -1}})
+        check(ExperimentSpec(metrics=("curve",), metric_options={"curve": {"epochs": -1}}))
 
 
 # ------------------------------------------------------------------------------- pairs trained together

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from phasediagram import data
-from phasediagram.grid import SpecError
+from phasediagram.data import datasets as data
+from phasediagram.errors import SpecError
 
 
 def write_cifar_folder(root, n_per_batch=4, seed=0):

@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from phasediagram import batch_norm, checkpoints, ensemble, ensemble_models, models, train
-from phasediagram.data import Dataset, Split
-from phasediagram.grid import ExperimentSpec
-from phasediagram.layout import Layout
+from phasediagram.accel import batch_norm, ensemble_models
+from phasediagram.data.datasets import Dataset, Split
 from phasediagram.metrics.base import evaluate
+from phasediagram.models import families as models
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage import checkpoints
+from phasediagram.storage.layout import Layout
+from phasediagram.training import ensemble, train
 
 SEEDS = (0, 1, 2)
 # (arch, width, batch norm): an MLP (no BatchNorm) and a residual conv net with BatchNorm, whose

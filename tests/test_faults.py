@@ -15,8 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from phasediagram import checkpoints, cli, jobs, results, table
-from phasediagram.layout import Layout
+from phasediagram import cli
+from phasediagram.analysis import table
+from phasediagram.execution import jobs
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage import checkpoints, results
+from phasediagram.storage.layout import Layout
 
 ARGV = ["--name", "kill", "--arch", "mlp", "--widths", "4", "8", "--batch-sizes", "256", "512", "--seeds", "0", "1",
         "--epochs", "3", "--train-fractions", "0.25", "--metrics", "train", "loss_acc", "dist", "--run",
@@ -111,7 +115,7 @@ def test_corrupted_files_are_detected_moved_aside_and_redone(reference, root, ta
     assert cli.main([*ARGV, "--root", str(root)]) == 0
     exp = root / "checkpoint" / "kill"
     layout = Layout(root, "kill")
-    cell = jobs.stage_jobs(__import__("phasediagram.grid", fromlist=["x"]).ExperimentSpec.from_file(
+    cell = jobs.stage_jobs(ExperimentSpec.from_file(
         layout.spec_path), "train")[1].cell
     if target == "final.pt":
         path = layout.checkpoint(cell, 1, "final")
@@ -144,7 +148,7 @@ def test_eight_workers_at_once_keep_every_row(root):
     assert cli.main([*argv, "--metrics", "train", "--run", "--executor", "inprocess"]) == 0
     assert cli.main([*argv, "--metrics", "loss_acc"]) == 0  # writes the scripts and records the metric
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "phasediagram.worker", "--experiment-dir",
+    procs = [subprocess.Popen([sys.executable, "-m", "phasediagram.execution.worker", "--experiment-dir",
                                str(root / "checkpoint" / "eight"), "--stage", "loss_acc", "--index", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(8)]
     layout = Layout(root, "eight")

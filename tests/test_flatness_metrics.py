@@ -16,14 +16,21 @@ import torch
 from torch.func import vmap
 from torch.nn import functional as F
 
-from phasediagram import models
-from phasediagram.data import Split
-from phasediagram.grid import SpecError
+from phasediagram.data.datasets import Split
+from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData, parse_key
 from phasediagram.metrics.fisher import FisherOptions, fisher, log_det_gamma, per_example_grads
-from phasediagram.metrics.local_energy import (LocalEnergyOptions, ensemble_loss_many, local_energy, local_energy_curve,
-                                               split_loss_fn)
-from phasediagram.metrics.nrs import NRSOptions, kl_divergence, nrs, sample_neighbour
+from phasediagram.metrics.local_energy import (
+    LocalEnergyOptions,
+    ensemble_loss_many,
+    local_energy,
+    local_energy_curve,
+    split_loss_fn,
+)
+from phasediagram.metrics.nrs import NRSOptions, nrs
+from phasediagram.models import families as models
+from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
+from phasediagram.resolve import check, metric_options
 
 FLATNESS = ("fisher", "local_energy", "nrs")
 # Small options for the registry tests: the same code paths as the defaults, far fewer evaluations.
@@ -291,11 +298,11 @@ def test_registry_entry_returns_finite_floats_and_leaves_model_unchanged(name, a
 
 
 def test_spec_carries_and_validates_flatness_options():
-    from phasediagram.grid import ExperimentSpec
+    from phasediagram.spec.experiment import ExperimentSpec
 
     spec = ExperimentSpec(metrics=FLATNESS, metric_options={k: dict(v) for k, v in SMALL_OPTIONS.items()})
     again = ExperimentSpec.from_dict(json.loads(spec.to_json()))
     for name in FLATNESS:
-        assert again.options_for(name) == spec.options_for(name) == METRICS[name].options(**SMALL_OPTIONS[name])
+        assert metric_options(again, name) == metric_options(spec, name) == METRICS[name].options(**SMALL_OPTIONS[name])
     with pytest.raises(SpecError, match="metric_options.local_energy"):
-        ExperimentSpec(metrics=("local_energy",), metric_options={"local_energy": {"n_samples": 0}})
+        check(ExperimentSpec(metrics=("local_energy",), metric_options={"local_energy": {"n_samples": 0}}))

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phasediagram import cli
-from phasediagram.grid import ExperimentSpec, SpecError
+from phasediagram.errors import SpecError
+from phasediagram.spec.experiment import ExperimentSpec
 
 FIELDS = [f for f in ExperimentSpec.__dataclass_fields__]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 5000), st.floats(allow_nan=True),

@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from phasediagram.grid import PRESET_BATCH_SIZES, PRESET_WIDTHS, Cell, ExperimentSpec, SpecError, preset
+from phasediagram.errors import SpecError
+from phasediagram.resolve import check, load_spec
+from phasediagram.spec.experiment import Cell, ExperimentSpec
+from phasediagram.spec.presets import PRESET_BATCH_SIZES, PRESET_WIDTHS, preset
 
 from .conftest import tiny_spec
 
@@ -115,3 +118,16 @@ def test_training_hash_ignores_metrics_only():
     assert a.training_hash() == tiny_spec(metrics=("loss_acc",)).training_hash()
     assert a.training_hash() != tiny_spec(epochs=3).training_hash()
     assert json.loads(a.to_json())["widths"] == [4, 8]
+
+
+def test_the_spec_checks_structure_and_resolve_checks_names():
+    """An unregistered name is structurally a name: the spec holds it, `resolve.check` refuses it."""
+    spec = ExperimentSpec(name="t", arch="vgg", metrics=("loss_acc", "sharpness"))
+    assert spec.arch == "vgg"
+    with pytest.raises(SpecError, match="arch: 'vgg' is not one of mlp, resnet1d, resnet18"):
+        check(spec)
+    with pytest.raises(SpecError, match="not a name"):
+        ExperimentSpec(name="t", arch="../x")
+    with pytest.raises(SpecError, match="metrics: 'sharpness' is not one of"):
+        check(ExperimentSpec(name="t", metrics=("loss_acc", "sharpness")))
+    assert load_spec({"name": "t", "arch": "mlp"}) == ExperimentSpec(name="t", arch="mlp")

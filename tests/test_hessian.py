@@ -7,7 +7,6 @@ flattened trainable parameters, with the model in eval mode (BatchNorm on runnin
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import numpy as np
@@ -18,12 +17,13 @@ from torch.func import functional_call
 from torch.func import hessian as dense_hessian
 from torch.nn import functional as F
 
-from phasediagram import linalg, models
-from phasediagram.data import Split
-from phasediagram.grid import SpecError
-from phasediagram.hvp import HessianOperator, flatten, unflatten
+from phasediagram.data.datasets import Split
+from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData
-from phasediagram.metrics.hessian import HessianOptions, density_curve, plot_density
+from phasediagram.metrics.hessian import HessianOptions, density_curve, density_figure
+from phasediagram.models import families as models
+from phasediagram.numerics import linalg
+from phasediagram.numerics.hvp import HessianOperator, flatten, unflatten
 
 DT = torch.float64
 # torch's own forward-mode AD loads TorchScript decompositions on first use and warns about it.
@@ -344,15 +344,19 @@ def test_default_options_are_the_reference_settings():
     assert (opts.trace_rule, opts.trace_tol, opts.hutchpp_basis, opts.eig_start) == ("stderr", 0.02, "krylov", "slq")
 
 
-def test_plot_density_from_a_result_and_from_a_table(tmp_path):
+def test_density_figure_from_a_result_and_from_a_table(tmp_path):
     pd = pytest.importorskip("pandas")
     out = METRICS["hessian"].compute(tiny_mlp(), MetricData(*[Split(*batch(12, (6,), 3))] * 2, 3),
                                      HessianOptions(**FAST), seeded())
-    assert plot_density(out, tmp_path / "one.png").stat().st_size > 0
+    one = density_figure(out)
+    assert len(one.axes) == 1 and len(one.axes[0].lines) == 1 and one.axes[0].get_yscale() == "log"
     rows = [{"width": w, "batch_size": b, "seed": s, "split": "train", "metric": "density", "coord": t,
              "value": v, "status": "ok", "source": "hessian"}
             for w in (4, 8) for b in (16,) for s in (0, 1) for t, v in zip(*density_curve(out))]
-    assert plot_density(pd.DataFrame(rows), tmp_path / "grid.png").stat().st_size > 0
+    grid = density_figure(pd.DataFrame(rows))
+    assert len(grid.axes) == 2 and all(len(ax.lines) == 2 for ax in grid.axes)  # a panel per cell, a line per seed
+    grid.savefig(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 0
 
 
 # --------------------------------------------------------------------------- the metric at its defaults, any sign

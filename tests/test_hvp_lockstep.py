@@ -14,14 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from phasediagram import ensemble, jobs, models
-from phasediagram.data import Dataset, Split
-from phasediagram.grid import ExperimentSpec
-from phasediagram.hvp import HessianOperator
-from phasediagram.hvp_lockstep import LockstepHessians
-from phasediagram.layout import Layout
+from phasediagram.accel.hvp_lockstep import LockstepHessians
+from phasediagram.data.datasets import Dataset, Split
+from phasediagram.execution import jobs
 from phasediagram.metrics import METRICS, MetricData
 from phasediagram.metrics.hessian import HessianOptions, density_curve, hessian, hessian_seeds
+from phasediagram.models import families as models
+from phasediagram.numerics.hvp import HessianOperator
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage.layout import Layout
+from phasediagram.training import ensemble
 
 from .test_hessian import reference_hessian
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phasediagram import linalg
+from phasediagram.numerics import linalg
 
 
 def symmetric(lam, seed: int = 0) -> torch.Tensor:

@@ -18,13 +18,20 @@ from torch.func import functional_call
 from torch.func import grad as func_grad
 from torch.nn import functional as F
 
-from phasediagram import checkpoints, cli, data, models, table, train
-from phasediagram.grid import ExperimentSpec, SpecError, stable_seed
-from phasediagram.jobs import run_inprocess, stage_jobs
-from phasediagram.layout import Layout
+from phasediagram import cli
+from phasediagram.analysis import table
+from phasediagram.data import datasets as data
+from phasediagram.errors import SpecError
+from phasediagram.execution.jobs import run_inprocess, stage_jobs
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS, build_method
 from phasediagram.methods.infomcr import InfoMCR, InfoMCROptions
 from phasediagram.methods.nrs import NRS, NRSOptions
+from phasediagram.models import families as models
+from phasediagram.seeding import stable_seed
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage import checkpoints
+from phasediagram.storage.layout import Layout
+from phasediagram.training import train
 
 from .conftest import tiny_spec
 

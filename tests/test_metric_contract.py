@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from phasediagram import models
-from phasediagram.data import Split
+from phasediagram.data.datasets import Split
 from phasediagram.metrics import DIAGNOSTIC, METRICS, STDERR, VALUE, MetricData, parse_key
+from phasediagram.models import families as models
 
 CHEAP = {
     "hessian": {"batch_size": 64, "lanczos_iters": 10, "trace_probes": 4, "hutchpp_sketch": 2, "density_iters": 8,

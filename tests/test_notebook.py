@@ -10,7 +10,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-from phasediagram import table  # noqa: E402
+from phasediagram.analysis import table  # noqa: E402
 
 from .test_phases import synthetic_table  # noqa: E402
 
@@ -26,27 +26,44 @@ def test_notebook_metadata_and_parameter_cell():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
 
 
-def test_notebook_runs_headless_on_a_small_table(tmp_path, monkeypatch):
+def _run(nb_params: str, tmp_path, monkeypatch):
     for var in ("MPLCONFIGDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
         folder = tmp_path / var.lower()
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         monkeypatch.setenv(var, str(folder))
-    csv = tmp_path / "results.csv"
-    table.write(synthetic_table(), csv)
-    out = tmp_path / "figures"
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    cell.source += f"\nresults_path = {str(csv)!r}\nout_dir = {str(out)!r}\ndpi = 40\n"  # as papermill injects
+    cell.source += "\n" + nb_params  # as papermill injects
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    return nb
+
+
+def _check_outputs(nb, out: Path, cells: int):
     for name in ("phase_plot.png", "phase_plot.pdf", "phase_map.png", "correlations.csv", "correlations.md",
                  "correlations.png"):
         assert (out / name).stat().st_size > 0, name
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "16 cells; load = width, temperature = batch_size" in text
+    assert f"{cells} cells; load = width, temperature = batch_size" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     markdown = [o for c in nb.cells for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
     assert len(images) == 3 and "Correlation with test accuracy" in markdown[0]["data"]["text/markdown"]
+
+
+def test_notebook_runs_headless_on_a_small_table(tmp_path, monkeypatch):
+    csv = tmp_path / "results.csv"
+    table.write(synthetic_table(), csv)
+    out = tmp_path / "figures"
+    nb = _run(f"results_path = {str(csv)!r}\nout_dir = {str(out)!r}\ndpi = 40\n", tmp_path, monkeypatch)
+    _check_outputs(nb, out, 16)
+
+
+def test_notebook_defines_and_runs_a_tiny_study(root, tmp_path, monkeypatch):
+    nb = _run(f"study_root = {str(root)!r}\ndpi = 40\n", tmp_path, monkeypatch)
+    exp = root / "checkpoint" / "notebook"
+    df = table.read(exp / "results.csv", "notebook")
+    assert set(df.source) >= {"train", "loss_acc", "dist"} and df.cell.nunique() == 4
+    _check_outputs(nb, exp, 4)

@@ -11,10 +11,10 @@ import math
 import pandas as pd
 import pytest
 
-from phasediagram import phases
-from phasediagram.grid import Cell
-from phasediagram.phases import PhaseRule, classify, decide
-from phasediagram.table import COLUMNS, normalise
+from phasediagram.analysis import phases
+from phasediagram.analysis.phases import PhaseRule, classify, decide
+from phasediagram.analysis.table import COLUMNS, normalise
+from phasediagram.spec.experiment import Cell
 
 WIDTHS = (2, 4, 8, 16)
 BATCH_SIZES = (16, 64, 256, 1024)
@@ -210,7 +210,7 @@ def test_phases_are_written_into_the_table_as_tidy_rows():
 
 
 def test_empty_table():
-    from phasediagram import table
+    from phasediagram.analysis import table
 
     empty = table.empty()
     assert classify(empty).empty and phases.with_phases(empty).empty

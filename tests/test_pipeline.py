@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-
 import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from phasediagram import checkpoints, cli, results, table, train
-from phasediagram.jobs import (Job, dataset_for, run_cell_metrics, run_inprocess, run_job, run_pool, stage_jobs,
-                               start_pool)
-from phasediagram.layout import Layout
+from phasediagram import cli
+from phasediagram.analysis import table
+from phasediagram.execution.jobs import (
+    Job,
+    dataset_for,
+    run_cell_metrics,
+    run_inprocess,
+    run_job,
+    run_pool,
+    stage_jobs,
+    start_pool,
+)
 from phasediagram.metrics.base import evaluate
+from phasediagram.storage import checkpoints, results
+from phasediagram.storage.layout import Layout
+from phasediagram.training import train
 
 from .conftest import tiny_spec
 
@@ -71,7 +81,7 @@ def test_cli_writes_spec_scripts_checkpoints_table_and_plot(root, capsys):
     assert len(list((exp / "runs").glob("*/seed*/final.pt"))) == 8
     assert len(list((exp / "results").glob("*/*.json"))) == 12  # 3 stages x 4 cells
     lines = (root / "bash_scripts" / "e2e" / "train.sh").read_text().splitlines()
-    assert sum("phasediagram.worker" in line for line in lines) == 4
+    assert sum("phasediagram.execution.worker" in line for line in lines) == 4
     assert "#SBATCH --array=0-3" in (root / "bash_scripts" / "e2e" / "dist.sbatch").read_text()
     check_table(table.read(exp / "results.csv", "e2e"), tiny_spec())
     assert "figure:" in capsys.readouterr().out
@@ -85,7 +95,7 @@ def test_cli_writes_spec_scripts_checkpoints_table_and_plot(root, capsys):
 def test_same_seed_same_weights_bit_for_bit(tiny):
     spec, layout = tiny
     cell = spec.cells()[0]
-    from phasediagram.jobs import dataset_for
+    from phasediagram.execution.jobs import dataset_for
 
     data = dataset_for(spec, cell, layout)
     a = train.init_model(spec, cell, 3, data)
@@ -110,7 +120,7 @@ class Interrupt(Exception):
 def test_resume_trains_no_epoch_twice_and_matches_uninterrupted(root):
     spec = tiny_spec(epochs=4, ensemble="off")
     cell = spec.cells()[0]
-    from phasediagram.jobs import dataset_for
+    from phasediagram.execution.jobs import dataset_for
 
     full, cut = Layout(root, "full"), Layout(root, "cut")
     data = dataset_for(spec, cell, full)
@@ -145,9 +155,9 @@ def test_divergence_is_an_outcome_not_a_crash(root):
     metric_rows = df[(df.source == "loss_acc") & (df.batch_size == 16)]
     assert (metric_rows.status == "diverged").all() and metric_rows.value.isna().all()
     assert table.diverged_cells(df) >= {(16, 8)}
-    from phasediagram.plots import phase_plot
+    from phasediagram.analysis.plots import phase_figure, save_figure
 
-    phase_plot(df, layout.exp_dir / "p.png")
+    save_figure(phase_figure(df), layout.exp_dir / "p.png")
     assert (layout.exp_dir / "p.png").stat().st_size > 5_000
 
 
@@ -160,7 +170,7 @@ def test_lr_schedule():
 
 def test_metric_job_needs_trained_checkpoints(tiny):
     spec, layout = tiny
-    from phasediagram.jobs import MissingCheckpoint
+    from phasediagram.errors import MissingCheckpoint
 
     with pytest.raises(MissingCheckpoint, match="run the train stage first"):
         run_job(spec, layout, Job("loss_acc", spec.cells()[0]))
@@ -202,7 +212,7 @@ def test_no_progress_bar_and_no_tqdm_lock_without_a_terminal(monkeypatch, capsys
 
     from tqdm.auto import tqdm
 
-    from phasediagram import jobs
+    from phasediagram.execution import jobs
 
     def taken(*_):
         raise AssertionError("tqdm's lock was taken")

@@ -10,11 +10,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib import colors  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from phasediagram import phases, plots  # noqa: E402
+from phasediagram.analysis import (
+    phases,
+    plots,  # noqa: E402
+)
+from phasediagram.analysis.table import normalise  # noqa: E402
 from phasediagram.metrics import METRICS, Panel  # noqa: E402
-from phasediagram.table import normalise  # noqa: E402
 
 from .test_phases import BATCH_SIZES, KNOWN, WIDTHS, synthetic_table  # noqa: E402
 
@@ -34,10 +38,13 @@ def test_full_figure_png_pdf_and_phase_outlines_on_panel_a(tmp_path, monkeypatch
     calls = []
     real = plots.draw_boundaries
     monkeypatch.setattr(plots, "draw_boundaries", lambda ax, *a, **k: calls.append(ax) or real(ax, *a, **k))
-    res = plots.phase_figure(synthetic_table(), tmp_path / "fig.png", dpi=60)
-    assert [p.name for p in res.paths] == ["fig.png", "fig.pdf"]
-    assert res.paths[0].read_bytes()[:8] == PNG_MAGIC and res.paths[0].stat().st_size > 20_000
-    assert res.paths[1].read_bytes()[:5] == b"%PDF-"
+    res = plots.phase_figure(synthetic_table())
+    assert isinstance(res, Figure)
+    paths = plots.save_figure(res, tmp_path / "fig.png", dpi=60)
+    assert [p.name for p in paths] == ["fig.png", "fig.pdf"]
+    assert paths[0].read_bytes()[:8] == PNG_MAGIC and paths[0].stat().st_size > 20_000
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
     assert res.titles[:8] == CORE_TITLES and res.notes == []
     assert phases.counts(res.phases) == {"I": 5, "II": 3, "III": 2, "IV-A": 3, "IV-B": 3}
     assert len(calls) == 3  # twice (white under black) on panel (a), once on the phase map
@@ -46,12 +53,14 @@ def test_full_figure_png_pdf_and_phase_outlines_on_panel_a(tmp_path, monkeypatch
 
 def test_panels_without_data_are_left_out_with_a_note(tmp_path):
     only_acc = synthetic_table(drop=("mc", "top_eigenvalue", "trace", "cka", "dist"))
-    res = plots.phase_figure(only_acc, tmp_path / "few.png", formats=("png",), dpi=50)
+    res = plots.phase_figure(only_acc)
+    plots.save_figure(res, tmp_path / "few.png", formats=("png",), dpi=50)
     assert res.titles == ["(a) test accuracy (%)", "(b) log10 training loss"]
     assert len(res.notes) == 6 and all(n.startswith("left out:") for n in res.notes)
     assert any("top_eigenvalue" in n for n in res.notes) and any("phase map" in n for n in res.notes)
     assert (tmp_path / "few.png").exists() and not (tmp_path / "few.pdf").exists()
-    empty = plots.phase_figure(only_acc.iloc[:0], tmp_path / "empty.png", formats=("png",), dpi=50)
+    empty = plots.phase_figure(only_acc.iloc[:0])
+    plots.save_figure(empty, tmp_path / "empty.png", formats=("png",), dpi=50)
     assert empty.titles == [] and (tmp_path / "empty.png").stat().st_size > 500
 
 
@@ -67,7 +76,7 @@ def test_further_registered_panels_are_added(tmp_path):
         source=name, metric=panel.quantity, split=panel.split)
     df = normalise(pd.concat([df, rows], ignore_index=True))
     assert [s.key for s in plots.further_panels(df)] == [(name, panel.quantity, panel.split)]
-    res = plots.phase_figure(df, tmp_path / "more.png", formats=("png",), dpi=50)
+    res = plots.phase_figure(df)
     assert res.titles == CORE_TITLES[:2] + ["(c) " + ("log10 " if panel.log else "") + panel.label]
 
 
@@ -171,12 +180,16 @@ def test_boundaries_and_labels_outline_the_phases():
     assert [tuple(r) for r in arr] == [KNOWN[bs] for bs in BATCH_SIZES]
 
 
-def test_phase_map_alone_and_backwards_compatible_phase_plot(tmp_path):
-    paths = plots.phase_map(synthetic_table(), tmp_path / "map.png", formats=("png",), dpi=50)
+def test_phase_map_alone_and_saving_at_the_default_resolution(tmp_path):
+    fig = plots.phase_map(synthetic_table())
+    assert isinstance(fig, Figure) and [ax.get_title(loc="left") for ax in fig.axes][0] == "phases"
+    paths = plots.save_figure(fig, tmp_path / "map.png", formats=("png",), dpi=50)
     assert paths == [tmp_path / "map.png"] and paths[0].read_bytes()[:8] == PNG_MAGIC
     only_acc = synthetic_table(drop=("mc", "top_eigenvalue", "trace", "cka", "dist"))
-    titles = plots.phase_plot(only_acc, tmp_path / "old.png")  # PNG and PDF at the default resolution
-    assert titles == CORE_TITLES[:2] and (tmp_path / "old.png").exists() and (tmp_path / "old.pdf").exists()
+    fig = plots.phase_figure(only_acc)
+    assert fig.titles == CORE_TITLES[:2]
+    plots.save_figure(fig, tmp_path / "old.png")  # PNG and PDF at the default resolution
+    assert (tmp_path / "old.png").exists() and (tmp_path / "old.pdf").exists()
 
 
 def test_edges_and_tick_labels():
@@ -200,7 +213,7 @@ def test_trace_panel_draws_hutchpp_and_falls_back_to_hutchinson(tmp_path):
     hutchpp = df[df.metric == "trace"].assign(metric="trace_hutchpp", value=lambda d: d.value * 1.5)
     noise = df[df.metric == "trace"].assign(metric="trace_hutchpp_stderr", kind=None)
     both = normalise(pd.concat([df, hutchpp, noise], ignore_index=True))
-    res = plots.phase_figure(both, tmp_path / "both.png", formats=("png",), dpi=50)
+    res = plots.phase_figure(both)
     assert res.titles[3] == "(d) log10 Hessian trace (Hutch++)"
     assert not any("stderr" in t for t in res.titles)
     grid = plots.cell_grid(both, plots.CORE[3].for_table(both), list(WIDTHS), list(BATCH_SIZES), "width",
@@ -209,5 +222,5 @@ def test_trace_panel_draws_hutchpp_and_falls_back_to_hutchinson(tmp_path):
                                "batch_size")
     pd.testing.assert_frame_equal(grid, 1.5 * expected)
     abs_only = normalise(df.assign(metric=df.metric.replace({"top_eigenvalue": "top_abs_eigenvalue"})))
-    res = plots.phase_figure(abs_only, tmp_path / "abs.png", formats=("png",), dpi=50)
+    res = plots.phase_figure(abs_only)
     assert res.titles[2] == "(c) log10 largest-magnitude Hessian eigenvalue"

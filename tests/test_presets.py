@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from phasediagram import cli
-from phasediagram.grid import ExperimentSpec
+from phasediagram.resolve import metric_options
+from phasediagram.spec.experiment import ExperimentSpec
 
 
 def spec_of(preset: str, *extra: str) -> ExperimentSpec:
@@ -42,15 +43,15 @@ def test_reference_grid_and_training(reference):
 
 def test_reference_metrics_and_their_settings(reference):
     assert reference.metrics == ("loss_acc", "dist", "hessian", "CKA", "curve")
-    hessian = reference.options_for("hessian")
+    hessian = metric_options(reference, "hessian")
     # code/measure_hessian.py: --hessian-batch-size 200 (one batch), eigenvalues(maxIter=100, tol=1e-3),
     # trace(maxIter=100, tol=1e-3) with the relative-change rule
     assert (hessian.batch_size, hessian.lanczos_iters, hessian.tol) == (200, 100, 1e-3)
     assert (hessian.trace_probes, hessian.trace_rule, hessian.trace_tol) == (100, "change", 1e-3)
-    cka = reference.options_for("CKA")
+    cka = metric_options(reference, "CKA")
     # code/CKA.py: --mixup-CKA --mixup-alpha 16, batches 0..5 (`batch_idx > 5` breaks) of 128, all pairs
     assert (cka.mixup_alpha, cka.batches, cka.batch_size, cka.pairs) == (16.0, 6, 128, "all")
-    curve = reference.options_for("curve")
+    curve = metric_options(reference, "curve")
     # example_experiment.py CURVE_PARAMETERS: --epochs 50 --num-points 5; code/arguments.py: lr 0.01,
     # momentum 0.9, weight decay 5e-4, batch 128; --init_start net_exp_0 --init_end net_exp_1;
     # code/Mode_connectivity.py never calls init_linear
@@ -76,5 +77,5 @@ def test_demo_is_a_phase_diagram_study_with_every_landscape_metric():
     assert len(demo.widths) == 3 and len(demo.lrs) == 5 and len(demo.seeds) == 2
     assert set(demo.metrics) == {"loss_acc", "dist", "hessian", "CKA", "curve", "fisher"}
     assert "hessian" not in demo.metric_options  # the shipped defaults
-    curve = demo.options_for("curve")
+    curve = metric_options(demo, "curve")
     assert curve.max_batches_per_epoch == 0 and curve.eval_examples == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phasediagram import phases, plots, reference, table
+from phasediagram.analysis import phases, plots, reference, table
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "taxonomy_results" / "results.tar.gz"
 TREE = "different_knobs_subset_10/bs_{bs}/lr_decay/ResNet18_w{w}/metrics"
@@ -130,12 +130,13 @@ def test_the_phase_partition_on_the_archive(classified, imported):
 
 
 def test_the_figure_from_the_archive(imported, tmp_path):
-    res = plots.phase_figure(imported, tmp_path / "reference.png", formats=("png",), dpi=60)
+    res = plots.phase_figure(imported)
+    paths = plots.save_figure(res, tmp_path / "reference.png", formats=("png",), dpi=60)
     assert res.titles[:8] == ["(a) test accuracy (%)", "(b) log10 training loss",
                               "(c) log10 largest-magnitude Hessian eigenvalue", "(d) log10 Hessian trace (Hutchinson)",
                               "(e) mode connectivity (error %)", "(f) CKA similarity",
                               "(g) L2 distance between seeds", "(h) phases"]
-    assert res.notes == [] and res.paths[0].stat().st_size > 50_000
+    assert res.notes == [] and paths[0].stat().st_size > 50_000
 
 
 # ----------------------------------------------------------------------------- safety

@@ -15,13 +15,13 @@ import time
 import pytest
 import torch
 
-from phasediagram import jobs, runtime
+from phasediagram.execution import jobs, runtime
 
 # In a fresh interpreter: minor page faults of 40 rounds of malloc + touch + free of 3, 5 and 1 MiB
 # blocks (what a training step does with activations), before and after `keep_freed_memory`.
 PROBE = textwrap.dedent("""
     import ctypes, ctypes.util, resource
-    from phasediagram.runtime import keep_freed_memory
+    from phasediagram.execution.runtime import keep_freed_memory
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -192,7 +192,7 @@ def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
 # A pool's owner that prints its workers' pids, then sleeps until it is killed.
 POOL_OWNER = textwrap.dedent("""
     import os, time
-    from phasediagram import jobs
+    from phasediagram.execution import jobs
 
     def pid(_):
         time.sleep(0.2)
@@ -224,7 +224,7 @@ def test_pool_workers_exit_when_their_owner_is_killed(tmp_path):
 # `exit_with(pid)` (by a pidfd, or by polling without one), then sleeps.
 WATCHER = textwrap.dedent("""
     import os, sys, time
-    from phasediagram import runtime
+    from phasediagram.execution import runtime
 
     if sys.argv[1] == "poll":
         del os.pidfd_open

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from phasediagram import cli
-from phasediagram.grid import SpecError
-from phasediagram.layout import Layout
-from phasediagram.scripts import SlurmOptions, bash_script, sbatch_flags, slurm_script, time_minutes
+from phasediagram.errors import SpecError
+from phasediagram.execution.scripts import SlurmOptions, bash_script, sbatch_flags, slurm_script, time_minutes
+from phasediagram.storage.layout import Layout
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path("/srv/phase study")  # a root with a space: quoted in --chdir
@@ -152,7 +152,7 @@ def test_scripts_run_without_injection(tmp_path):
     subprocess.run(["bash", str(spool / "slurm_script")], cwd=root, env=env, check=True)
     subprocess.run(["bash", str(layout.scripts_dir / "train.sh")], cwd=tmp_path, env=env, check=True)
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    worker = ["-m", "phasediagram.worker", "--experiment-dir", "checkpoint/nasty", "--stage", "train"]
+    worker = ["-m", "phasediagram.execution.worker", "--experiment-dir", "checkpoint/nasty", "--stage", "train"]
     assert calls == [
         [*worker, "--index", "2", "--jobs-per-task", "2", "--threads", "3"],
         [*worker, "--index", "0"],
@@ -205,7 +205,8 @@ def test_flags_list_matches_script():
 
 
 def test_submit_chain_without_sbatch_is_a_clear_error(tmp_path):
-    from phasediagram.cluster import SubmitError, submit_chain
+    from phasediagram.errors import SubmitError
+    from phasediagram.execution.cluster import submit_chain
 
     layout = Layout(tmp_path, "exp")
     with pytest.raises(SubmitError, match="does not exist; generate it"):
@@ -218,7 +219,7 @@ def test_submit_chain_without_sbatch_is_a_clear_error(tmp_path):
 
 def test_submit_chain_orders_training_first_and_chains_metrics(tmp_path):
     """With a stand-in sbatch that records its arguments: train first, metrics with afterany on it."""
-    from phasediagram.cluster import submit_chain
+    from phasediagram.execution.cluster import submit_chain
 
     layout = Layout(tmp_path, "exp")
     layout.scripts_dir.mkdir(parents=True)

@@ -11,9 +11,10 @@ import re
 import pytest
 import torch
 
-from phasediagram import checkpoints, cli
-from phasediagram.layout import Layout
-from phasediagram.grid import SpecError
+from phasediagram import cli
+from phasediagram.errors import SpecError
+from phasediagram.storage import checkpoints
+from phasediagram.storage.layout import Layout
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "workspace" / "phasediagram"
 

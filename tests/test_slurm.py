@@ -20,12 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phasediagram import checkpoints, cli, table
-from phasediagram.cluster import log_tail, make_executor, run_submitit, submit, submitit_folder, tasks_of
-from phasediagram.grid import ExperimentSpec
-from phasediagram.jobs import stage_jobs
-from phasediagram.layout import Layout
-from phasediagram.scripts import SlurmOptions, slurm_script
+from phasediagram import cli
+from phasediagram.analysis import table
+from phasediagram.execution.cluster import log_tail, make_executor, run_submitit, submit, submitit_folder, tasks_of
+from phasediagram.execution.jobs import stage_jobs
+from phasediagram.execution.scripts import SlurmOptions, slurm_script
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage import checkpoints
+from phasediagram.storage.layout import Layout
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_localhost.sh"
 # the 2x2 grid of tests/conftest.py's tiny_spec, as CLI flags

@@ -17,57 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-from . import grid
-from .checkpoints import CorruptFile, atomic_write_bytes
-from .grid import ExperimentSpec, SpecError
-from .jobs import TRAIN, dataset_for, run_inprocess, run_pool, stage_jobs, start_pool
-from .layout import Layout
-from .runtime import freeze_alive, in_forked_process, keep_freed_memory
-from .scripts import SlurmOptions, bash_script, slurm_script
+from phasediagram.errors import CorruptFile, SpecError
+from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit
+from phasediagram.execution.jobs import TRAIN, dataset_for, stage_jobs, start_pool
+from phasediagram.execution.runtime import freeze_alive, in_forked_process, keep_freed_memory
+from phasediagram.execution.scripts import SlurmOptions, bash_script, slurm_script
+from phasediagram.resolve import check
+from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
+from phasediagram.storage.checkpoints import atomic_write_bytes
+from phasediagram.study import Study
 
-PRESET_SPECS = {
-    # The embedded default: residual conv nets on MNIST-1D, 3 widths x 5 learning rates (the temperature) x 2
-    # seeds, every landscape metric at its default settings except where a cheaper one still measures
-    # what the figure shows (README, "The demo" says which and why).
-    "demo": {"name": "demo", "arch": "resnet1d", "dataset": "mnist1d", "widths": [2, 8, 32], "batch_sizes": [32],
-             "lrs": [0.05, 0.1, 0.2, 0.4, 0.8], "temperature_axis": "lr", "seeds": [0, 1], "epochs": 8,
-             "schedule": "step", "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve", "fisher"],
-             "metric_options": {"fisher": {"n_batches": 20},
-                                "curve": {"epochs": 20, "lr": 0.1, "linear": False, "pairs": "first"}}},
-    "tiny": {"name": "tiny", "arch": "mlp", "widths": [4, 16], "batch_sizes": [32, 128], "seeds": [0, 1],
-             "epochs": 3, "metrics": ["loss_acc", "dist"]},
-    # The reference study's recipe (nsfzyzz/loss_landscape_taxonomy, workspace/src/): ResNet18 of width k on
-    # CIFAR-10, as its width x batch-size experiment trained and measured it (tests/test_presets.py pins each value).
-    "reference": {
-        "name": "reference", "arch": "resnet18", "dataset": "cifar10",
-        "widths": "reference",              # example_experiment.py: widths 1 ... 128
-        "batch_sizes": "efficient_fine",    # write_script.py, temperature range Efficient_fine: 16 ... 1024
-        "seeds": [0, 1, 2, 3, 4],           # example_experiment.py: --exp-num 5 models per cell
-        "epochs": 100,                      # write_script.py, lr_decay: --epochs 100
-        "lrs": [0.1],                       # example_experiment.py --lr-standard 0.1, the same at every batch size
-        "weight_decays": [5e-4],            # --wd-standard 5e-4, coupled, on every parameter (code/train.py)
-        "momentum": 0.9,                    # code/train.py: SGD(momentum=0.9)
-        "schedule": "step", "lr_decay_at": 0.75, "lr_decay_factor": 0.1,  # code/train.py --one-lr-decay
-        "train_fractions": [1.0],           # "subset_10": load 10 -> --subset 1.0, the whole training set
-        "metric_checkpoint": "best",        # --save-best writes only the lowest-training-loss checkpoint,
-                                            # which the metric scripts read (utils.py return_file_name)
-        "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve"],
-        "metric_options": {
-            # code/measure_hessian.py: one batch of 200 training images, eval mode; PyHessian eigenvalues
-            # (100 iterations, tol 1e-3) and trace (Hutchinson, 100 probes, relative change below 1e-3)
-            "hessian": {"batch_size": 200, "lanczos_iters": 100, "tol": 1e-3, "trace_probes": 100,
-                        "trace_rule": "change", "trace_tol": 1e-3},
-            # code/CKA.py: --mixup-CKA --mixup-alpha 16, batches 0..5 of 128 training images, every seed pair
-            "CKA": {"mixup_alpha": 16.0, "batches": 6, "batch_size": 128, "pairs": "all"},
-            # example_experiment.py CURVE_PARAMETERS, code/Mode_connectivity.py: Bezier with 3 bends between
-            # models 0 and 1, 50 epochs of the whole training set, lr 0.01, momentum 0.9, L2 5e-4, batch 128,
-            # 5 points, its bend left at the curve layers' initialisation (init_linear is not called)
-            "curve": {"epochs": 50, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
-                      "max_batches_per_epoch": 0, "points": 5, "eval_examples": 0, "pairs": "first",
-                      "bend_init": "random"},
-        },
-    },
-}
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
 
 
@@ -208,9 +168,9 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         values = getattr(args, field)
         if values is None:
             continue
-        if len(values) == 1 and field in grid.PRESETS and not values[0].lstrip("-").replace(".", "", 1).replace(
+        if len(values) == 1 and field in PRESETS and not values[0].lstrip("-").replace(".", "", 1).replace(
                 "e", "", 1).isdigit():
-            data[field] = grid.preset(field, values[0])
+            data[field] = preset(field, values[0])
         else:
             data[field] = [_number(field, v, kind) for v in values]
     if args.optimizer_option:
@@ -233,26 +193,7 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         data["metrics"] = list(dict.fromkeys([*data.get("metrics", ExperimentSpec.metrics), *extra]))
     if "name" not in data:
         data["name"] = "demo"
-    return ExperimentSpec.from_dict(data)
-
-
-def record_spec(spec: ExperimentSpec, layout: Layout) -> ExperimentSpec:
-    """Write spec.json once; later calls may add metrics and metric options but not change training."""
-    if layout.spec_path.exists():
-        try:
-            old = ExperimentSpec.from_file(layout.spec_path)
-        except SpecError as exc:
-            raise SpecError("spec.json", f"{layout.spec_path} is unreadable ({exc}); move it aside") from None
-        if old.training_identity() != spec.training_identity():
-            diff = sorted(k for k, v in spec.training_identity().items() if old.training_identity().get(k) != v)
-            raise SpecError("name", f"experiment {spec.name!r} already exists in {layout.exp_dir} with different "
-                            f"training settings ({', '.join(diff)}); choose another --name")
-        merged = old.to_dict()
-        merged["metrics"] = list(dict.fromkeys([*old.metrics, *spec.metrics]))
-        merged["metric_options"] = {**old.metric_options, **spec.metric_options}
-        spec = ExperimentSpec.from_dict(merged)
-    atomic_write_bytes(layout.spec_path, (spec.to_json() + "\n").encode())
-    return spec
+    return check(ExperimentSpec.from_dict(data))
 
 
 def slurm_options(args) -> SlurmOptions:
@@ -282,20 +223,19 @@ def uses_pool(args) -> bool:
     return args.executor == "local" and (args.workers or os.cpu_count() or 1) > 1
 
 
-def run_stages(spec, layout, stages, args, pool=None) -> int:
-    """Run the stages with the chosen executor (`pool`: the started worker pool, with `uses_pool`);
-    print one line per stage; return the failures."""
-    start = time.perf_counter()
+def executor_for(args, pool=None) -> Executor:
+    """The executor `--executor` names (`pool`: the worker pool started for `uses_pool`)."""
     if uses_pool(args):
-        reports = run_pool(spec, layout, stages, args.workers, pool)
-    elif args.executor in ("inprocess", "local"):
-        reports = {stage: run_inprocess(spec, layout, stage_jobs(spec, stage), args.device, desc=stage)
-                   for stage in stages}
-    else:
-        from .cluster import run_submitit
+        return LocalPool(args.workers, pool)
+    if args.executor in ("inprocess", "local"):
+        return InProcess(args.device)
+    return Submitit(args.executor, slurm_options(args))
 
-        reports = {stage: run_submitit(spec, layout, stage_jobs(spec, stage), args.executor, slurm_options(args),
-                                       desc=stage) for stage in stages}
+
+def run_stages(study: Study, stages, args, pool=None) -> int:
+    """Run the stages with the chosen executor; print one line per stage; return the failures."""
+    start = time.perf_counter()
+    reports = study.run(stages, executor_for(args, pool))
     failed = 0
     for stage, report in reports.items():
         print(f"{stage}: {report.done} done, {report.skipped} skipped, {len(report.failed)} failed", flush=True)
@@ -306,62 +246,26 @@ def run_stages(spec, layout, stages, args, pool=None) -> int:
     return failed
 
 
-def collect(spec, layout):
+def collect(study: Study):
     """Collect every job's rows (plus each cell's phase rows) into results.csv."""
-    from . import phases, table
-
-    df = phases.with_phases(table.collect(layout, spec.name))
-    table.write(df, layout.table_path)
-    print(f"table: {os.path.relpath(layout.table_path)} ({len(df)} rows)")
+    df = study.table()
+    print(f"table: {os.path.relpath(study.layout.table_path)} ({len(df)} rows)")
     return df
 
 
-def draw(spec, layout, df) -> None:
-    """The phase-diagram figure, the per-cell phases and the phase map, drawn here, while a forked
-    process (`in_forked_process`) writes the correlation tables and, when the Hessian ran, its densities."""
-    from .plots import phase_figure, phase_map
-
-    side = in_forked_process(correlations_and_density, spec, layout, df)
-    written = []
-    try:
-        fig = phase_figure(df, layout.figure_path("phase_plot", ".png"), spec.load_axis, spec.temperature_axis)
-        print(f"figure: {', '.join(os.path.relpath(p) for p in fig.paths)}")
-        for note in fig.notes:
-            print(f"note: {note}")
-        per_cell = layout.figure_path("phases", ".csv")
-        atomic_write_bytes(per_cell, fig.phases.to_csv(index=False).encode())
-        written.append(per_cell)
-        if fig.phases["phase"].astype(bool).any():
-            written += phase_map(df, layout.figure_path("phase_map", ".png"), spec.load_axis, spec.temperature_axis)
-    finally:
-        written += side()
-    print(f"phases and correlations: {', '.join(os.path.relpath(p) for p in written)}")
-
-
-def correlations_and_density(spec, layout, df) -> list[Path]:
-    """The correlation tables of the metrics with the phases (`correlations`), and the Hessian densities
-    when the table has them (`metrics.hessian.plot_density`); the files written."""
-    from . import correlations, phases
-
-    cell_phases = phases.classify(df[df["source"] != phases.PHASE_SOURCE])
-    written = correlations.write(correlations.correlations(df, phases=cell_phases),
-                                 layout.figure_path("correlations", ".csv").with_suffix(""))
-    if ((df["source"] == "hessian") & (df["metric"] == "density")).any():
-        from .metrics.hessian import plot_density
-
-        written.append(plot_density(df, layout.figure_path("hessian_density", ".png"), spec.load_axis,
-                                    spec.temperature_axis))
-    return written
+def draw(study: Study, df) -> None:
+    """The study's figures and tables (`Study.save_figures`), the correlations and Hessian densities
+    drawn by a forked process (`in_forked_process`) while this one draws the phase diagram."""
+    study.save_figures(df, side=in_forked_process)
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        spec = spec_from_args(args)
-        layout = Layout(Path(args.root), spec.name)
-        layout.check_writable_tree()
+        study = Study(spec_from_args(args), args.root)
+        study.layout.check_writable_tree()
         with start_pool(args.workers) if args.run and uses_pool(args) else contextlib.nullcontext() as pool:
-            return _check_write_run_draw(args, spec, layout, pool)
+            return _check_write_run_draw(args, study, pool)
     except (SpecError, CorruptFile) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -381,13 +285,14 @@ def console(argv=None) -> int:
     return status
 
 
-def _check_write_run_draw(args, spec, layout, pool) -> int:
+def _check_write_run_draw(args, study: Study, pool) -> int:
     """main's work once the spec and folder are valid; `pool`: the worker pool, started first so its
     processes import torch while the dataset is checked here."""
+    spec, layout = study.spec, study.layout
     if args.run:
         dataset_for(spec, spec.cells()[0], layout)  # a bad dataset folder fails here, before any file
-    spec = record_spec(spec, layout)
-    stages = args.metrics or [TRAIN, *spec.metrics]
+    spec = study.record()
+    stages = args.metrics or study.stages
     stages = list(dict.fromkeys(stages))
     for stage in stages:
         stage_jobs(spec, stage)  # validates stage names
@@ -396,20 +301,20 @@ def _check_write_run_draw(args, spec, layout, pool) -> int:
         print(f"wrote {os.path.relpath(path)}")
     failed = 0
     if args.submit:
-        from .cluster import submit_chain
+        from phasediagram.execution.cluster import submit_chain
 
         submit_chain(layout, stages)
     if args.run:
         keep_freed_memory()  # for in-process runs; pool and array workers set it themselves
-        failed = run_stages(spec, layout, stages, args, pool)
+        failed = run_stages(study, stages, args, pool)
         if pool is not None:
             pool.shutdown()  # before the figures: no idle workers, and no pool threads when a figure forks
     if args.table:
-        from . import phases, table
+        from phasediagram.analysis import phases, table
 
-        draw(spec, layout, phases.with_phases(table.read(args.table, spec.name)))
+        draw(study, phases.with_phases(table.read(args.table, spec.name)))
     elif args.run or args.plot:
-        draw(spec, layout, collect(spec, layout))
+        draw(study, collect(study))
     return 1 if failed else 0
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MethodEntry, make_options
-from .entropy_sgd import EntropySGD, EntropySGDOptions
-from .infomcr import InfoMCR, InfoMCROptions
-from .nrs import NRS, NRSOptions
-from .replicated_sgd import ReplicatedSGD, ReplicatedSGDOptions
-from .sam import SAM, SAMOptions
-from .sgd import SGD, SGDOptions
+from phasediagram.methods.base import MethodEntry, make_options
+from phasediagram.methods.entropy_sgd import EntropySGD, EntropySGDOptions
+from phasediagram.methods.infomcr import InfoMCR, InfoMCROptions
+from phasediagram.methods.nrs import NRS, NRSOptions
+from phasediagram.methods.replicated_sgd import ReplicatedSGD, ReplicatedSGDOptions
+from phasediagram.methods.sam import SAM, SAMOptions
+from phasediagram.methods.sgd import SGD, SGDOptions
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..grid import SpecError
+from phasediagram.errors import SpecError
 
 
 @dataclass(frozen=True)

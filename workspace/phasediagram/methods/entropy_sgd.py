@@ -49,8 +49,16 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..grid import stable_seed
-from .base import check, is_int, is_real, load_regularizer_state, regularizer_state, restore_buffers, snapshot_buffers
+from phasediagram.methods.base import (
+    check,
+    is_int,
+    is_real,
+    load_regularizer_state,
+    regularizer_state,
+    restore_buffers,
+    snapshot_buffers,
+)
+from phasediagram.seeding import stable_seed
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from .base import check, is_int, is_real
+from phasediagram.methods.base import check, is_int, is_real
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from ..grid import stable_seed
-from ..metrics.nrs import kl_divergence, sample_neighbour
-from .base import check, is_int, is_real
+from phasediagram.methods.base import check, is_int, is_real
+from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
+from phasediagram.seeding import stable_seed
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import check, is_real, restore_buffers, snapshot_buffers
-from .sgd import SGD
+from phasediagram.methods.base import check, is_real, restore_buffers, snapshot_buffers
+from phasediagram.methods.sgd import SGD
 
 GRAD_NORM_EPS = 1e-12
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .base import load_regularizer_state, regularizer_state
+from phasediagram.methods.base import load_regularizer_state, regularizer_state
 
 
 @dataclass(frozen=True)

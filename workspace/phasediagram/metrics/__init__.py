@@ -6,15 +6,15 @@ add one entry here. The registry-wide contract tests then cover it.
 
 from __future__ import annotations
 
-from .base import DIAGNOSTIC, ROW_KINDS, STDERR, VALUE, Metric, MetricData, Panel, key, parse_key
-from .cka import CKAOptions, cka
-from .curve import CurveOptions, curve, curve_pairs
-from .dist import DistOptions, dist
-from .fisher import FisherOptions, fisher
-from .hessian import HessianOptions, hessian, hessian_seeds
-from .local_energy import LocalEnergyOptions, local_energy
-from .loss_acc import LossAccOptions, loss_acc
-from .nrs import NRSOptions, nrs
+from phasediagram.metrics.base import DIAGNOSTIC, ROW_KINDS, STDERR, VALUE, Metric, MetricData, Panel, key, parse_key
+from phasediagram.metrics.cka import CKAOptions, cka
+from phasediagram.metrics.curve import CurveOptions, curve, curve_pairs
+from phasediagram.metrics.dist import DistOptions, dist
+from phasediagram.metrics.fisher import FisherOptions, fisher
+from phasediagram.metrics.hessian import HessianOptions, hessian, hessian_seeds
+from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy
+from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
+from phasediagram.metrics.nrs import NRSOptions, nrs
 
 METRICS: dict[str, Metric] = {
     "loss_acc": Metric(

@@ -16,7 +16,6 @@ Options are a frozen dataclass whose defaults are the reference settings and who
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import Split
-from ..grid import SpecError
+from phasediagram.data.datasets import Split
+from phasediagram.errors import SpecError
+from phasediagram.models.modes import eval_mode
 
 NO_SPLIT = "-"
 VALUE, STDERR, DIAGNOSTIC = "value", "stderr", "diagnostic"
@@ -107,20 +107,6 @@ def check(metric: str, option: str, ok: bool, allowed: str, value: Any) -> None:
     """Raise a SpecError naming `metric_options.<metric>.<option>` unless `ok`."""
     if not ok:
         raise SpecError(f"metric_options.{metric}.{option}", f"{value!r} is out of range (allowed: {allowed})")
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module):
-    """Put `models` in eval mode and restore each one's train/eval flags (per submodule) afterwards."""
-    saved = [[(m, m.training) for m in model.modules()] for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for flags in saved:
-            for m, training in flags:
-                m.training = training
 
 
 @torch.no_grad()

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import mixup
-from ..grid import SpecError
-from .base import MetricData, check, eval_mode, key
+from phasediagram.data.datasets import mixup
+from phasediagram.errors import SpecError
+from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.models.modes import eval_mode
 
 PAIRS = ("all", "adjacent", "first")
 METHODS = ("auto", "feature", "gram")

@@ -60,10 +60,10 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import ensemble_models
-from ..checkpoints import atomic_write_bytes
-from ..data import Split
-from .base import MetricData, check, evaluate, key
+from phasediagram.accel import ensemble_models
+from phasediagram.data.datasets import Split
+from phasediagram.metrics.base import MetricData, check, evaluate, key
+from phasediagram.storage.checkpoints import atomic_write_bytes
 
 PAIRS = ("all", "adjacent", "first")
 BEND_INITS = ("midpoint", "random")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NO_SPLIT, MetricData, key
+from phasediagram.metrics.base import NO_SPLIT, MetricData, key
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from .base import MetricData, check, eval_mode, key
+from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.models.modes import eval_mode
 
 BATCHNORM_MODES = ("eval", "train")
 

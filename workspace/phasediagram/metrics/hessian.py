@@ -34,7 +34,7 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
   density_probes is 0).
 - `density@t`: the SLQ spectral density phi(t) on a grid of eigenvalues t, smoothed by a
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
-  parameter count for eigenvalues per unit). `plot_density` draws it.
+  parameter count for eigenvalues per unit). `density_figure` draws it.
 - `hvp_eig`, `hvp_trace`, `hvp_trace_hutchpp`, `hvp_density`: Hessian-vector products each
   estimate rests on (eigenvalues from the SLQ run's Ritz vectors, Hutch++ on its Krylov basis:
   the SLQ run's products plus their own); `hvp_traces`: products the traces call made (2 s for a
@@ -51,17 +51,18 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .. import ensemble_models, linalg
-from ..data import Split
-from ..hvp import METHODS, HessianOperator
-from ..hvp_lockstep import LockstepHessians
-from .base import MetricData, check, eval_mode, key, parse_key
+from phasediagram.accel import ensemble_models
+from phasediagram.accel.hvp_lockstep import LockstepHessians
+from phasediagram.data.datasets import Split
+from phasediagram.metrics.base import MetricData, check, key, parse_key
+from phasediagram.models.modes import eval_mode
+from phasediagram.numerics import linalg
+from phasediagram.numerics.hvp import METHODS, HessianOperator
 
 NAME = "hessian"
 EIG_STARTS = ("slq", "gradient", "random")
@@ -304,8 +305,8 @@ def _draw(ax, curves: list[tuple[np.ndarray, np.ndarray]], title: str) -> None:
     ax.tick_params(labelsize=6)
 
 
-def plot_density(source, path: str | Path, load: str = "width", temperature: str = "batch_size") -> Path:
-    """Draw Hessian spectral densities (log scale) into `path` (PNG or PDF).
+def density_figure(source, load: str = "width", temperature: str = "batch_size"):
+    """A matplotlib Figure of Hessian spectral densities (log scale).
 
     `source` is either one `hessian` result dict (one panel) or a results table (DataFrame with
     the rows of `table.collect`): then one panel per cell, laid out like the phase diagram
@@ -322,10 +323,7 @@ def plot_density(source, path: str | Path, load: str = "width", temperature: str
     for ax in axes_label:
         ax.set_xlabel("eigenvalue", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
 
 
 def _table_figure(df, load: str, temperature: str):

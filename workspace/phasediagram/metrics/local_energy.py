@@ -35,9 +35,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
-from .. import ensemble_models
-from ..data import Split
-from .base import MetricData, check, eval_mode, key
+from phasediagram.accel import ensemble_models
+from phasediagram.data.datasets import Split
+from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.models.modes import eval_mode
 
 SPLITS = ("train", "test")
 REFERENCE_SIGMAS = (0.0, 0.025, 0.05, 0.075, 0.1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MetricData, check, evaluate, key
+from phasediagram.metrics.base import MetricData, check, evaluate, key
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch.func import functional_call
-from torch.nn import functional as F
 
-from .base import MetricData, check, eval_mode, key
-from .local_energy import SPLITS, subset_of
+from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.metrics.local_energy import SPLITS, subset_of
+from phasediagram.models.modes import eval_mode
+from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
 
 
 @dataclass(frozen=True)
@@ -58,37 +58,6 @@ class NRSOptions:
         check("nrs", "n_examples", self.n_examples is None or (is_int(self.n_examples) and self.n_examples >= 1),
               "null or integer >= 1", self.n_examples)
         check("nrs", "batch_size", is_int(self.batch_size) and self.batch_size >= 1, "integer >= 1", self.batch_size)
-
-
-def sample_neighbour(params: Mapping[str, torch.Tensor], rho: float,
-                     generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A neighbour {name: w_l + delta_l}, delta_l = rho ||w_l|| u_l / ||u_l||, u_l ~ N(0, I).
-
-    u_l is drawn on the CPU from `generator` (one `randn` per tensor, in the order of `params`) and
-    moved to w_l's device and dtype, so a seed gives the same neighbour on every device. delta_l is
-    computed without gradient (from w_l detached), so the returned tensors are differentiable with
-    respect to `params` with identity Jacobian: a regularizer's gradient flows through w into both
-    w and w + delta. `params` are not modified.
-    """
-    out = {}
-    for name, w in params.items():
-        u = torch.randn(w.shape, generator=generator, dtype=torch.float64)
-        with torch.no_grad():
-            u_norm = u.norm()
-            scale = rho * w.detach().to(torch.float64).norm().cpu() / u_norm if u_norm > 0 else torch.zeros(())
-            delta = (scale * u).to(device=w.device, dtype=w.dtype)
-        out[name] = w + delta
-    return out
-
-
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """(1/N) sum_i KL(p_i || q_i) = (1/N) sum_i sum_c p_ic (log p_ic - log q_ic), p = softmax(logits_p).
-
-    `logits_*` are (N, C); returns a differentiable scalar (computed through log_softmax).
-    """
-    log_p = F.log_softmax(logits_p, dim=-1)
-    log_q = F.log_softmax(logits_q, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 @torch.no_grad()

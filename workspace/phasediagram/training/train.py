@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, models
-from .data import Dataset
-from .grid import Cell, ExperimentSpec, stable_seed
-from .layout import Layout
-from .methods import build_method
+from phasediagram.data.datasets import Dataset
+from phasediagram.methods import build_method
+from phasediagram.models import families as models
+from phasediagram.seeding import stable_seed
+from phasediagram.spec.experiment import Cell, ExperimentSpec
+from phasediagram.storage import checkpoints
+from phasediagram.storage.layout import Layout
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

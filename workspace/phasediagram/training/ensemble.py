@@ -42,14 +42,24 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from . import ensemble_models
-from .data import Dataset
-from .grid import Cell, ExperimentSpec
-from .layout import Layout
-from .methods import ensemble_supported
-from .methods.sgd import SGD
-from .train import (DTYPES, RunState, epoch_order, final_status, lr_at, save_diverged, save_epoch, save_final,
-                    start_run, train_seed)
+from phasediagram.accel import ensemble_models
+from phasediagram.data.datasets import Dataset
+from phasediagram.methods import ensemble_supported
+from phasediagram.methods.sgd import SGD
+from phasediagram.spec.experiment import Cell, ExperimentSpec
+from phasediagram.storage.layout import Layout
+from phasediagram.training.train import (
+    DTYPES,
+    RunState,
+    epoch_order,
+    final_status,
+    lr_at,
+    save_diverged,
+    save_epoch,
+    save_final,
+    start_run,
+    train_seed,
+)
 
 # auto: seeds per ensemble group, from bench/bench_ensemble.py (one thread, 1-5 members, widths
 # 8-128, batch sizes 16-512, on a 2-core CPU).

@@ -35,14 +35,9 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.nn import functional as F
 
+from phasediagram.models.modes import eval_mode
+
 METHODS = ("double_backward", "func")
-
-
-def eval_mode(model: nn.Module):
-    """`metrics.base.eval_mode` (imported here, as the metrics package imports this module)."""
-    from .metrics.base import eval_mode as base_eval_mode
-
-    return base_eval_mode(model)
 
 
 def trainable(model: nn.Module) -> list[torch.Tensor]:

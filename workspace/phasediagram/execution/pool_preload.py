@@ -9,7 +9,7 @@ objects, neither in the workers nor in the server, whose exit would otherwise ta
 
 import torch._dynamo  # noqa: F401
 
-from . import jobs  # noqa: F401
-from .runtime import freeze_alive
+from phasediagram.execution import jobs  # noqa: F401
+from phasediagram.execution.runtime import freeze_alive
 
 freeze_alive()

@@ -1,4 +1,4 @@
-"""One array task: `python -m phasediagram.worker --experiment-dir checkpoint/<name> --stage S --index I`.
+"""One array task: `python -m phasediagram.execution.worker --experiment-dir checkpoint/<name> --stage S --index I`.
 
 Runs jobs [I*K, (I+1)*K) of stage S (K = --jobs-per-task) of the experiment whose spec.json lies
 in the experiment folder, skipping jobs whose valid result exists. Exit status: 0 when every job
@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoints import CorruptFile
-from .grid import ExperimentSpec, SpecError
-from .jobs import run_job, stage_jobs
-from .layout import Layout
-from .runtime import configure_worker, freeze_alive
+from phasediagram.errors import CorruptFile, SpecError
+from phasediagram.execution.jobs import run_job, stage_jobs
+from phasediagram.execution.runtime import configure_worker, freeze_alive
+from phasediagram.resolve import load_spec
+from phasediagram.storage.layout import Layout
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m phasediagram.worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m phasediagram.execution.worker", description=__doc__.splitlines()[0])
     p.add_argument("--experiment-dir", required=True, help="the experiment folder <root>/checkpoint/<name>")
     p.add_argument("--stage", required=True, help="'train' or a metric name")
     p.add_argument("--index", required=True, type=int, help="array task index (0-based)")
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         layout = Layout.from_experiment_dir(args.experiment_dir)
         if not layout.spec_path.is_file():
             raise SpecError("experiment_dir", f"{layout.spec_path} does not exist; generate the jobs first")
-        spec = ExperimentSpec.from_file(layout.spec_path)
+        spec = load_spec(layout.spec_path)
         jobs = stage_jobs(spec, args.stage)
         if args.jobs_per_task < 1:
             raise SpecError("jobs_per_task", f"{args.jobs_per_task} must be >= 1")

@@ -16,8 +16,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CorruptFile, atomic_write_json, quarantine
-from .grid import Cell
+from phasediagram.errors import CorruptFile
+from phasediagram.spec.experiment import Cell
+from phasediagram.storage.checkpoints import atomic_write_json, quarantine
 
 FORMAT = "phasediagram-result/1"
 ROW_KEYS = ("experiment", "cell", "width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise",

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import batch_norm, models
+from phasediagram.accel import batch_norm
+from phasediagram.models import families as models
 
 
 class EnsembleLinear(nn.Module):

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .table import COLUMNS, measurements, normalise
+from phasediagram.analysis.table import COLUMNS, measurements, normalise
 
 PHASES = ("I", "II", "III", "IV-A", "IV-B")
 PARTIAL = ("IV", "I/III", "II/IV")

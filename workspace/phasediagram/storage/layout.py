@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .grid import Cell, SpecError
+from phasediagram.errors import SpecError
+from phasediagram.spec.experiment import Cell
 
 CHECKPOINT_KINDS = ("last", "final", "best")
 

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import ensemble_models
-from .hvp import flatten, trainable
+from phasediagram.accel import ensemble_models
+from phasediagram.numerics.hvp import flatten, trainable
 
 
 class MemberOperator:

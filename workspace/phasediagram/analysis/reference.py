@@ -65,8 +65,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from . import safepickle, table
-from .grid import Cell
+from phasediagram.analysis import table
+from phasediagram.spec.experiment import Cell
+from phasediagram.storage import safepickle
 
 EXPERIMENT = "reference"
 # The reference training settings (`example_experiment.py` and `arguments.py` of the reference repository).
@@ -237,10 +238,10 @@ def import_path(path: str | Path, **kwargs) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
-    """``python -m phasediagram.reference RESULTS [--out results.csv] [--figure phase_plot.png]``."""
-    from . import phases
+    """``python -m phasediagram.analysis.reference RESULTS [--out results.csv] [--figure phase_plot.png]``."""
+    from phasediagram.analysis import phases
 
-    parser = argparse.ArgumentParser(prog="python -m phasediagram.reference",
+    parser = argparse.ArgumentParser(prog="python -m phasediagram.analysis.reference",
                                      description="Import the reference study's published results into a results table.")
     parser.add_argument("results", help="folder (or .tar.gz) holding bs_*/*/*_w*/metrics folders")
     parser.add_argument("--out", default="reference_results.csv", help="the table to write (CSV)")
@@ -255,9 +256,9 @@ def main(argv=None) -> int:
     table.write(df, Path(args.out))
     print(f"table: {args.out} ({len(df)} rows); phases: {phases.counts(phases.read_phases(df))}")
     if args.figure:
-        from .plots import phase_figure
+        from phasediagram.analysis.plots import phase_figure, save_figure
 
-        print("figure: " + ", ".join(map(str, phase_figure(df, args.figure).paths)))
+        print("figure: " + ", ".join(map(str, save_figure(phase_figure(df), args.figure))))
     return 0
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .grid import SpecError, stable_seed
-from .safepickle import NUMPY_ARRAY_GLOBALS, load_allowed
+from phasediagram.errors import SpecError
+from phasediagram.seeding import stable_seed
+from phasediagram.storage.safepickle import NUMPY_ARRAY_GLOBALS, load_allowed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

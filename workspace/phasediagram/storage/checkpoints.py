@@ -21,16 +21,11 @@ from typing import Any
 
 import torch
 
+from phasediagram.errors import CorruptFile
+
 MAGIC = b"PDCKPT1\n"
 STATUSES = ("running", "ok", "diverged")
 
-
-class CorruptFile(Exception):
-    """A checkpoint or result file that fails validation; `path` says which."""
-
-    def __init__(self, path: Path, reason: str):
-        self.path = Path(path)
-        super().__init__(f"{path}: {reason}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -1,9 +1,11 @@
-"""The experiment spec: one frozen, validated object describing a whole phase-diagram study.
+"""The experiment spec: one frozen object describing a whole phase-diagram study.
 
 A spec is the product grid  width x batch_size x lr x weight_decay x train_fraction x label_noise
 (each axis a tuple; the load axis and the temperature axis are the two the plots use, every
-other axis holds one value) times a tuple of seeds. Invalid specs fail at construction with a
-`SpecError` naming the field and the allowed values.
+other axis holds one value) times a tuple of seeds. Construction checks the structure (types,
+ranges, axes) and raises `SpecError` naming the field and the allowed values; whether the names
+it holds (arch, dataset, metrics, methods) and their options exist is `phasediagram.resolve`'s
+check, which needs the registries.
 """
 
 from __future__ import annotations
@@ -19,30 +21,8 @@ from typing import Any, Mapping
 
 import yaml
 
-PRESET_WIDTHS = {
-    "reference": (1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128),
-    "demo": (2, 4, 8, 16, 32),
-}
-PRESET_BATCH_SIZES = {
-    "efficient_fine": (16, 24, 32, 44, 64, 92, 128, 180, 256, 364, 512, 724, 1024),
-    "demo": (16, 32, 64, 128, 256),
-}
-# Log-spaced temperature lists of our own (the reference repository's lists are not published
-# with its results); coarse: half a decade apart, fine: a quarter of a decade apart.
-PRESET_LRS = {
-    "coarse": (0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316),
-    "fine": (0.001, 0.00178, 0.00316, 0.00562, 0.01, 0.0178, 0.0316, 0.0562, 0.1, 0.178, 0.316),
-}
-PRESET_WEIGHT_DECAYS = {
-    "coarse": (1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3),
-    "fine": (1e-5, 1.78e-5, 3.16e-5, 5.62e-5, 1e-4, 1.78e-4, 3.16e-4, 5.62e-4, 1e-3, 1.78e-3, 3.16e-3),
-}
-PRESETS = {
-    "widths": PRESET_WIDTHS,
-    "batch_sizes": PRESET_BATCH_SIZES,
-    "lrs": PRESET_LRS,
-    "weight_decays": PRESET_WEIGHT_DECAYS,
-}
+from phasediagram.errors import SpecError
+from phasediagram.spec.presets import PRESET_BATCH_SIZES, PRESET_WIDTHS, PRESETS, preset
 
 LOAD_AXES = ("width", "train_fraction", "label_noise")
 TEMPERATURE_AXES = ("batch_size", "lr", "weight_decay")
@@ -62,37 +42,11 @@ MAX_SEED = 2**31 - 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class SpecError(ValueError):
-    """An invalid spec or option: the message names the field and what is allowed."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {message}")
-
-
-def _known(kind: str) -> tuple[str, ...]:
-    """Names registered for `kind`, imported lazily to keep this module import-light."""
-    if kind == "arch":
-        from .models import MODELS
-
-        return tuple(MODELS)
-    if kind == "dataset":
-        from .data import DATASETS
-
-        return tuple(DATASETS)
-    if kind == "metric":
-        from .metrics import METRICS
-
-        return tuple(METRICS)
-    if kind == "optimizer":
-        from .methods import OPTIMIZERS
-
-        return tuple(OPTIMIZERS)
-    if kind == "regularizer":
-        from .methods import REGULARIZERS
-
-        return tuple(REGULARIZERS)
-    raise KeyError(kind)
+def _name(field_name: str, value: Any) -> str:
+    """A registry name (arch, dataset, metric, method): its spelling here, its existence in `resolve`."""
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise SpecError(field_name, f"{value!r} is not a name (letters, digits, '_', '.', '-')")
+    return value
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -217,8 +171,8 @@ class ExperimentSpec:
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
             raise SpecError("name", f"{self.name!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
                             "starting with a letter or digit")
-        _choice("arch", self.arch, _known("arch"))
-        _choice("dataset", self.dataset, _known("dataset"))
+        _name("arch", self.arch)
+        _name("dataset", self.dataset)
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise SpecError("data_root", f"expected a folder path, got {self.data_root!r}")
         set_("widths", _int_tuple("widths", self.widths, 1, 4096))
@@ -234,25 +188,17 @@ class ExperimentSpec:
                 raise SpecError(fname, f"holds {len(getattr(self, fname))} values but is neither the load axis "
                                 f"({self.load_axis}) nor the temperature axis ({self.temperature_axis}); "
                                 "give it exactly one value or make it an axis")
-        from .data import max_train_size
-
-        for fraction in self.train_fractions:
-            n_train = max_train_size(self.dataset, fraction)
-            too_big = [b for b in self.batch_sizes if b > n_train]
-            if too_big:
-                raise SpecError("batch_sizes", f"{too_big} exceed the training set ({n_train} examples of "
-                                f"{self.dataset} at train_fraction {fraction}); allowed: 1..{n_train}")
         set_("seeds", _int_tuple("seeds", self.seeds, 0, MAX_SEED))
         set_("epochs", _positive_int("epochs", self.epochs, 100_000))
         _choice("schedule", self.schedule, SCHEDULES)
         set_("lr_decay_at", _float_tuple("lr_decay_at", [self.lr_decay_at], 0.0, 1.0)[0])
         set_("lr_decay_factor", _float_tuple("lr_decay_factor", [self.lr_decay_factor], 0.0, 1.0, low_open=True)[0])
         set_("momentum", _float_tuple("momentum", [self.momentum], 0.0, 0.999)[0])
-        _choice("optimizer", self.optimizer, _known("optimizer"))
-        _choice("regularizer", self.regularizer, _known("regularizer"))
+        _name("optimizer", self.optimizer)
+        _name("regularizer", self.regularizer)
         if isinstance(self.metrics, str) or not hasattr(self.metrics, "__iter__"):
             raise SpecError("metrics", f"expected a list of metric names, got {self.metrics!r}")
-        set_("metrics", tuple(_choice("metrics", m, _known("metric")) for m in self.metrics))
+        set_("metrics", tuple(_name("metrics", m) for m in self.metrics))
         _nonempty_unique("metrics", self.metrics) if self.metrics else None
         _choice("ensemble", self.ensemble, ENSEMBLE_CHOICES)
         _choice("metric_checkpoint", self.metric_checkpoint, METRIC_CHECKPOINTS)
@@ -260,14 +206,6 @@ class ExperimentSpec:
         set_("optimizer_options", _options_dict("optimizer_options", self.optimizer_options))
         set_("regularizer_options", _options_dict("regularizer_options", self.regularizer_options))
         set_("metric_options", _metric_options(self.metric_options))
-        from .methods import method_options
-
-        method_options(self)  # validates optimizer/regularizer options (raises SpecError)
-        for m in dict.fromkeys([*self.metrics, *self.metric_options]):
-            self.options_for(m)  # validates metric options (raises SpecError)
-        if len(self.seeds) < 2 and any(_metric_kind(m) == "pair" for m in self.metrics):
-            raise SpecError("seeds", "pairwise metrics (" + ", ".join(m for m in self.metrics if _metric_kind(m) == "pair")
-                            + ") need at least two seeds")
 
     # ------------------------------------------------------------------ the grid
     def cells(self) -> list[Cell]:
@@ -281,23 +219,6 @@ class ExperimentSpec:
             for f in self.train_fractions
             for n in self.label_noises
         ]
-
-    def options_for(self, metric: str):
-        """The validated options object of `metric` (defaults overridden by `metric_options`)."""
-        from .metrics import METRICS
-
-        spec_metric = METRICS[metric]
-        given = dict(self.metric_options.get(metric, {}))
-        allowed = {f.name for f in dataclasses.fields(spec_metric.options)}
-        unknown = sorted(set(given) - allowed)
-        if unknown:
-            raise SpecError(f"metric_options.{metric}", f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-        try:
-            return spec_metric.options(**given)
-        except SpecError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"metric_options.{metric}", str(exc)) from None
 
     # ------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -333,7 +254,7 @@ class ExperimentSpec:
             raise SpecError("spec", f"unknown key(s) {unknown}; allowed keys: {', '.join(allowed)}")
         values = {}
         for key, value in data.items():
-            if key in ("widths", "batch_sizes", "lrs", "weight_decays") and isinstance(value, str):
+            if key in PRESETS and isinstance(value, str):
                 value = preset(key, value)
             values[key] = value
         try:
@@ -362,14 +283,6 @@ class ExperimentSpec:
         return cls.from_dict(data)
 
 
-def preset(field_name: str, name: str) -> tuple:
-    """A named list from PRESETS, e.g. preset('batch_sizes', 'efficient_fine')."""
-    table = PRESETS[field_name]
-    if name not in table:
-        raise SpecError(field_name, f"{name!r} is neither a list of numbers nor a preset; presets: {', '.join(table)}")
-    return table[name]
-
-
 def _options_dict(name: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -383,22 +296,7 @@ def _metric_options(value: Any) -> dict[str, dict[str, Any]]:
         return {}
     if not isinstance(value, Mapping):
         raise SpecError("metric_options", f"expected a mapping metric -> options, got {value!r}")
-    known = _known("metric")
     out = {}
     for k, v in value.items():
-        if k not in known:
-            raise SpecError("metric_options", f"{k!r} is not one of {', '.join(known)}")
-        out[k] = _options_dict(f"metric_options.{k}", v)
+        out[_name("metric_options", k)] = _options_dict(f"metric_options.{k}", v)
     return out
-
-
-def _metric_kind(name: str) -> str:
-    from .metrics import METRICS
-
-    return METRICS[name].kind
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed derived from `parts` by SHA-256 (stable across processes and Python versions)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -24,14 +24,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from . import results, train
-from .checkpoints import CorruptFile
-from .ensemble import metric_group_size, pair_group_size, train_cell_auto
-from .grid import Cell, ExperimentSpec, SpecError, stable_seed
-from .layout import Layout
-from .metrics import METRICS, MetricData, parse_key
-from .runtime import configure_worker, exit_with, freeze_alive
+from phasediagram.data import datasets as data_mod
+from phasediagram.errors import CorruptFile, MissingCheckpoint, SpecError
+from phasediagram.execution.runtime import configure_worker, exit_with, freeze_alive
+from phasediagram.metrics import METRICS, MetricData, parse_key
+from phasediagram.resolve import metric_options
+from phasediagram.seeding import stable_seed
+from phasediagram.spec.experiment import Cell, ExperimentSpec
+from phasediagram.storage import results
+from phasediagram.storage.layout import Layout
+from phasediagram.training import train
+from phasediagram.training.ensemble import metric_group_size, pair_group_size, train_cell_auto
 
 TRAIN = "train"
 
@@ -78,12 +81,8 @@ def job_options(spec: ExperimentSpec, stage: str) -> dict:
     """What a stage's result was made with: a metric's options and the checkpoint it read."""
     if stage == TRAIN:
         return {}
-    options = asdict(spec.options_for(stage))
+    options = asdict(metric_options(spec, stage))
     return options if spec.metric_checkpoint == "final" else {**options, "checkpoint": spec.metric_checkpoint}
-
-
-class MissingCheckpoint(RuntimeError):
-    """A metric job found no trained checkpoint for a seed: the train stage must run first."""
 
 
 def is_done(spec: ExperimentSpec, layout: Layout, job: Job, log=print) -> bool:
@@ -201,7 +200,7 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
     """Per-seed (single) or per-pair (pair) values of metric `stage`; runs that diverged give a
     row with value NaN and status 'diverged' (metrics not available)."""
     metric = METRICS[stage]
-    options = spec.options_for(stage)
+    options = metric_options(spec, stage)
     ds = dataset_for(spec, cell, layout).to(device)
     mdata = MetricData(ds.train, ds.test, ds.n_classes)
     loaded = {seed: models.get(seed) for seed in spec.seeds}

@@ -30,23 +30,23 @@ Conventions:
 
 from __future__ import annotations
 
+import io
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib import colors
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import colors  # noqa: E402
-from matplotlib.patches import Patch, Rectangle  # noqa: E402
-
-from . import phases as phases_mod  # noqa: E402
-from .metrics import METRICS, Panel  # noqa: E402
-from .table import measurements  # noqa: E402
+from phasediagram.analysis import phases as phases_mod
+from phasediagram.analysis.table import measurements
+from phasediagram.metrics import METRICS, Panel
+from phasediagram.storage.checkpoints import atomic_write_bytes
 
 AXIS_LABELS = {"width": "width (load)", "train_fraction": "training-set fraction (load)",
                "label_noise": "label-noise fraction (load)", "batch_size": "batch size (temperature)",
@@ -93,14 +93,13 @@ CORE = (
 )
 
 
-@dataclass
-class FigureResult:
-    """What :func:`phase_figure` drew: files written, panel titles, notes and the per-cell phases."""
+class PhaseFigure(Figure):
+    """The matplotlib Figure :func:`phase_figure` draws, carrying what it drew: `titles` (one per
+    panel), `notes` (panels left out, values a log scale cannot show) and `phases` (per cell)."""
 
-    paths: list[Path]
     titles: list[str]
     notes: list[str]
-    phases: pd.DataFrame = field(repr=False)
+    phases: pd.DataFrame
 
 
 def _positive(values) -> bool:
@@ -260,11 +259,11 @@ def heatmap(ax, grid: pd.DataFrame, panel: Panel, diverged: dict | None = None, 
         norm = colors.TwoSlopeNorm(c, c - span, c + span)
     else:
         norm = colors.Normalize(lo, hi if hi > lo else lo + 1e-12)
-    cmap = plt.get_cmap(panel.cmap).with_extremes(bad=(0, 0, 0, 0))
+    cmap = matplotlib.colormaps[panel.cmap].with_extremes(bad=(0, 0, 0, 0))
     ex, ey = _frame(ax, xs, ys, load, temperature)
     mesh = ax.pcolormesh(ex, ey, np.ma.masked_invalid(shown), cmap=cmap, norm=norm, shading="flat")
     _mark_diverged(ax, xs, ys, ex, ey, diverged or {})
-    cbar = plt.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
+    cbar = ax.figure.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03)
     cbar.ax.tick_params(labelsize=6)
     if panel.log:
         cbar.set_label("log10", fontsize=6)
@@ -378,26 +377,30 @@ def further_panels(df: pd.DataFrame) -> list[PanelSpec]:
     return out
 
 
-def _save(fig, path: Path, formats, dpi: int = 200) -> list[Path]:
+def save_figure(fig: Figure, path: str | Path, formats=("png", "pdf"), dpi: int = 200) -> list[Path]:
+    """Write `fig` to `path` in each of `formats` (the suffix of `path` replaced by each format's;
+    `dpi` applies to raster formats), each file atomically; return the paths written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf") else path
+    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf", ".svg") else path
     written = []
     for fmt in formats:
         out = stem.with_suffix(f".{fmt}")
-        fig.savefig(out, dpi=dpi, bbox_inches="tight")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight")
+        atomic_write_bytes(out, buffer.getvalue())
         written.append(out)
     return written
 
 
-def phase_figure(df: pd.DataFrame, path: str | Path, load: str = "width", temperature: str = "batch_size",
-                 ranges: dict | None = None, rule: phases_mod.PhaseRule | None = None, formats=("png", "pdf"),
-                 columns: int = 4, title: str | None = None, dpi: int = 200) -> FigureResult:
-    """Draw the multi-panel phase-diagram figure (module docstring) to `path` in each of `formats`
-    (the suffix of `path` is replaced by each format's; `dpi` applies to PNG).
+def phase_figure(df: pd.DataFrame, load: str = "width", temperature: str = "batch_size",
+                 ranges: dict | None = None, rule: phases_mod.PhaseRule | None = None, columns: int = 4,
+                 title: str | None = None) -> PhaseFigure:
+    """The multi-panel phase-diagram figure (module docstring) of the table `df`.
 
     Panels lacking data are left out and named in a note at the foot of the figure; nothing is
-    raised for a table that holds no metric at all (the figure then says so).
+    raised for a table that holds no metric at all (the figure then says so). Saving is the
+    caller's: `save_figure(fig, path)` or `fig.savefig`.
     """
     ranges = ranges or {}
     table = df[df["source"] != phases_mod.PHASE_SOURCE]
@@ -424,7 +427,8 @@ def phase_figure(df: pd.DataFrame, path: str | Path, load: str = "width", temper
     n = max(1, len(drawn))
     cols = min(columns, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 2.9 * rows), squeeze=False)
+    fig = PhaseFigure(figsize=(3.5 * cols, 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     titles = []
     for ax, (letter, spec) in zip(axes.flat, drawn):
         if spec is None:
@@ -454,27 +458,19 @@ def phase_figure(df: pd.DataFrame, path: str | Path, load: str = "width", temper
     fig.tight_layout()
     if notes:
         fig.text(0.01, 0.0, "\n".join(notes), fontsize=6, va="top", ha="left", color="#444444")
-    paths = _save(fig, Path(path), formats, dpi)
-    plt.close(fig)
-    return FigureResult(paths, titles, notes, ph)
+    fig.titles, fig.notes, fig.phases = titles, notes, ph
+    return fig
 
 
-def phase_map(df: pd.DataFrame, path: str | Path, load: str = "width", temperature: str = "batch_size",
-              rule: phases_mod.PhaseRule | None = None, formats=("png", "pdf"), dpi: int = 200) -> list[Path]:
-    """Draw the categorical phase map alone (the phases of :func:`phases.classify`)."""
+def phase_map(df: pd.DataFrame, load: str = "width", temperature: str = "batch_size",
+              rule: phases_mod.PhaseRule | None = None) -> Figure:
+    """The categorical phase map alone (the phases of :func:`phases.classify`)."""
     table = df[df["source"] != phases_mod.PHASE_SOURCE]
     xs, ys = axes_values(table, load, temperature)
     grid = phase_grid(phases_mod.classify(table, rule), xs, ys, load, temperature)
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    fig = Figure(figsize=(4.6, 3.4))
+    ax = fig.add_subplot()
     draw_phase_map(ax, grid, divergence(table, load, temperature), load, temperature)
     ax.set_title("phases", fontsize=10, loc="left")
     fig.tight_layout()
-    paths = _save(fig, Path(path), formats, dpi)
-    plt.close(fig)
-    return paths
-
-
-def phase_plot(df: pd.DataFrame, path: str | Path, load: str = "width", temperature: str = "batch_size",
-               ranges: dict | None = None) -> list[str]:
-    """Backwards-compatible entry point: :func:`phase_figure` as PNG and PDF; returns the panel titles."""
-    return phase_figure(df, path, load, temperature, ranges).titles
+    return fig

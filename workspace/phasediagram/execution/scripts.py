@@ -1,6 +1,6 @@
 """Generated job scripts: a bash script (one line per job) and a Slurm job-array script per stage.
 
-`bash_script` writes one `python -m phasediagram.worker ...` line per job; it runs from the study's
+`bash_script` writes one `python -m phasediagram.execution.worker ...` line per job; it runs from the study's
 root folder wherever it is started from. `slurm_script` writes a job array whose task i runs jobs
 [i*K, (i+1)*K) of the stage (K = `SlurmOptions.jobs_per_task`):
 
@@ -24,10 +24,10 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from .grid import SpecError
-from .layout import Layout
+from phasediagram.errors import SpecError
+from phasediagram.storage.layout import Layout
 
-WORKER = "phasediagram.worker"
+WORKER = "phasediagram.execution.worker"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
 _MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)

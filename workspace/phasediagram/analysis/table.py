@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import results
-from .checkpoints import CorruptFile, atomic_write_bytes, quarantine
-from .grid import SpecError
-from .layout import Layout
-from .metrics import VALUE, row_kind
+from phasediagram.errors import CorruptFile, SpecError
+from phasediagram.metrics import VALUE, row_kind
+from phasediagram.storage import results
+from phasediagram.storage.checkpoints import atomic_write_bytes, quarantine
+from phasediagram.storage.layout import Layout
 
 COLUMNS = [*results.ROW_KEYS, "kind"]
 SORT = ["width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise", "source", "metric", "split",

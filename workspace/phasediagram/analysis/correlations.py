@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from scipy import stats
 
-from . import phases as phases_mod
-from .checkpoints import atomic_write_bytes
-from .table import measurements
+from phasediagram.analysis import phases as phases_mod
+from phasediagram.analysis.plots import save_figure
+from phasediagram.analysis.table import measurements
+from phasediagram.storage.checkpoints import atomic_write_bytes
 
 GRID_AXES = ("width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise")
 TARGETS = ("test_acc", "gap")
@@ -200,17 +202,12 @@ def markdown(result: pd.DataFrame) -> str:
     return "\n".join(parts) if parts else "No correlations: the table lacks test accuracy or metrics.\n"
 
 
-def bar_chart(result: pd.DataFrame, path: str | Path, formats=("png", "pdf"), dpi: int = 200) -> list[Path]:
+def correlation_figure(result: pd.DataFrame) -> Figure:
     """Grouped bars per quantity (Kendall tau, Spearman rho, granulated Kendall Psi), one panel per target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     targets = [t for t in TARGETS if not summary(result, t).empty]
     n_q = max([len(summary(result, t)) for t in targets] or [1])
-    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(max(4.0, 0.55 * n_q + 1.5) * max(1, len(targets)), 3.4),
-                             squeeze=False)
+    fig = Figure(figsize=(max(4.0, 0.55 * n_q + 1.5) * max(1, len(targets)), 3.4))
+    axes = fig.subplots(1, max(1, len(targets)), squeeze=False)
     labels = {"test_acc": "with test accuracy", "gap": "with generalisation gap"}
     for ax, target in zip(axes.flat, targets):
         s = summary(result, target)
@@ -226,22 +223,14 @@ def bar_chart(result: pd.DataFrame, path: str | Path, formats=("png", "pdf"), dp
         axes.flat[0].text(0.5, 0.5, "no correlations to show", ha="center", va="center")
         axes.flat[0].axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".pdf") else path
-    out = []
-    for fmt in formats:
-        fig.savefig(stem.with_suffix(f".{fmt}"), dpi=dpi, bbox_inches="tight")
-        out.append(stem.with_suffix(f".{fmt}"))
-    plt.close(fig)
-    return out
+    return fig
 
 
 def write(result: pd.DataFrame, stem: str | Path, formats=("png", "pdf"), dpi: int = 200) -> list[Path]:
-    """Write `<stem>.csv`, `<stem>.md` and the bar chart `<stem>.png|pdf`; return the paths."""
+    """Write `<stem>.csv`, `<stem>.md` and `correlation_figure` as `<stem>.png|pdf`; return the paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
     atomic_write_bytes(csv, result.to_csv(index=False).encode())
     atomic_write_bytes(md, markdown(result).encode())
-    return [csv, md, *bar_chart(result, stem, formats, dpi)]
+    return [csv, md, *save_figure(correlation_figure(result), stem, formats, dpi)]

@@ -32,12 +32,14 @@ from pathlib import Path
 
 import submitit
 
-from . import checkpoints
-from .grid import Cell, ExperimentSpec, SpecError
-from .jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
-from .layout import Layout
-from .runtime import configure_worker, freeze_alive
-from .scripts import SlurmOptions, check_text, log_dir, time_minutes
+from phasediagram.errors import JobsFailed, SpecError, SubmitError
+from phasediagram.execution.jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
+from phasediagram.execution.runtime import configure_worker, freeze_alive
+from phasediagram.execution.scripts import SlurmOptions, check_text, log_dir, time_minutes
+from phasediagram.resolve import load_spec
+from phasediagram.spec.experiment import Cell, ExperimentSpec
+from phasediagram.storage import checkpoints
+from phasediagram.storage.layout import Layout
 
 DEFAULT_SLURM_MINUTES = 60  # asked of Slurm per task when --time is not given (tasks requeue on timeout)
 DEFAULT_LOCAL_MINUTES = 7 * 24 * 60  # LocalExecutor kills tasks after 2 minutes unless told otherwise
@@ -45,14 +47,6 @@ MAX_TIMEOUT_REQUEUES = 10  # requeues after a timeout (preemptions do not count)
 MAX_ARRAY_TASKS = 1000  # Slurm's default MaxArraySize is 1001: larger job lists go out as several arrays
 LOG_TAIL_LINES = 30
 EXECUTOR_NAMES = ("slurm", "submitit-local")
-
-
-class SubmitError(SpecError):
-    """Submission to the cluster failed (no Slurm here, sbatch refused a script, ...)."""
-
-
-class JobsFailed(RuntimeError):
-    """Some jobs of a task failed (the others ran); their errors are in the message and the log."""
 
 
 # --------------------------------------------------------------------------- one task
@@ -76,7 +70,7 @@ class StageTask(submitit.helpers.Checkpointable):
         configure_worker(self.threads)
         freeze_alive()  # a submitit job process: torch and this package live until it exits
         layout = Layout.from_experiment_dir(self.experiment_dir)
-        spec = ExperimentSpec.from_file(layout.spec_path)  # the spec on disk, not a pickled copy
+        spec = load_spec(layout.spec_path)  # the spec on disk, not a pickled copy
         known = {c.id for c in spec.cells()}
         outcomes, failures = [], []
         for job in self.jobs():

@@ -1,0 +1,44 @@
+"""Every error the toolkit raises on purpose, under one base class.
+
+`PhaseDiagramError` is the base; a caller that wants to tell a bad input or a damaged file from a
+bug catches it. `SpecError` (a bad spec, option or argument) and `SubmitError` (the cluster
+refused a submission) are `ValueError`s and end the command line with exit status 2;
+`CorruptFile` names a checkpoint or result file that fails validation; `MissingCheckpoint` and
+`JobsFailed` report jobs that could not run or did not finish.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PhaseDiagramError(Exception):
+    """Base class of the toolkit's own errors."""
+
+
+class SpecError(PhaseDiagramError, ValueError):
+    """An invalid spec or option: the message names the field and what is allowed."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+class SubmitError(SpecError):
+    """Submission to the cluster failed (no Slurm here, sbatch refused a script, ...)."""
+
+
+class CorruptFile(PhaseDiagramError):
+    """A checkpoint or result file that fails validation; `path` says which."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {reason}")
+
+
+class MissingCheckpoint(PhaseDiagramError, RuntimeError):
+    """A metric job found no trained checkpoint for a seed: the train stage must run first."""
+
+
+class JobsFailed(PhaseDiagramError, RuntimeError):
+    """Some jobs of a task failed (the others ran); their errors are in the message and the log."""

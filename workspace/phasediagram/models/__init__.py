@@ -1,0 +1,1 @@
+"""Model families (width-k builders) and their train/eval modes."""

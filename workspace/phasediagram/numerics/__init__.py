@@ -1,0 +1,1 @@
+"""Numerical building blocks: Hessian-vector products, Lanczos and trace estimators, weight perturbations."""

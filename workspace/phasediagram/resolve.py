@@ -1,0 +1,81 @@
+"""From names to objects: a spec checked against the registries, and the option objects it names.
+
+`ExperimentSpec` checks only its own structure; this module, above the model, dataset, metric and
+method registries, checks what needs them:
+
+- `arch`, `dataset`, `optimizer`, `regularizer` and every metric name are registered;
+- every batch size fits the training set at every train fraction;
+- optimizer, regularizer and metric options build their option objects (`SpecError` otherwise);
+- pairwise metrics have at least two seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from phasediagram.data.datasets import DATASETS, max_train_size
+from phasediagram.errors import SpecError
+from phasediagram.methods import OPTIMIZERS, REGULARIZERS, method_options
+from phasediagram.metrics import METRICS
+from phasediagram.models.families import MODELS
+from phasediagram.spec.experiment import ExperimentSpec
+
+
+def _registered(field_name: str, value: str, registry: Mapping) -> None:
+    if value not in registry:
+        raise SpecError(field_name, f"{value!r} is not one of {', '.join(registry)}")
+
+
+def check(spec: ExperimentSpec) -> ExperimentSpec:
+    """`spec` itself once every name it holds is registered and every option it sets is valid."""
+    _registered("arch", spec.arch, MODELS)
+    _registered("dataset", spec.dataset, DATASETS)
+    for fraction in spec.train_fractions:
+        n_train = max_train_size(spec.dataset, fraction)
+        too_big = [b for b in spec.batch_sizes if b > n_train]
+        if too_big:
+            raise SpecError("batch_sizes", f"{too_big} exceed the training set ({n_train} examples of "
+                            f"{spec.dataset} at train_fraction {fraction}); allowed: 1..{n_train}")
+    _registered("optimizer", spec.optimizer, OPTIMIZERS)
+    _registered("regularizer", spec.regularizer, REGULARIZERS)
+    for name in spec.metrics:
+        _registered("metrics", name, METRICS)
+    for name in spec.metric_options:
+        _registered("metric_options", name, METRICS)
+    method_options(spec)
+    for name in dict.fromkeys([*spec.metrics, *spec.metric_options]):
+        metric_options(spec, name)
+    pairwise = [m for m in spec.metrics if METRICS[m].kind == "pair"]
+    if len(spec.seeds) < 2 and pairwise:
+        raise SpecError("seeds", f"pairwise metrics ({', '.join(pairwise)}) need at least two seeds")
+    return spec
+
+
+def metric_options(spec: ExperimentSpec, metric: str):
+    """The options object of `metric`: its defaults overridden by `spec.metric_options[metric]`."""
+    _registered("metrics", metric, METRICS)
+    entry = METRICS[metric]
+    given = dict(spec.metric_options.get(metric, {}))
+    allowed = {f.name for f in dataclasses.fields(entry.options)}
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise SpecError(f"metric_options.{metric}", f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    try:
+        return entry.options(**given)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"metric_options.{metric}", str(exc)) from None
+
+
+def load_spec(source: ExperimentSpec | Mapping[str, Any] | str | Path) -> ExperimentSpec:
+    """A checked spec from a spec, a mapping of fields or a .json/.yaml file."""
+    if isinstance(source, ExperimentSpec):
+        spec = source
+    elif isinstance(source, (str, Path)):
+        spec = ExperimentSpec.from_file(source)
+    else:
+        spec = ExperimentSpec.from_dict(source)
+    return check(spec)

@@ -1,0 +1,1 @@
+"""The study as data: the spec, its cells, and the named presets."""

@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, checkpoints, result files, the study folder layout."""

@@ -1,0 +1,1 @@
+"""Training runs: one seed at a time, or a cell's seeds as one ensemble."""
