@@ -1,4 +1,4 @@
-"""Ensemble vs sequential training of S seeds, per (width, batch size): the table behind `ensemble.group_size`.
+"""Ensemble vs sequential training of S seeds, per (width, batch size): the table behind `policy.group_size`.
 
 For each (width, batch size) this times, side by side in one process, the same training work
 done two ways, with one torch thread (as the job pool's workers run):
@@ -8,7 +8,7 @@ done two ways, with one torch thread (as the job pool's workers run):
   backward, `torch.optim.SGD` step with momentum 0.9 and weight decay 5e-4);
 - ensemble: `steps` steps of one S-member ensemble (`ensemble.ensemble_step`, every member
   with its own batch: x of shape (S, B, 40); its SGD `ensemble.sgd`, as `ensemble.assemble` builds it);
-- auto: what `--ensemble auto` trains, groups of g = `ensemble.group_size` members (timed as
+- auto: what `--ensemble auto` trains, groups of g = `policy.group_size` members (timed as
   one g-member ensemble when 0 < g < S, for round(S / g) x `steps` steps, so that each arm's
   repeat holds about as many member-steps; g = S is the ensemble, g = 0 the sequential runs).
 
@@ -43,7 +43,7 @@ import torch
 from bench_peak import call_times, matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
 from torch import nn
 
-from phasediagram.accel import ensemble_models
+from phasediagram.accel import ensemble_models, policy
 from phasediagram.execution import runtime
 from phasediagram.methods import build_method
 from phasediagram.models import families as models
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     runtime.keep_freed_memory()
     print(f"{args.arch}, S = {args.members} seeds, one thread, float32; times per member-step; "
           f"ratio = sequential / ensemble (median of {args.repeats} paired perf_counter ratios; cpu: thread_time); "
-          "auto: groups of g seeds (ensemble.group_size)")
+          "auto: groups of g seeds (policy.group_size)")
     peak = matmul_peak(args.repeats)[0]
     print(f"fp32 matmul peak, one thread: {peak:.1f} GFLOP/s")
     print(f"{'width':>5} {'batch':>5} {'steps':>5} {'seq ms':>8} {'ens ms':>8} {'ratio':>6} {'cpu ratio':>9} "
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
     rows = []
     for width in args.widths:
         for batch in args.batch_sizes:
-            group = ensemble.group_size(args.arch, width, batch, args.members)
+            group = policy.group_size(args.arch, width, batch, args.members)
             steps, per = bench_cell(args.arch, width, batch, args.members, args.seconds, args.repeats, args.conv,
                                     group)
             sw, ew, aw = (statistics.median(t[0] for t in per[name]) for name in ("seq", "ens", "auto"))

@@ -18,11 +18,11 @@ eval mode with its initial statistics):
    200-example batch: seed after seed (`hessian`, products through `nn.Conv1d`) vs together
    (`hessian_seeds`: the seeds' estimators in lockstep, one ensemble backward per round of
    products) vs one seed at a time in the ensemble form (`hessian_seeds` of one model): the job
-   with `ensemble.metric_group_size` 0, S or 1.
+   with `policy.metric_group_size` 0, S or 1.
 5. The `curve` metric's bend training for all S (S - 1) / 2 seed pairs at the demo's curve options
    (`--preset demo`: 3 epochs of 16 batches of 128): pair after pair (`train_bend`, through
    `nn.Conv1d`) vs together (`train_bends`: the pairs' bends as one ensemble) vs one pair at a
-   time in the ensemble form: the job with `ensemble.pair_group_size` 0, all pairs or 1.
+   time in the ensemble form: the job with `policy.pair_group_size` 0, all pairs or 1.
 
 Printed: median seconds over `--repeats` alternating repeats after a warm-up, and the ratios
 to the sequential form, with the largest difference between the values each form returns.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from phasediagram.accel import policy
 from phasediagram.data.datasets import Dataset, Split
 from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData, key
@@ -32,7 +33,6 @@ from phasediagram.metrics.curve import (
 from phasediagram.models import families as models
 from phasediagram.resolve import check, metric_options
 from phasediagram.spec.experiment import ExperimentSpec
-from phasediagram.training import ensemble
 
 from .test_hvp_lockstep import job_rows_both_ways
 
@@ -449,7 +449,7 @@ def test_pair_group_size_rule():
     def groups(arch, mode, width=2, batch_size=128):
         spec = ExperimentSpec(name="t", arch=arch, widths=(width,), batch_sizes=(32,), seeds=(0, 1, 2), epochs=1,
                               metrics=(), ensemble=mode)
-        return ensemble.pair_group_size(spec, spec.cells()[0], batch_size, 3)
+        return policy.pair_group_size(spec, spec.cells()[0], batch_size, 3)
 
     assert (groups("resnet1d", "auto"), groups("resnet1d", "on"), groups("resnet1d", "off")) == (3, 3, 0)
     assert groups("resnet1d", "auto", width=64) == 2 and groups("resnet1d", "auto", width=64, batch_size=256) == 1
@@ -468,7 +468,7 @@ def test_the_curve_job_gives_the_same_rows_in_groups_or_pair_by_pair(tmp_path, m
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(300, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (300,), generator=g)
     dataset = Dataset("mnist1d", Split(x[:240], y[:240]), Split(x[240:], y[240:]), 10)
-    rows, calls = job_rows_both_ways(tmp_path, monkeypatch, spec, dataset, "pair_group_size", "compute_pairs", group)
+    rows, calls = job_rows_both_ways(tmp_path, monkeypatch, spec, dataset, "compute_pairs", group)
     assert calls == [group] * (3 // group)
     a = {(r["seed"], r["seed_b"], r["metric"], r["coord"]): r["value"] for r in rows[group]}
     b = {(r["seed"], r["seed_b"], r["metric"], r["coord"]): r["value"] for r in rows[0]}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phasediagram.accel import batch_norm, ensemble_models
+from phasediagram.accel import batch_norm, ensemble_models, policy
 from phasediagram.data.datasets import Dataset, Split
 from phasediagram.metrics.base import evaluate
 from phasediagram.models import families as models
@@ -205,7 +205,7 @@ def test_auto_groups_equal_sequential_runs(tmp_path, monkeypatch, budget_groups)
     one-member / two-member ensembles, each member equal to its sequential run (float64)."""
     spec = make_spec("resnet1d", 4, "float64", "auto")
     cell = spec.cells()[0]
-    monkeypatch.setattr(ensemble, "RESNET1D_GROUP_BUDGET", budget_groups * cell.width * cell.batch_size)
+    monkeypatch.setattr(policy, "RESNET1D_GROUP_BUDGET", budget_groups * cell.width * cell.batch_size)
     assert ensemble.ensemble_choice(spec, cell)[0] == budget_groups
     seen = []
     real = ensemble.train_members
@@ -324,12 +324,12 @@ def test_ensemble_choice():
     cell = on.cells()[0]
     assert ensemble.ensemble_choice(on, cell)[0] == len(on.seeds) and ensemble.ensemble_choice(off, cell)[0] == 0
     assert ensemble.ensemble_choice(auto, cell)[0] == len(auto.seeds)  # width 4, batch 32: all seeds together
-    assert ensemble.group_size("resnet1d", 64, 512, 5) == 1  # still the faster form, one member at a time
-    assert ensemble.group_size("resnet1d", 128, 128, 5) == 0 and ensemble.group_size("resnet1d", 128, 16, 5) == 5
-    assert ensemble.group_size("resnet1d", 32, 16, 1) == 1
-    assert ensemble.group_size("resnet1d", 32, 256, 5) == 2 and ensemble.group_size("resnet1d", 8, 16, 5) == 5
-    assert ensemble.group_size("mlp", 32, 128, 3) == 3 and ensemble.group_size("mlp", 1024, 512, 3) == 0
-    assert ensemble.group_size("resnet18", 8, 16, 3) == 0
+    assert policy.group_size("resnet1d", 64, 512, 5) == 1  # still the faster form, one member at a time
+    assert policy.group_size("resnet1d", 128, 128, 5) == 0 and policy.group_size("resnet1d", 128, 16, 5) == 5
+    assert policy.group_size("resnet1d", 32, 16, 1) == 1
+    assert policy.group_size("resnet1d", 32, 256, 5) == 2 and policy.group_size("resnet1d", 8, 16, 5) == 5
+    assert policy.group_size("mlp", 32, 128, 3) == 3 and policy.group_size("mlp", 1024, 512, 3) == 0
+    assert policy.group_size("resnet18", 8, 16, 3) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

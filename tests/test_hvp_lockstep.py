@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from phasediagram.accel import policy
 from phasediagram.accel.hvp_lockstep import LockstepHessians
 from phasediagram.data.datasets import Dataset, Split
 from phasediagram.execution import jobs
@@ -161,7 +162,7 @@ def test_metric_group_size_rule():
 
     def groups(arch, mode):
         s = spec(arch, mode)
-        return [ensemble.metric_group_size(s, c) for c in s.cells()]
+        return [policy.metric_group_size(s, c) for c in s.cells()]
 
     assert groups("resnet1d", "auto") == [3, 3, 1]
     assert groups("resnet1d", "on") == [3, 3, 3]
@@ -170,10 +171,9 @@ def test_metric_group_size_rule():
     assert groups("mlp", "on") == [3, 3, 3]
 
 
-def job_rows_both_ways(tmp_path, monkeypatch, spec: ExperimentSpec, dataset: Dataset, policy: str, field: str,
-                       group: int) -> tuple[dict[int, list[dict]], list[int]]:
+def job_rows_both_ways(tmp_path, monkeypatch, spec: ExperimentSpec, dataset: Dataset, field: str, group: int) -> tuple[dict[int, list[dict]], list[int]]:
     """Train spec's one cell (ensemble auto) in tmp_path, then run its metric job (spec.metrics[0]) with
-    the grouping `jobs.<policy>` forced to `group` and to 0: ({group: rows, 0: rows}, the sizes
+    the registry entry's `group_size` forced to `group` and to 0: ({group: rows, 0: rows}, the sizes
     passed to the registry's `field` (compute_seeds / compute_pairs) in the grouped run)."""
     stage, cell, layout = spec.metrics[0], spec.cells()[0], Layout(tmp_path, spec.name)
     monkeypatch.setattr(jobs, "dataset_for", lambda *_: dataset)
@@ -181,9 +181,9 @@ def job_rows_both_ways(tmp_path, monkeypatch, spec: ExperimentSpec, dataset: Dat
     rows, calls = {}, {group: [], 0: []}
     original = getattr(METRICS[stage], field)
     for size in (group, 0):
-        monkeypatch.setattr(jobs, policy, lambda *_, size=size: size)
-        counted = dataclasses.replace(METRICS[stage], **{field: lambda units, *a, size=size: calls[size].append(
-            len(units)) or original(units, *a)})
+        counted = dataclasses.replace(METRICS[stage], group_size=lambda *_, size=size: size,
+                                      **{field: lambda units, *a, size=size: calls[size].append(len(units))
+                                         or original(units, *a)})
         monkeypatch.setitem(jobs.METRICS, stage, counted)
         rows[size] = jobs._metric_job(spec, layout, stage, cell, "cpu", jobs.CellModels(spec, layout, cell, "cpu",
                                                                                          log=lambda *_: None))
@@ -202,7 +202,7 @@ def test_the_hessian_job_gives_the_same_rows_in_groups_or_seed_by_seed(tmp_path,
                           metric_options={"hessian": dataclasses.asdict(dataclasses.replace(SMALL, batch_size=48))})
     d = data()
     rows, calls = job_rows_both_ways(tmp_path, monkeypatch, spec, Dataset("mnist1d", d.train, d.test, 10),
-                                     "metric_group_size", "compute_seeds", group)
+                                     "compute_seeds", group)
     assert calls == [group] * (3 // group) + [3 % group] * (3 % group > 0)
     a = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[group] if r["metric"] != "density"}
     b = {(r["seed"], r["metric"], r["coord"]): r["value"] for r in rows[0] if r["metric"] != "density"}

@@ -22,14 +22,14 @@ import phasediagram
 
 PACKAGE = Path(phasediagram.__file__).parent
 LAYERS = (
-    ("errors", "seeding"),
+    ("errors", "seeding", "options"),
     ("spec",),
     ("storage",),
     ("data", "models"),
     ("numerics",),
     ("accel",),
     ("metrics", "methods"),
-    ("resolve",),
+    ("resolve", "catalog"),
     ("training",),
     ("execution",),
     ("analysis",),

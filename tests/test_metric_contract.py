@@ -2,8 +2,8 @@
 
 Each metric must return a finite dict[str, float] with well-formed keys, leave the parameters,
 buffers and per-module train/eval flags of its models unchanged, and return the same values for
-the same generator seed. Cheap options keep this fast; a metric missing from CHEAP gets its
-defaults.
+the same generator seed. Each registry entry's `test_options` keep this fast (its defaults where it
+gives none).
 """
 
 from __future__ import annotations
@@ -17,16 +17,6 @@ import torch
 from phasediagram.data.datasets import Split
 from phasediagram.metrics import DIAGNOSTIC, METRICS, STDERR, VALUE, MetricData, parse_key
 from phasediagram.models import families as models
-
-CHEAP = {
-    "hessian": {"batch_size": 64, "lanczos_iters": 10, "trace_probes": 4, "hutchpp_sketch": 2, "density_iters": 8,
-                "density_points": 10},
-    "CKA": {"batches": 2, "batch_size": 32},
-    "curve": {"epochs": 1, "max_batches_per_epoch": 2, "eval_examples": 64, "batch_size": 32},
-    "fisher": {"n_batches": 2, "batch_size": 10},
-    "local_energy": {"n_samples": 3, "n_examples": 64},
-    "nrs": {"n_neighbours": 2},
-}
 
 
 def tiny_data() -> MetricData:
@@ -51,7 +41,7 @@ def snapshot(model):
 def options_for(name: str):
     cls = METRICS[name].options
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in CHEAP.get(name, {}).items() if k in fields})
+    return cls(**{k: v for k, v in METRICS[name].test_options.items() if k in fields})
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))

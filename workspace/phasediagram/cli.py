@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from phasediagram.catalog import method_table, metric_table
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit
 from phasediagram.execution.jobs import TRAIN, dataset_for, stage_jobs, start_pool
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="Lists accept presets: --widths reference, --batch-sizes efficient_fine, --lrs coarse|fine, "
                       "--weight-decays coarse|fine.")
+    p.add_argument("--list-metrics", action="store_true", help="print the metric registry as a table and exit")
+    p.add_argument("--list-methods", action="store_true", help="print the optimizers and regularizers and exit")
     s = p.add_argument_group("the spec (a preset, then a file, then these flags; later ones win)")
     s.add_argument("--preset", choices=sorted(PRESET_SPECS), default=None,
                    help="start from a named spec (demo: the embedded MNIST-1D ResNet grid)")
@@ -262,6 +265,9 @@ def draw(study: Study, df) -> None:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.list_metrics or args.list_methods:
+            print((metric_table() if args.list_metrics else "") + (method_table() if args.list_methods else ""), end="")
+            return 0
         study = Study(spec_from_args(args), args.root)
         study.layout.check_writable_tree()
         with start_pool(args.workers) if args.run and uses_pool(args) else contextlib.nullcontext() as pool:
@@ -279,7 +285,7 @@ def main(argv=None) -> int:
 def console(argv=None) -> int:
     """`main` for a process that ends when it returns (the `phasediagram` script, example_experiment.py,
     `python -m phasediagram.cli`): what is then still alive is frozen (`freeze_alive`), so the
-    interpreter's exit skips it in its last garbage collection (0.92 -> 0.14 s after a demo's figures)."""
+    interpreter's exit skips it in its last garbage collection (bench/bench_exit.py)."""
     status = main(argv)
     freeze_alive()
     return status

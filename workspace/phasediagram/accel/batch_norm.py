@@ -11,9 +11,8 @@ dL/db_c = sum_i g_ci, dL/dw_c = r_c sum_i g_ci (x_ci - mu_c), dL/dx_ci = w_c r_c
 - (x_ci - mu_c) r_c^2 mean_j g_cj (x_cj - mu_c)) for g = dL/dy.
 
 Why: torch's CPU batch norm computes the statistics with Welford's update, slow on large
-channels: with these passes, forward and backward together run 1.3-1.8x faster from
-`MIN_ELEMENTS` values on (bench/bench_batch_norm.py, the demo's activation shapes); below that,
-torch's single fused call is as fast or faster, and is called directly. First derivatives only: a
+channels: these passes are used from `MIN_ELEMENTS` values on, where bench/bench_batch_norm.py
+finds them faster (docs/performance.md); below that, torch's single fused call is called directly. First derivatives only: a
 second derivative raises (`once_differentiable`); the ensemble trains with first derivatives, and in
 eval mode, where Hessian-vector products differentiate twice, its BatchNorm is folded away.
 """

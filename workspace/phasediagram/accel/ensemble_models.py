@@ -17,8 +17,8 @@ Layers, and how member s's parameters sit in the stacked tensors:
   kernel 3, stride 1; im2col otherwise). `EnsembleConv`
   (2D, or on request in 1D): a grouped convolution with S groups on activations
   (B, S*C, *spatial). Both hold weight (S*C_out, C_in, *k) with member s in rows
-  [s*C_out, (s+1)*C_out) ("cat" layout). On a CPU the grouped convolution is slow (it measured
-  several times slower than S separate convolutions at width 32, batch 128), hence the bmm form.
+  [s*C_out, (s+1)*C_out) ("cat" layout). On a CPU the grouped convolution is slower than S separate
+  convolutions (bench/bench_ensemble.py, `--conv`), hence the bmm form.
 - BatchNorm over S*C channels: its per-channel batch statistics (over B and the positions) are
   exactly member s's statistics on its own batch; weight, bias and running statistics in "cat"
   layout; `num_batches_tracked` is one scalar for all members ("shared" layout).

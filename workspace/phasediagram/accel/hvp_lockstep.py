@@ -6,8 +6,7 @@ sum_s L_s(theta_s) has the block-diagonal Hessian diag(H_1, ..., H_S) (no operat
 members), so with the gradient graph g = d(sum_s L_s)/d(theta_1, ..., theta_S) built once, one
 backward pass of g . (v_1, ..., v_S) gives (H_1 v_1, ..., H_S v_S): one product for S models.
 Small models on a CPU are bound by per-operation overhead, so that costs far less than S separate
-products (bench/bench_metrics_batched.py, section 3: 3 seeds of resnet1d 3.5x faster at width 2,
-2.5x at 8, 1.3x at 32).
+products (bench/bench_metrics_batched.py, section 3, measures it).
 
 Each model's estimator (Lanczos, probes, with its own generator and stopping rule) runs unchanged
 in its own thread (`LockstepHessians.run`) against `member(s)`, an operator with the interface of

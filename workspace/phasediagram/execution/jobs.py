@@ -34,7 +34,7 @@ from phasediagram.spec.experiment import Cell, ExperimentSpec
 from phasediagram.storage import results
 from phasediagram.storage.layout import Layout
 from phasediagram.training import train
-from phasediagram.training.ensemble import metric_group_size, pair_group_size, train_cell_auto
+from phasediagram.training.ensemble import train_cell_auto
 
 TRAIN = "train"
 
@@ -205,7 +205,8 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
     mdata = MetricData(ds.train, ds.test, ds.n_classes)
     loaded = {seed: models.get(seed) for seed in spec.seeds}
     row = functools.partial(results.make_row, spec.name, cell)
-    units = [(s,) for s in spec.seeds] if metric.kind == "single" else pairs_of(spec.seeds, getattr(options, "pairs", "all"))
+    units = ([(s,) for s in spec.seeds] if metric.kind == "single"
+             else pairs_of(spec.seeds, options.pairs if metric.selects_pairs else "all"))
 
     def generator(unit):
         return torch.Generator().manual_seed(stable_seed(stage, cell.id, *unit))
@@ -215,11 +216,12 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
 
     together: dict[tuple, dict[str, float]] = {}
     ok = [u for u in units if all(loaded[s][1] == "ok" for s in u)]
-    if metric.compute_seeds is not None and (group := metric_group_size(spec, cell)):
+    group = metric.group_size(spec, cell, options, len(ok)) if metric.group_size is not None else 0
+    if metric.compute_seeds is not None and group:
         for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):  # seeds in groups
             together.update(zip(chunk, metric.compute_seeds([loaded[u[0]][0] for u in chunk], mdata, options,
                                                             [generator(u) for u in chunk])))
-    if metric.compute_pairs is not None and (group := pair_group_size(spec, cell, options.batch_size, len(ok))):
+    if metric.compute_pairs is not None and group:
         for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):  # pairs in groups
             together.update(zip(chunk, metric.compute_pairs(
                 [(loaded[a][0], loaded[b][0]) for a, b in chunk],
@@ -328,10 +330,9 @@ def start_pool(workers: int | None = None) -> ProcessPoolExecutor:
     it as a context manager).
 
     Where the platform has a fork server, that one process imports torch, this package and
-    torch._dynamo (`pool_preload`, about 3 s), and the workers are forks of it, made in milliseconds at
-    the first submits; else each worker is spawned now and imports torch and this package itself
-    (about 2 s, side by side with the caller's own work on a small machine) and torch._dynamo at its
-    first optimizer. The fork server serves every pool of this process and ends with it; it starts
+    torch._dynamo (`pool_preload`) once, and the workers are forks of it, made at the first submits;
+    else each worker is spawned now and imports torch and this package itself, side by side with the
+    caller's own work, and torch._dynamo at its first optimizer (bench/bench_start.py compares them). The fork server serves every pool of this process and ends with it; it starts
     with this process's environment and standard streams at its first pool."""
     workers = workers or os.cpu_count() or 1
     forks = "forkserver" in multiprocessing.get_all_start_methods()

@@ -2,9 +2,9 @@
 
 Every pool worker is a fork of that server, so it starts with these imports done: torch and this
 package (`jobs`), and torch._dynamo, which torch.optim imports when a process builds its first
-optimizer (1.0-1.4 s here). The server runs no torch operation, so it has no threads to lose in a
+optimizer. The server runs no torch operation, so it has no threads to lose in a
 fork. What it imported is then frozen (`runtime.freeze_alive`): no garbage collection walks those
-objects, neither in the workers nor in the server, whose exit would otherwise take 0.7-0.9 s longer.
+objects, neither in the workers nor in the server, whose exit would otherwise walk them all.
 """
 
 import torch._dynamo  # noqa: F401

@@ -7,14 +7,12 @@ with mmap and gives them back to the OS on free; the next tensor of that size th
 its memory back in, zero-filled by the kernel. A training step or a Hessian-vector product
 allocates and frees the same activation-sized tensors over and over, so that is paid on every
 step. `keep_freed_memory` raises the mmap threshold to its maximum and the trim threshold to
-1 GiB (`mallopt`), so freed blocks stay in the heap and are reused (in a one-off timing on the
-demo's checkpoints, one thread: metric jobs 1.12x faster, training 1.05x).
+1 GiB (`mallopt`), so freed blocks stay in the heap and are reused.
 The memory a process holds stays at its peak instead of shrinking between steps.
 
-Python's exit ends with a last garbage collection over every object still alive: with torch
-imported, 0.48 s of a worker's exit; with torch, pandas and matplotlib (the CLI after its figures),
-0.92 s. `freeze_alive` moves what is alive into the collector's permanent generation
-(`gc.freeze`), which collections skip: then 0.11 s and 0.14 s (one-off timings, this machine).
+Python's exit ends with a last garbage collection over every object still alive (with torch,
+pandas and matplotlib imported, a large heap). `freeze_alive` moves what is alive into the
+collector's permanent generation (`gc.freeze`), which collections skip (bench/bench_exit.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ Options are frozen dataclasses validated in `__post_init__` (raising `SpecError`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,15 +56,6 @@ def make_options(group: str, cls: type, given: dict):
         raise
     except (TypeError, ValueError) as exc:
         raise SpecError(group, str(exc)) from None
-
-
-def is_real(value) -> bool:
-    """A finite int or float (not a bool): what a numeric option read from JSON, YAML or the CLI may be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def snapshot_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -51,13 +51,12 @@ from torch.nn import functional as F
 
 from phasediagram.methods.base import (
     check,
-    is_int,
-    is_real,
     load_regularizer_state,
     regularizer_state,
     restore_buffers,
     snapshot_buffers,
 )
+from phasediagram.options import is_int, is_real
 from phasediagram.seeding import stable_seed
 
 

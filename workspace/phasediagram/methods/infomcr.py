@@ -27,7 +27,8 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from phasediagram.methods.base import check, is_int, is_real
+from phasediagram.methods.base import check
+from phasediagram.options import is_int, is_real
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from phasediagram.methods.base import check, is_int, is_real
+from phasediagram.methods.base import check
 from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
+from phasediagram.options import is_int, is_real
 from phasediagram.seeding import stable_seed
 
 

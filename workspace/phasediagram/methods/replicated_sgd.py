@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from phasediagram.methods.base import check, is_int, is_real, load_regularizer_state, regularizer_state
+from phasediagram.methods.base import check, load_regularizer_state, regularizer_state
+from phasediagram.options import is_int, is_real
 from phasediagram.seeding import stable_seed
 
 BATCH_MODES = ("split", "shared")

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from phasediagram.methods.base import check, is_real, restore_buffers, snapshot_buffers
+from phasediagram.methods.base import check, restore_buffers, snapshot_buffers
 from phasediagram.methods.sgd import SGD
+from phasediagram.options import is_real
 
 GRAD_NORM_EPS = 1e-12
 

@@ -16,9 +16,9 @@ Options are a frozen dataclass whose defaults are the reference settings and who
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from phasediagram.errors import SpecError
 from phasediagram.models.modes import eval_mode
 
 NO_SPLIT = "-"
+PAIR_SELECTIONS = ("all", "adjacent", "first")  # the seed pairs of a cell a pair metric may measure
 VALUE, STDERR, DIAGNOSTIC = "value", "stderr", "diagnostic"
 ROW_KINDS = (VALUE, STDERR, DIAGNOSTIC)
 
@@ -57,16 +58,23 @@ class Metric:
     description: str = ""
     # single metrics only, optional: compute_seeds(models, data, options, generators) -> [dict per model],
     # the values `compute` gives each model with its generator, for several of a cell's seeds at once
-    # (the jobs use it in groups of `ensemble.metric_group_size` seeds)
     compute_seeds: Callable[..., list[dict[str, float]]] | None = None
     # pair metrics only, optional: compute_pairs(pairs, datas, options, generators) -> [dict per pair], the
     # values `compute` gives each pair (a, b) with datas[i] (its state folder) and its generator, for several
-    # of a cell's pairs at once (the jobs use it in groups of `ensemble.pair_group_size` pairs)
+    # of a cell's pairs at once
     compute_pairs: Callable[..., list[dict[str, float]]] | None = None
+    # with compute_seeds or compute_pairs: group_size(spec, cell, options, units) -> how many of a cell's
+    # seeds or pairs one call takes (0: `compute`, one by one); the policies are in `accel.policy`
+    group_size: Callable[..., int] | None = None
+    # pair metrics: whether the options' `pairs` field ("all", "adjacent", "first") selects the seed pairs
+    # (otherwise every pair is measured)
+    selects_pairs: bool = False
     # quantities that are not measurements: standard errors of one, and run diagnostics (product
     # counts, convergence flags, coordinates of an extremum); figures, phases and correlations skip them
     stderrs: tuple[str, ...] = ()
     diagnostics: tuple[str, ...] = ()
+    # options that keep the registry-wide tests fast on a tiny model (tests/test_metric_contract.py)
+    test_options: Mapping[str, Any] = field(default_factory=dict)
 
     def quantity_kind(self, quantity: str) -> str:
         """"stderr", "diagnostic" or "value" (a measurement) for one of this metric's quantities."""

@@ -31,10 +31,11 @@ from torch.nn import functional as F
 
 from phasediagram.data.datasets import mixup
 from phasediagram.errors import SpecError
-from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, check, key
 from phasediagram.models.modes import eval_mode
+from phasediagram.options import is_int
 
-PAIRS = ("all", "adjacent", "first")
+PAIRS = PAIR_SELECTIONS
 METHODS = ("auto", "feature", "gram")
 _GRAM_CHUNK = 4096  # feature columns per chunk when forming an n x n Gram matrix in float64
 
@@ -154,8 +155,8 @@ class CKAOptions:
     def __post_init__(self):
         check("CKA", "mixup_alpha", isinstance(self.mixup_alpha, (int, float)) and self.mixup_alpha > 0,
               "a number > 0", self.mixup_alpha)
-        check("CKA", "batches", _is_int(self.batches) and self.batches >= 1, "integer >= 1", self.batches)
-        check("CKA", "batch_size", _is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
+        check("CKA", "batches", is_int(self.batches) and self.batches >= 1, "integer >= 1", self.batches)
+        check("CKA", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
               self.batch_size)
         layers = (self.layers,) if isinstance(self.layers, str) else self.layers
         check("CKA", "layers", isinstance(layers, (list, tuple)) and all(isinstance(s, str) and s for s in layers),
@@ -163,10 +164,6 @@ class CKAOptions:
         object.__setattr__(self, "layers", tuple(layers))
         check("CKA", "method", self.method in METHODS, " | ".join(METHODS), self.method)
         check("CKA", "pairs", self.pairs in PAIRS, " | ".join(PAIRS), self.pairs)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _hooks(model: nn.Module, layers: tuple[str, ...], store: dict):

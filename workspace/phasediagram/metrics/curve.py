@@ -62,10 +62,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import MetricData, check, evaluate, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, check, evaluate, key
+from phasediagram.options import is_int
 from phasediagram.storage.checkpoints import atomic_write_bytes
 
-PAIRS = ("all", "adjacent", "first")
+PAIRS = PAIR_SELECTIONS
 BEND_INITS = ("midpoint", "random")
 STATE_FILE = "curve_state.pt"
 _STATE_MAGIC = b"PDCURVE1"
@@ -106,20 +107,20 @@ class CurveOptions:
         def num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        check("curve", "epochs", _is_int(self.epochs) and self.epochs >= 0, "integer >= 0", self.epochs)
+        check("curve", "epochs", is_int(self.epochs) and self.epochs >= 0, "integer >= 0", self.epochs)
         check("curve", "lr", num(self.lr) and self.lr > 0, "a number > 0", self.lr)
         check("curve", "momentum", num(self.momentum) and 0 <= self.momentum < 1, "0 <= momentum < 1", self.momentum)
         check("curve", "weight_decay", num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0",
               self.weight_decay)
-        check("curve", "batch_size", _is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
+        check("curve", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
               self.batch_size)
-        check("curve", "max_batches_per_epoch", _is_int(self.max_batches_per_epoch) and self.max_batches_per_epoch >= 0,
+        check("curve", "max_batches_per_epoch", is_int(self.max_batches_per_epoch) and self.max_batches_per_epoch >= 0,
               "integer >= 0 (0: a full pass)", self.max_batches_per_epoch)
-        check("curve", "points", _is_int(self.points) and self.points >= 3, "integer >= 3", self.points)
+        check("curve", "points", is_int(self.points) and self.points >= 3, "integer >= 3", self.points)
         check("curve", "linear", isinstance(self.linear, bool), "true | false", self.linear)
-        check("curve", "eval_examples", _is_int(self.eval_examples) and self.eval_examples >= 0,
+        check("curve", "eval_examples", is_int(self.eval_examples) and self.eval_examples >= 0,
               "integer >= 0 (0: all)", self.eval_examples)
-        check("curve", "eval_batch_size", _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+        check("curve", "eval_batch_size", is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
               "integer >= 1", self.eval_batch_size)
         check("curve", "pairs", self.pairs in PAIRS, " | ".join(PAIRS), self.pairs)
         check("curve", "bend_init", self.bend_init in BEND_INITS, " | ".join(BEND_INITS), self.bend_init)
@@ -127,10 +128,6 @@ class CurveOptions:
     @property
     def ts(self) -> list[float]:
         return [k / (self.points - 1) for k in range(self.points)]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------- the curve

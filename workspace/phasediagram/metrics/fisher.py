@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from phasediagram.metrics.base import MetricData, check, key
 from phasediagram.models.modes import eval_mode
+from phasediagram.options import is_int
 
 BATCHNORM_MODES = ("eval", "train")
 
@@ -59,7 +60,6 @@ class FisherOptions:
     vmap_chunk: int | None = None  # examples per vmap call in eval mode (None: the whole batch)
 
     def __post_init__(self):
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         check("fisher", "n_batches", is_int(self.n_batches) and self.n_batches >= 1, "integer >= 1", self.n_batches)
         check("fisher", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
               self.batch_size)

@@ -39,16 +39,16 @@ from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
 from phasediagram.metrics.base import MetricData, check, key
 from phasediagram.models.modes import eval_mode
+from phasediagram.options import is_int, is_real
 
 SPLITS = ("train", "test")
 REFERENCE_SIGMAS = (0.0, 0.025, 0.05, 0.075, 0.1)
 SUBSET_SEED = 0
 # "loop": sample after sample; "ensemble": `sample_chunk` perturbed copies as one ensemble model
 # (batched matmuls, `ensemble_models`); "vmap": torch.func.vmap over `sample_chunk` samples. On a
-# CPU with evaluation batches of 1000 the loop was the fastest but for the smallest models
-# (bench/bench_metrics_batched.py on resnet1d: ensemble 1.39x at width 2, 0.53x at 8, 0.38x at 32;
-# vmap 0.32-0.79x); the batched forms are for accelerators, where one large operation beats many
-# small ones.
+# CPU with evaluation batches of 1000 the loop is the fastest but for the smallest models
+# (bench/bench_metrics_batched.py, docs/performance.md); the batched forms are for accelerators,
+# where one large operation beats many small ones.
 BATCHINGS = ("loop", "ensemble", "vmap")
 
 
@@ -65,13 +65,11 @@ class LocalEnergyOptions:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         sig = self.sigmas
-        ok = isinstance(sig, (list, tuple)) and len(sig) >= 1 and all(is_num(s) and 0 <= s <= 10 for s in sig)
+        ok = isinstance(sig, (list, tuple)) and len(sig) >= 1 and all(is_real(s) and 0 <= s <= 10 for s in sig)
         check("local_energy", "sigmas", ok, "a non-empty list of numbers in [0, 10]", sig)
         set_("sigmas", tuple(sorted({float(s) for s in sig})))
-        check("local_energy", "sigma_value", is_num(self.sigma_value) and 0 <= self.sigma_value <= 10, "0..10",
+        check("local_energy", "sigma_value", is_real(self.sigma_value) and 0 <= self.sigma_value <= 10, "0..10",
               self.sigma_value)
         check("local_energy", "n_samples", is_int(self.n_samples) and self.n_samples >= 2, "integer >= 2",
               self.n_samples)

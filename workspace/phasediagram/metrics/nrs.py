@@ -35,6 +35,7 @@ from phasediagram.metrics.base import MetricData, check, key
 from phasediagram.metrics.local_energy import SPLITS, subset_of
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
+from phasediagram.options import is_int
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,6 @@ class NRSOptions:
     batch_size: int = 1000  # evaluation batch size (does not change the result)
 
     def __post_init__(self):
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         check("nrs", "rho", isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
               and math.isfinite(self.rho) and 0 <= self.rho <= 10, "0..10", self.rho)
         check("nrs", "n_neighbours", is_int(self.n_neighbours) and self.n_neighbours >= 1, "integer >= 1",

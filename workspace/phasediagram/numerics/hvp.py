@@ -19,9 +19,8 @@ Two ways to compute H v, both exact up to rounding:
   computed as `jvp(grad(L), (theta,), (v,))`. Nothing is cached, so every product repeats the
   forward and backward pass with dual numbers.
 
-On CPU (one thread, batch 200 of MNIST-1D) the cached double backward was the faster one, so
-it is the default: forward-over-reverse took 1.5-3.8x as long per product on resnet1d of width
-16 and 6-20x as long on an MLP of width 32 (bench/bench_hessian.py, section 4, measures both).
+On CPU the cached double backward is the faster one (bench/bench_hessian.py, section 4, measures
+both; docs/performance.md), so it is the default.
 When the batch is split into chunks (to bound memory on large batches), H v is the
 example-weighted sum sum_c (N_c / N) H_c v, and the graph is rebuilt per chunk and product.
 """

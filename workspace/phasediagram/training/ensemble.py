@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from phasediagram.accel import ensemble_models
+from phasediagram.accel import ensemble_models, policy
 from phasediagram.data.datasets import Dataset
 from phasediagram.methods import ensemble_supported
 from phasediagram.methods.sgd import SGD
@@ -61,78 +61,6 @@ from phasediagram.training.train import (
     train_seed,
 )
 
-# auto: seeds per ensemble group, from bench/bench_ensemble.py (one thread, 1-5 members, widths
-# 8-128, batch sizes 16-512, on a 2-core CPU).
-# - resnet1d: the ensemble form (im2col + one bmm per convolution on member-major activations)
-#   pays per-operation overhead once for its members, until the group's activations (members x
-#   width x batch) outgrow the caches: groups stay within RESNET1D_GROUP_BUDGET. Beyond it, one
-#   member alone in that form still beats nn.Conv1d sequential runs up to RESNET1D_ALONE_MAX_WIDTH
-#   (at width 32, batch 512: 1.07-1.21x in seven of eight runs, 0.89x in one noisy two-step run;
-#   1.06-1.11x at widths 48 and 64, batch 256 and 512); at width 128 it gains nothing
-#   (0.96-1.06x at batch 128 and 512 over five runs), so auto trains sequential runs there.
-# - mlp: all seeds together where width^2 * batch_size <= 2^20 and batch_size <= 512, else sequential.
-# - other archs (resnet18: grouped 2D convolutions, slow on a CPU): sequential.
-RESNET1D_GROUP_BUDGET = 16_384
-RESNET1D_ALONE_MAX_WIDTH = 64
-MLP_BUDGET = (1_048_576, 512)
-
-
-def group_size(arch: str, width: int, batch_size: int, seeds: int) -> int:
-    """Seeds trained together as one ensemble in auto mode; 0: ordinary sequential runs (`train.train_seed`).
-
-    resnet1d: the largest g <= seeds with g * width * batch_size <= RESNET1D_GROUP_BUDGET if that is 2 or
-    more; else 1 (one member alone in the ensemble form) up to width RESNET1D_ALONE_MAX_WIDTH, 0 beyond.
-    mlp: all seeds if width^2 * batch_size <= 2^20 and batch_size <= 512, else 0. Other archs: 0.
-    """
-    if arch == "resnet1d":
-        g = min(seeds, RESNET1D_GROUP_BUDGET // (width * batch_size))
-        return g if g >= 2 else int(width <= RESNET1D_ALONE_MAX_WIDTH)
-    if arch == "mlp":
-        budget, max_batch = MLP_BUDGET
-        return seeds if width * width * batch_size <= budget and batch_size <= max_batch else 0
-    return 0
-
-
-# auto: metrics whose registry entry has `compute_seeds` (the `hessian`) compute a cell's seeds in
-# the ensemble form, all together up to METRIC_GROUP_MAX_WIDTH and one at a time beyond
-# (bench/bench_metrics_batched.py, section 4: the demo's `hessian` of 3 seeds, one thread, against
-# `nn.Conv1d` seed after seed: together 2.5x at widths 2 and 4, 1.9x at 8, 1.35x at 16, 1.2x at 32;
-# one at a time in the ensemble form 1.5-1.7x at widths 2-16, 1.4x at 32). mlp: seed after seed
-# (together measured 1.09x at width 16, 0.85x at 64); other archs: seed after seed.
-METRIC_GROUP_MAX_WIDTH = {"resnet1d": 8}
-
-
-def metric_group_size(spec: ExperimentSpec, cell: Cell) -> int:
-    """Seeds per call of a metric's `compute_seeds` (`Metric.compute_seeds`); 0: `compute`, seed by seed.
-
-    `ensemble` "off": 0; "on": all seeds wherever the arch has an ensemble form; "auto": resnet1d
-    all seeds up to METRIC_GROUP_MAX_WIDTH, one seed (the ensemble form alone) beyond; others 0.
-    """
-    if spec.ensemble == "off" or not ensemble_models.supports(spec.arch):
-        return 0
-    if spec.ensemble == "on":
-        return len(spec.seeds)
-    if spec.arch not in METRIC_GROUP_MAX_WIDTH:
-        return 0
-    return len(spec.seeds) if cell.width <= METRIC_GROUP_MAX_WIDTH[spec.arch] else 1
-
-
-def pair_group_size(spec: ExperimentSpec, cell: Cell, batch_size: int, pairs: int) -> int:
-    """Pairs per call of a pair metric's `compute_pairs` (`Metric.compute_pairs`: the `curve`'s bends,
-    trained as one ensemble); 0: `compute`, pair by pair.
-
-    `ensemble` "off": 0; "on": all pairs wherever the arch has an ensemble form; "auto": the training
-    policy, `group_size`(arch, width, batch_size, pairs), since training a bend is SGD at `batch_size`
-    (bench/bench_metrics_batched.py, section 5: the 3 pairs of 3 seeds at the demo's curve options,
-    together 2.4x at width 2, 2.2x at 4, 2.0x at 8, 1.5x at 16, 1.3x at 32 against pair after pair;
-    one pair alone in the ensemble form 0.97-1.14x).
-    """
-    if spec.ensemble == "off" or not ensemble_models.supports(spec.arch):
-        return 0
-    if spec.ensemble == "on":
-        return pairs
-    return group_size(spec.arch, cell.width, batch_size, pairs)
-
 
 def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
     """(seeds per ensemble group, why); 0 means ordinary sequential runs."""
@@ -144,7 +72,7 @@ def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
         return 0, f"arch {spec.arch} has no ensemble form"
     if spec.ensemble == "on":
         return len(spec.seeds), "ensemble on"
-    g = group_size(spec.arch, cell.width, cell.batch_size, len(spec.seeds))
+    g = policy.group_size(spec.arch, cell.width, cell.batch_size, len(spec.seeds))
     return g, (f"auto: groups of {g} seed(s)" if g else "auto: sequential is as fast here")
 
 
@@ -266,8 +194,7 @@ def sgd(params, **hyper) -> torch.optim.SGD:
     a CPU or CUDA device (else torch's default). The fused step is the same update, v <- mu v + (1 - dampening)
     (g + wd w), w <- w - lr v (or the Nesterov form), in one pass per tensor: the values of torch's foreach
     SGD up to rounding (some elements differ in the last bit: the kernel rounds the tail of its vector loop
-    differently; tests/test_ensemble.py), 3x faster on the 29 tensors of a resnet1d ensemble (0.06 against
-    0.19 ms at width 2, 0.17 against 0.48 ms at width 32, 3 members, one thread)."""
+    differently; tests/test_ensemble.py), in fewer passes over memory than the foreach step."""
     params = list(params)
     fused = all(p.is_floating_point() and p.device.type in FUSED_SGD_DEVICES for p in params) and bool(params)
     return torch.optim.SGD(params, **hyper, fused=fused or None)
