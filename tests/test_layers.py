@@ -108,7 +108,8 @@ def test_written_imports_point_down_and_form_no_circle():
 
 FORK_IMPORTS = textwrap.dedent("""
     import importlib, json, os, sys
-    import matplotlib, numpy, pandas, scipy, torch, yaml  # third-party first: each fork starts from here
+    import matplotlib, matplotlib.figure, numpy, pandas, scipy, scipy.stats, submitit, torch, tqdm, yaml
+    import torch._dynamo, torch.func, torch.optim  # third-party first: each fork starts from here
     out = {}
     for name in json.loads(sys.argv[1]):
         read, write = os.pipe()

@@ -252,3 +252,23 @@ def test_exit_with_ends_this_process_when_the_other_ends(tmp_path, how):
         watcher.kill()
         sleeper.wait()
         watcher.wait()
+
+
+def test_one_failure_rule_for_every_executor():
+    """`attempt`: a job's value, or a `JobFailure` naming the job and the exception with its traceback
+    (pickled whole for a pool worker's result); bad input propagates."""
+    import pickle
+
+    from phasediagram.errors import CorruptFile, SpecError
+    from phasediagram.execution.failures import JobFailure, attempt
+
+    assert attempt("train:c", lambda: "done") == "done"
+    failure = attempt("train:c", lambda: 1 / 0)
+    assert isinstance(failure, JobFailure) and str(failure) == "train:c: ZeroDivisionError: division by zero"
+    assert "ZeroDivisionError" in failure.trace and isinstance(failure.cause, ZeroDivisionError)
+    again = pickle.loads(pickle.dumps(failure))
+    assert str(again) == str(failure) and again.trace == failure.trace and again.job_id == "train:c"
+    for bad in (SpecError("x", "bad"), CorruptFile("/f", "cut")):
+        with pytest.raises(type(bad)):
+            attempt("train:c", lambda bad=bad: (_ for _ in ()).throw(bad))
+    assert isinstance(attempt("train:c", lambda: (_ for _ in ()).throw(SpecError("x", "bad")), fatal=()), JobFailure)

@@ -244,6 +244,8 @@ def run_stages(study: Study, stages, args, pool=None) -> int:
         print(f"{stage}: {report.done} done, {report.skipped} skipped, {len(report.failed)} failed", flush=True)
         for job, exc in report.failed:
             print(f"  FAILED {job.id}: {exc}", file=sys.stderr)
+            if getattr(exc, "trace", ""):
+                print(exc.trace, file=sys.stderr, end="")
         failed += len(report.failed)
     print(f"ran {len(stages)} stage(s) in {time.perf_counter() - start:.1f} s")
     return failed

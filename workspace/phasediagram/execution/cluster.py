@@ -27,12 +27,12 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import submitit
 
 from phasediagram.errors import JobsFailed, SpecError, SubmitError
+from phasediagram.execution.failures import JobFailure, attempt
 from phasediagram.execution.jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
 from phasediagram.execution.runtime import configure_worker, freeze_alive
 from phasediagram.execution.scripts import SlurmOptions, check_text, log_dir, time_minutes
@@ -78,11 +78,10 @@ class StageTask(submitit.helpers.Checkpointable):
                 raise SpecError("cell", f"{job.cell.id} is not a cell of {layout.spec_path}")
             if job.stage == TRAIN:
                 self._say_resume(spec, layout, job.cell)
-            try:
-                outcome = run_job(spec, layout, job, self.device)
-            except Exception as exc:  # report it and go on with the task's other jobs
-                traceback.print_exc()
-                failures.append(f"{job.id}: {type(exc).__name__}: {exc}")
+            outcome = attempt(job.id, lambda job=job: run_job(spec, layout, job, self.device), fatal=())
+            if isinstance(outcome, JobFailure):  # report it and go on with the task's other jobs
+                print(outcome.trace, file=sys.stderr, end="", flush=True)
+                failures.append(str(outcome))
                 outcome = "FAILED"
             print(f"{job.id}: {outcome}", flush=True)
             outcomes.append((job.id, outcome))

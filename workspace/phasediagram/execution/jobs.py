@@ -15,7 +15,6 @@ import math
 import multiprocessing.forkserver
 import os
 import sys
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -25,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from phasediagram.data import datasets as data_mod
-from phasediagram.errors import CorruptFile, MissingCheckpoint, SpecError
+from phasediagram.errors import MissingCheckpoint, SpecError
+from phasediagram.execution.failures import JobFailure, attempt
 from phasediagram.execution.runtime import configure_worker, exit_with, freeze_alive
 from phasediagram.metrics import METRICS, MetricData, parse_key
 from phasediagram.resolve import metric_options
@@ -122,12 +122,8 @@ def run_cell_metrics(spec: ExperimentSpec, layout: Layout, stages: list[str], ce
     models = CellModels(spec, layout, cell, device, log)
     outcomes: dict[str, str | Exception] = {}
     for stage in stages:
-        try:
-            outcomes[stage] = run_job(spec, layout, Job(stage, cell), device, log, models=models)
-        except (SpecError, CorruptFile):
-            raise
-        except Exception as exc:  # one failed metric must not stop the cell's others
-            outcomes[stage] = RuntimeError(f"{stage}:{cell.id}: {type(exc).__name__}: {exc}")
+        job = Job(stage, cell)
+        outcomes[stage] = attempt(job.id, lambda job=job: run_job(spec, layout, job, device, log, models=models))
     return outcomes
 
 
@@ -298,13 +294,10 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
     with _progress(len(jobs), desc) as bar:
         for job in jobs:
             epochs = _progress(spec.epochs * len(spec.seeds), job.cell.id) if job.stage == TRAIN else None
+            on_epoch = (lambda *_: epochs.update()) if epochs is not None else None
             try:
-                report.add(job, run_job(spec, layout, job, device, log=_write,
-                                        on_epoch=(lambda *_: epochs.update()) if epochs is not None else None))
-            except (SpecError, CorruptFile):
-                raise
-            except Exception as exc:  # one failed job must not stop the others
-                report.add(job, RuntimeError(f"{job.id}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+                report.add(job, attempt(job.id, lambda job=job: run_job(spec, layout, job, device, log=_write,
+                                                                        on_epoch=on_epoch)))
             finally:
                 if epochs is not None:
                     epochs.close()
@@ -385,10 +378,9 @@ def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: i
         while futures:
             fut = next(as_completed(futures))
             task_stages, cell = futures.pop(fut)
-            try:
-                outcomes = fut.result()
-            except Exception as exc:  # one failed task must not stop the others
-                outcomes = {s: RuntimeError(f"{s}:{cell.id}: {type(exc).__name__}: {exc}") for s in task_stages}
+            outcome = attempt(f"{'+'.join(task_stages)}:{cell.id}", fut.result, fatal=())
+            outcomes = ({s: JobFailure(Job(s, cell).id, outcome.cause, outcome.trace) for s in task_stages}
+                        if isinstance(outcome, JobFailure) else outcome)
             for stage, outcome in outcomes.items():
                 reports[stage].add(Job(stage, cell), outcome)
                 bar.update()

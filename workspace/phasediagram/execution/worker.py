@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from phasediagram.errors import CorruptFile, SpecError
+from phasediagram.execution.failures import JobFailure, attempt
 from phasediagram.execution.jobs import run_job, stage_jobs
 from phasediagram.execution.runtime import configure_worker, freeze_alive
 from phasediagram.resolve import load_spec
@@ -46,17 +47,14 @@ def main(argv=None) -> int:
                             f"{args.jobs_per_task} per task")
         failed = 0
         for job in jobs[first:first + args.jobs_per_task]:
-            try:
-                outcome = run_job(spec, layout, job, args.device)
-                print(f"{job.id}: {outcome}", flush=True)
-            except (SpecError, CorruptFile):
-                raise
-            except Exception as exc:  # report and go on with the task's other jobs
+            outcome = attempt(job.id, lambda job=job: run_job(spec, layout, job, args.device))
+            if isinstance(outcome, JobFailure):  # report it and go on with the task's other jobs
                 failed += 1
-                print(f"{job.id}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-                import traceback
-
-                traceback.print_exc()
+                print(f"{job.id}: FAILED: {type(outcome.cause).__name__}: {outcome.cause}", file=sys.stderr,
+                      flush=True)
+                print(outcome.trace, file=sys.stderr, end="", flush=True)
+            else:
+                print(f"{job.id}: {outcome}", flush=True)
         return 1 if failed else 0
     except (SpecError, CorruptFile) as exc:
         print(f"error: {exc}", file=sys.stderr)

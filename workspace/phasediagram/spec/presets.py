@@ -36,7 +36,7 @@ PRESETS = {
 PRESET_SPECS = {
     # The embedded default: residual conv nets on MNIST-1D, 3 widths x 5 learning rates (the temperature) x 2
     # seeds, every landscape metric at its default settings except where a cheaper one still measures
-    # what the figure shows (docs/reference.md, "The demo" says which and why).
+    # what the figure shows (docs/reference.md says which and why).
     "demo": {"name": "demo", "arch": "resnet1d", "dataset": "mnist1d", "widths": [2, 8, 32], "batch_sizes": [32],
              "lrs": [0.05, 0.1, 0.2, 0.4, 0.8], "temperature_axis": "lr", "seeds": [0, 1], "epochs": 8,
              "schedule": "step", "metrics": ["loss_acc", "dist", "hessian", "CKA", "curve", "fisher"],
