@@ -10,9 +10,11 @@
     (f) CKA similarity                     (g) L2 distance between seeds
     (h) the phase map (categorical colours)
 
-and one panel more for every further quantity registered in ``metrics.METRICS`` (its ``Panel``
-gives label, colormap, log scale and range) that the table holds, e.g. the Fisher metric or the
-local energy. A panel whose quantity is absent is left out and named in a note under the figure.
+and one panel more for every further quantity registered in ``metrics.METRICS`` that the table
+holds, e.g. the Fisher metric or the local energy. Every panel, (a)-(g) included, is drawn as its
+registry entry's ``Panel`` says (label, colormap, log scale, range, fallback); `CORE_KEYS` only
+picks the paper's seven and their order. A panel whose quantity is absent is left out and named
+in a note under the figure.
 
 Conventions:
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 import io
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -62,7 +64,10 @@ class PanelSpec:
 
     source: str
     panel: Panel
-    fallback: Panel | None = None  # drawn instead where the table lacks `panel` (e.g. a published table)
+
+    @property
+    def fallback(self) -> Panel | None:
+        return self.panel.fallback
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -75,22 +80,28 @@ class PanelSpec:
         """This spec, or its fallback where the table has rows of the fallback's quantity only."""
         if self.fallback is None or has_data(df, self):
             return self
-        alternative = PanelSpec(self.source, self.fallback)
+        alternative = PanelSpec(self.source, replace(self.fallback, fallback=None))
         return alternative if has_data(df, alternative) else self
 
 
-CORE = (
-    PanelSpec("loss_acc", Panel("acc", "test", "test accuracy (%)", cmap="viridis")),
-    PanelSpec("loss_acc", Panel("loss", "train", "training loss", log=True, cmap="viridis_r")),
-    PanelSpec("hessian", Panel("top_eigenvalue", "train", "top Hessian eigenvalue", log=True, cmap="viridis_r"),
-              fallback=Panel("top_abs_eigenvalue", "train", "largest-magnitude Hessian eigenvalue", log=True,
-                             cmap="viridis_r")),
-    PanelSpec("hessian", Panel("trace_hutchpp", "train", "Hessian trace (Hutch++)", log=True, cmap="viridis_r"),
-              fallback=Panel("trace", "train", "Hessian trace (Hutchinson)", log=True, cmap="viridis_r")),
-    PanelSpec("curve", Panel("mc", "train", "mode connectivity (error %)", cmap="RdBu_r", center=0.0)),
-    PanelSpec("CKA", Panel("cka_softmax", "train", "CKA similarity", cmap="viridis")),
-    PanelSpec("dist", Panel("dist", "-", "L2 distance between seeds", cmap="viridis_r")),
+# The paper's panels (a)-(g), in its order: (metric, quantity, split) of registered panels.
+CORE_KEYS = (
+    ("loss_acc", "acc", "test"),
+    ("loss_acc", "loss", "train"),
+    ("hessian", "top_eigenvalue", "train"),
+    ("hessian", "trace_hutchpp", "train"),
+    ("curve", "mc", "train"),
+    ("CKA", "cka_softmax", "train"),
+    ("dist", "dist", "-"),
 )
+
+
+def registered(source: str, quantity: str, split: str) -> PanelSpec:
+    """The panel `metrics.METRICS[source]` registers for (quantity, split)."""
+    return PanelSpec(source, next(p for p in METRICS[source].panels if (p.quantity, p.split) == (quantity, split)))
+
+
+CORE = tuple(registered(*key) for key in CORE_KEYS)
 
 
 class PhaseFigure(Figure):

@@ -46,6 +46,7 @@ class Panel:
     vmin: float | None = None
     vmax: float | None = None
     center: float | None = None  # diverging colormap centred here
+    fallback: "Panel | None" = None  # drawn instead where a table lacks this quantity (e.g. a published table)
 
 
 @dataclass(frozen=True)
