@@ -57,6 +57,7 @@ class Study:
     def __init__(self, spec: ExperimentSpec | Mapping[str, Any] | str | Path, root: str | Path = "."):
         self.spec = load_spec(spec)
         self.layout = Layout(Path(root), self.spec.name)
+        self._recorded = False  # whether this study has written its spec.json
 
     def __repr__(self) -> str:
         return f"Study({self.spec.name!r}, root={str(self.layout.root)!r})"
@@ -70,14 +71,17 @@ class Study:
         """Write (or extend) spec.json; the study then uses the spec on disk (`record_spec`)."""
         self.layout.check_writable_tree()
         self.spec = record_spec(self.spec, self.layout)
+        self._recorded = True
         return self.spec
 
     def run(self, stages: list[str] | None = None, executor: Executor | None = None) -> dict[str, RunReport]:
         """Run `stages` (default: all) with `executor` (default: a local pool on a multi-core CPU).
 
-        Jobs whose valid result is on disk are skipped, so a rerun continues where one stopped.
+        Jobs whose valid result is on disk are skipped, so a rerun continues where one stopped. The
+        spec is recorded first unless this study has recorded it already.
         """
-        self.record()
+        if not self._recorded:
+            self.record()
         stages = list(dict.fromkeys(stages or self.stages))
         for stage in stages:
             stage_jobs(self.spec, stage)  # an unknown stage fails here, before any job runs

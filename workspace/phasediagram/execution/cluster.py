@@ -31,7 +31,7 @@ from pathlib import Path
 
 import submitit
 
-from phasediagram.errors import JobsFailed, SpecError, SubmitError
+from phasediagram.errors import CorruptFile, JobsFailed, SpecError, SubmitError
 from phasediagram.execution.failures import JobFailure, attempt
 from phasediagram.execution.jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
 from phasediagram.execution.runtime import configure_worker, freeze_alive
@@ -96,7 +96,7 @@ class StageTask(submitit.helpers.Checkpointable):
             if path.exists() and not layout.checkpoint(cell, seed, "final").exists():
                 try:
                     epoch = checkpoints.load(path)["epoch"]
-                except checkpoints.CorruptFile:
+                except CorruptFile:
                     continue  # train.py reports it and starts over
                 print(f"train:{cell.id} seed {seed}: resumes after epoch {epoch} from {path}", flush=True)
 

@@ -378,7 +378,7 @@ def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: i
         while futures:
             fut = next(as_completed(futures))
             task_stages, cell = futures.pop(fut)
-            outcome = attempt(f"{'+'.join(task_stages)}:{cell.id}", fut.result, fatal=())
+            outcome = attempt(cell.id, fut.result, fatal=())  # the task itself failed: each of its jobs did
             outcomes = ({s: JobFailure(Job(s, cell).id, outcome.cause, outcome.trace) for s in task_stages}
                         if isinstance(outcome, JobFailure) else outcome)
             for stage, outcome in outcomes.items():

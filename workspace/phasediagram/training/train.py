@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from phasediagram.data.datasets import Dataset
+from phasediagram.errors import CorruptFile
 from phasediagram.methods import build_method
 from phasediagram.models import families as models
 from phasediagram.seeding import stable_seed
@@ -81,7 +82,7 @@ def check_matches(ckpt: dict, spec: ExperimentSpec, cell: Cell, path: Path) -> N
     """Refuse a checkpoint whose architecture or width differ from what the spec says."""
     args = ckpt["model_args"]
     if args.get("arch") != spec.arch or args.get("width") != cell.width:
-        raise checkpoints.CorruptFile(path, f"holds a {args.get('arch')} of width {args.get('width')}, but the spec "
+        raise CorruptFile(path, f"holds a {args.get('arch')} of width {args.get('width')}, but the spec "
                                       f"says {spec.arch} of width {cell.width}; use a new experiment name")
 
 
@@ -92,12 +93,12 @@ def final_status(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, lo
         return None
     try:
         ckpt = checkpoints.load(path)
-    except checkpoints.CorruptFile as exc:
+    except CorruptFile as exc:
         log(f"warning: {exc}; moved aside to {checkpoints.quarantine(path).name}, the run will be redone")
         return None
     check_matches(ckpt, spec, cell, path)
     if ckpt.get("training_hash") != spec.training_hash():
-        raise checkpoints.CorruptFile(path, "was trained with other training settings than this spec; "
+        raise CorruptFile(path, "was trained with other training settings than this spec; "
                                       "use a new experiment name")
     return ckpt["status"]
 
@@ -109,11 +110,11 @@ def resume_state(layout: Layout, spec, cell, seed, model, method, log=print) -> 
         return RunState()
     try:
         ckpt = checkpoints.load(path)
-    except checkpoints.CorruptFile as exc:
+    except CorruptFile as exc:
         log(f"warning: {exc}; moved aside to {checkpoints.quarantine(path).name}, training restarts from epoch 0")
         return RunState()
     if ckpt.get("training_hash") != spec.training_hash():
-        raise checkpoints.CorruptFile(path, "belongs to another spec; use a new experiment name")
+        raise CorruptFile(path, "belongs to another spec; use a new experiment name")
     model.load_state_dict(ckpt["model"])
     method.load_state_dict(ckpt["trainer"])
     return RunState(ckpt["epoch"], list(ckpt["history"]), float(ckpt["best_loss"]))
