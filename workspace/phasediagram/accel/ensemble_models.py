@@ -244,29 +244,19 @@ def _batch_norm(dims: int, members: int, channels: int) -> nn.Module:
     return (nn.BatchNorm1d if dims == 1 else FoldableBatchNorm2d)(members * channels)
 
 
-class EnsembleMLP(nn.Module):
-    """S copies of `models.MLP` (same module names): (S, B, *input_shape) -> (S, B, n_classes)."""
+class EnsembleMLP(models.MLP):
+    """S copies of `models.MLP`: the same definition built from `EnsembleLinear` layers (same module
+    names), (S, B, *input_shape) -> (S, B, n_classes)."""
 
     def __init__(self, members: int, width: int, input_shape: tuple[int, ...], n_classes: int, depth: int = 2):
-        super().__init__()
+        super().__init__(width, input_shape, n_classes, depth, linear=functools.partial(EnsembleLinear, members),
+                         flatten=nn.Flatten(2))
         self.members = members
-        n_in = 1
-        for s in input_shape:
-            n_in *= s
-        layers: list[nn.Module] = [nn.Flatten(2)]
-        for _ in range(depth):
-            layers += [EnsembleLinear(members, n_in, width), nn.ReLU()]
-            n_in = width
-        layers.append(EnsembleLinear(members, n_in, n_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
-class EnsembleResNet(nn.Module):
-    """S copies of `models.ResNet` (same blocks and module names; `models.BasicBlock` reused with
-    ensemble convolutions and S*C-channel BatchNorm): (S, B, *input_shape) -> (S, B, n_classes).
+class EnsembleResNet(models.ResNet):
+    """S copies of `models.ResNet`: the same definition built from ensemble convolutions, S*C-channel
+    BatchNorm and an `EnsembleLinear` head (same module names): (S, B, *input_shape) -> (S, B, n_classes).
 
     conv "bmm" (1D only): member-major activations (1, S*C, L, B), convolutions as batched matmuls
     (`MemberMajorConv1d`), BatchNorm2d over S*C channels. conv "grouped": activations
@@ -276,35 +266,28 @@ class EnsembleResNet(nn.Module):
 
     def __init__(self, members: int, dims: int, width: int, in_channels: int, n_classes: int,
                  blocks: tuple[int, ...], conv: str = "auto"):
-        super().__init__()
         if conv == "auto":
             conv = "bmm" if dims == 1 else "grouped"
         if conv not in ("bmm", "grouped") or (conv == "bmm" and dims != 1):
             raise ValueError(f"conv must be 'grouped' or (for 1D) 'bmm', got {conv!r} for dims={dims}")
-        self.members, self.dims, self.in_channels, self.member_major = members, dims, in_channels, conv == "bmm"
-        if self.member_major:
+        member_major = conv == "bmm"
+        if member_major:
             conv_layer = functools.partial(MemberMajorConv1d, members)
             norm = functools.partial(_batch_norm, 2, members)
         else:
             conv_layer = functools.partial(EnsembleConv, members, dims)
             norm = functools.partial(_batch_norm, dims, members)
-        self.stem = nn.Sequential(conv_layer(in_channels, width, 3, 1, 1, bias=False), norm(width), nn.ReLU())
-        stages, c_in = [], width
-        for i, n_blocks in enumerate(blocks):
-            c_out = width * 2**i
-            for j in range(n_blocks):
-                stages.append(models.BasicBlock(conv_layer, norm, c_in, c_out, 2 if (i > 0 and j == 0) else 1))
-                c_in = c_out
-        self.stages = nn.Sequential(*stages)
-        self.head = EnsembleLinear(members, c_in, n_classes)
+        super().__init__(dims, width, in_channels, n_classes, blocks, conv=conv_layer, norm=norm,
+                         linear=functools.partial(EnsembleLinear, members))
+        self.members, self.in_channels, self.member_major = members, in_channels, member_major
         if self.member_major:  # every convolution is followed by its BatchNorm
             pairs = [(self.stem[0], self.stem[1])]
             for block in self.stages:
                 pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
                 if len(block.shortcut):
                     pairs.append((block.shortcut[0], block.shortcut[1]))
-            for conv, norm in pairs:
-                conv.fold(norm)
+            for conv_module, norm_module in pairs:
+                conv_module.fold(norm_module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b = x.shape[0], x.shape[1]
@@ -329,14 +312,21 @@ def supports(arch: str) -> bool:
     return arch in ARCHS
 
 
+def is_ensemble(model: nn.Module) -> bool:
+    """Whether `model` is an ensemble (of this module's classes)."""
+    return isinstance(model, (EnsembleMLP, EnsembleResNet))
+
+
 def has_form(model: nn.Module) -> bool:
-    """Whether `model` (an instance) has an ensemble form (`like` can build one)."""
-    return isinstance(model, (models.MLP, models.ResNet))
+    """Whether `model` (an ordinary model, not an ensemble) has an ensemble form (`like` can build one)."""
+    return isinstance(model, (models.MLP, models.ResNet)) and not is_ensemble(model)
 
 
 def like(model: nn.Module, members: int, conv: str = "auto") -> nn.Module:
     """An uninitialised ensemble of `members` models shaped like `model` (sizes read off its layers);
     `conv` picks the ResNet convolution ("auto": "bmm" for 1D, "grouped" for 2D)."""
+    if is_ensemble(model):
+        raise KeyError(f"{type(model).__name__} is already an ensemble")
     if isinstance(model, models.MLP):
         linears = [m for m in model.net if isinstance(m, nn.Linear)]
         return EnsembleMLP(members, linears[0].out_features, (linears[0].in_features,), linears[-1].out_features,

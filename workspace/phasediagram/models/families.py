@@ -19,16 +19,23 @@ from torch import nn
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, input_shape: tuple[int, ...], n_classes: int, depth: int = 2):
+    """Flatten -> [linear(k) -> ReLU] x depth -> linear(n_classes).
+
+    `linear(in, out)` builds each affine layer and `flatten` the first module (nn.Linear and
+    nn.Flatten(); the ensemble form passes its batched layers, `accel.ensemble_models.EnsembleMLP`).
+    """
+
+    def __init__(self, width: int, input_shape: tuple[int, ...], n_classes: int, depth: int = 2,
+                 linear: Callable[[int, int], nn.Module] = nn.Linear, flatten: nn.Module | None = None):
         super().__init__()
         n_in = 1
         for s in input_shape:
             n_in *= s
-        layers: list[nn.Module] = [nn.Flatten()]
+        layers: list[nn.Module] = [nn.Flatten() if flatten is None else flatten]
         for _ in range(depth):
-            layers += [nn.Linear(n_in, width), nn.ReLU()]
+            layers += [linear(n_in, width), nn.ReLU()]
             n_in = width
-        layers.append(nn.Linear(n_in, n_classes))
+        layers.append(linear(n_in, n_classes))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +45,8 @@ class MLP(nn.Module):
 class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus a (1x1 conv-BN when the shape changes) shortcut, then ReLU."""
 
-    def __init__(self, conv: type, norm: type, c_in: int, c_out: int, stride: int):
+    def __init__(self, conv: Callable[..., nn.Module], norm: Callable[[int], nn.Module], c_in: int, c_out: int,
+                 stride: int):
         super().__init__()
         self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = norm(c_out)
@@ -55,12 +63,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem conv(k) -> stages of BasicBlocks with channels k * 2^i -> global average pool -> linear."""
+    """Stem conv(k) -> stages of BasicBlocks with channels k * 2^i -> global average pool -> linear.
 
-    def __init__(self, dims: int, width: int, in_channels: int, n_classes: int, blocks: tuple[int, ...]):
+    `conv(c_in, c_out, kernel, stride, padding, bias=...)`, `norm(channels)` and `linear(in, out)`
+    build the layers (torch's Conv and BatchNorm of `dims` dimensions and nn.Linear; the ensemble
+    form passes its batched layers, `accel.ensemble_models.EnsembleResNet`).
+    """
+
+    def __init__(self, dims: int, width: int, in_channels: int, n_classes: int, blocks: tuple[int, ...],
+                 conv: Callable[..., nn.Module] | None = None, norm: Callable[[int], nn.Module] | None = None,
+                 linear: Callable[[int, int], nn.Module] = nn.Linear):
         super().__init__()
-        conv = nn.Conv1d if dims == 1 else nn.Conv2d
-        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        conv = conv or (nn.Conv1d if dims == 1 else nn.Conv2d)
+        norm = norm or (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)
         self.dims = dims
         self.stem = nn.Sequential(conv(in_channels, width, 3, 1, 1, bias=False), norm(width), nn.ReLU())
         stages, c_in = [], width
@@ -70,7 +85,7 @@ class ResNet(nn.Module):
                 stages.append(BasicBlock(conv, norm, c_in, c_out, 2 if (i > 0 and j == 0) else 1))
                 c_in = c_out
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(c_in, n_classes)
+        self.head = linear(c_in, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dims == 1 and x.dim() == 2:

@@ -1,5 +1,9 @@
 """Training: `train_seed(spec, cell, seed, ...)` -> final checkpoint of one run, resumable.
 
+`train_runs` is the one training loop, for one run or several of a cell at once; how the runs'
+steps are taken is its stepper's (`MethodSteps`: each run by its own method; the ensemble form:
+`training.ensemble.EnsembleSteps`).
+
 One run: the model is initialised from torch's RNG seeded with `seed`; every epoch visits the
 training set in the order of a permutation seeded by (seed, epoch), in batches of
 `cell.batch_size`, dropping the last incomplete batch. The lr is `cell.lr`, multiplied by
@@ -120,12 +124,100 @@ def resume_state(layout: Layout, spec, cell, seed, model, method, log=print) -> 
     return RunState(ckpt["epoch"], list(ckpt["history"]), float(ckpt["best_loss"]))
 
 
+@dataclass
+class Run:
+    """One run (cell, seed) in training: its seed, its ordinary model, its method (optimizer) and its state."""
+
+    seed: int
+    model: torch.nn.Module
+    method: object
+    state: RunState
+
+
 def start_run(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, dataset: Dataset,
-              device: str | torch.device = "cpu", log=print):
-    """(model, method, state) of run (cell, seed): initialised from `seed`, then resumed from a valid `last.pt`."""
+              device: str | torch.device = "cpu", log=print) -> Run:
+    """Run (cell, seed): its model initialised from `seed`, then resumed from a valid `last.pt`."""
     model = init_model(spec, cell, seed, dataset).to(device)
     method = build_method(spec, model, lr=cell.lr, weight_decay=cell.weight_decay, seed=seed)
-    return model, method, resume_state(layout, spec, cell, seed, model, method, log)
+    return Run(seed, model, method, resume_state(layout, spec, cell, seed, model, method, log))
+
+
+class MethodSteps:
+    """Steps of runs taken one by one, each by its own method (any optimizer and regularizer):
+    run i's step on its batch (x[i], y[i]) is `method.step`, and its model is always current."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs = runs
+
+    def set_lr(self, lr: float) -> None:
+        for run in self.runs:
+            run.method.set_lr(lr)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> list[float]:
+        return [run.method.step(x[i], y[i], epoch) for i, run in enumerate(self.runs)]
+
+    def sync(self) -> None:
+        """Make every run's own model and method hold its current state (they already do)."""
+
+
+def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset, runs: list[Run],
+               steps_of=MethodSteps, device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
+    """Train `runs` (of `cell`, all at the same epoch) to completion; return {seed: status}.
+
+    The one training loop. Epoch e of run s visits `epoch_order(n, s, e)` in batches of
+    `cell.batch_size` (the last incomplete one dropped) at the lr `lr_at(spec, cell.lr, e)`; the
+    runs' steps are taken by `steps_of(runs)` (`MethodSteps`, or the ensemble form
+    `training.ensemble.EnsembleSteps`), which returns each run's loss before its step. A run whose
+    loss is non-finite ends there (`save_diverged`); the others go on, stepped by a new
+    `steps_of(survivors)`. After every epoch each run's `best.pt` and `last.pt` are written
+    (`save_epoch`), and `final.pt` when it is done (`save_final`).
+    """
+    if len({run.state.epoch for run in runs}) > 1:
+        raise ValueError("runs trained together must resume from the same epoch")
+    dtype = DTYPES[spec.dtype]
+    x, y = dataset.train.x.to(device, dtype), dataset.train.y.to(device)
+    n, bs = len(y), cell.batch_size
+    steps = n // bs
+    statuses: dict[int, str] = {}
+    alive = list(runs)
+    stepper = steps_of(alive) if alive else None
+    while alive and alive[0].state.epoch < spec.epochs:
+        epoch = alive[0].state.epoch
+        lr = lr_at(spec, cell.lr, epoch)
+        stepper.set_lr(lr)
+        orders = torch.stack([epoch_order(n, run.seed, epoch) for run in alive]).to(device)
+        for run in alive:
+            run.model.train()
+        totals = [0.0] * len(alive)
+        for step in range(steps):
+            idx = orders[:, step * bs:(step + 1) * bs]
+            losses = stepper.step(x[idx], y[idx], epoch)
+            totals = [t + loss for t, loss in zip(totals, losses)]
+            bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+            if bad:
+                stepper.sync()
+                for i in bad:
+                    run = alive[i]
+                    save_diverged(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, step, losses[i],
+                                  log)
+                    statuses[run.seed] = "diverged"
+                keep = [i for i in range(len(alive)) if i not in bad]
+                alive, totals, orders = [alive[i] for i in keep], [totals[i] for i in keep], orders[keep]
+                if not alive:
+                    break
+                stepper = steps_of(alive)
+                stepper.set_lr(lr)
+        if not alive:
+            break
+        stepper.sync()
+        for run, total in zip(alive, totals):
+            save_epoch(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, total / steps)
+            if on_epoch is not None:
+                on_epoch(cell, run.seed, run.state.epoch)
+    for run in alive:
+        save_final(spec, cell, run.seed, layout, dataset, run.method, run.state)
+        statuses[run.seed] = "ok"
+    return statuses
 
 
 def train_seed(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, dataset: Dataset,
@@ -134,30 +226,8 @@ def train_seed(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, data
     status = final_status(layout, spec, cell, seed, log)
     if status is not None:
         return status
-    dtype = DTYPES[spec.dtype]
-    model, method, state = start_run(spec, cell, seed, layout, dataset, device, log)
-    x, y = dataset.train.x.to(device, dtype), dataset.train.y.to(device)
-    n, bs = len(y), cell.batch_size
-    steps = n // bs
-    while state.epoch < spec.epochs:
-        epoch = state.epoch
-        lr = lr_at(spec, cell.lr, epoch)
-        method.set_lr(lr)
-        order = epoch_order(n, seed, epoch).to(device)
-        model.train()
-        total = 0.0
-        for step in range(steps):
-            idx = order[step * bs:(step + 1) * bs]
-            loss = method.step(x[idx], y[idx], epoch)
-            if not math.isfinite(loss):
-                save_diverged(spec, cell, seed, layout, dataset, method, state, lr, step, loss, log)
-                return "diverged"
-            total += loss
-        save_epoch(spec, cell, seed, layout, dataset, method, state, lr, total / steps)
-        if on_epoch is not None:
-            on_epoch(cell, seed, state.epoch)
-    save_final(spec, cell, seed, layout, dataset, method, state)
-    return "ok"
+    run = start_run(spec, cell, seed, layout, dataset, device, log)
+    return train_runs(spec, cell, layout, dataset, [run], MethodSteps, device, log, on_epoch)[seed]
 
 
 def save_epoch(spec, cell, seed, layout: Layout, dataset, method, state: RunState, lr: float,
