@@ -31,6 +31,7 @@ from phasediagram.metrics.curve import (
     train_bends,
 )
 from phasediagram.models import families as models
+from phasediagram.numerics.sgd import sgd
 from phasediagram.resolve import check, metric_options
 from phasediagram.spec.experiment import ExperimentSpec
 
@@ -148,22 +149,6 @@ def test_lr_schedule():
     assert all(x >= y for x, y in zip(factors, factors[1:]))
 
 
-def test_sgd_step_is_torch_sgd():
-    w = random_like({"a": torch.empty(3, 4), "b": torch.empty(5)}, 0)
-    mine = {n: v.clone() for n, v in w.items()}
-    ref = [v.clone().requires_grad_(True) for v in w.values()]
-    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    velocity = {}
-    for step in range(4):
-        grads = random_like(w, 10 + step)
-        for p, g in zip(ref, grads.values()):
-            p.grad = g.clone()
-        opt.param_groups[0]["lr"] = 0.1 / (step + 1)
-        opt.step()
-        curve_mod.sgd_step(mine, grads, velocity, 0.1 / (step + 1), 0.9, 5e-4)
-    assert all(torch.allclose(mine[n], p, rtol=0, atol=1e-14) for n, p in zip(mine, ref))
-
-
 def reference_bend(model_a, model_b, train, options, generator):
     """The reference's curve training written out independently (the taxonomy repository's
     Mode_connectivity.py on dnn-mode-connectivity's curves.py), with this toolkit's random draws:
@@ -265,11 +250,11 @@ def test_training_the_bend_lowers_the_loss_in_the_middle():
     ends = []
     for seed in (0, 1):
         model = make_model("mlp", seed, 16)
-        weights, velocity = dict(model.named_parameters()), {}
+        opt = sgd(model.parameters(), lr=0.2, momentum=0.9)
         for _ in range(150):  # full-batch heavy-ball descent to a near-zero training loss
-            loss = nn.functional.cross_entropy(model(data.train.x), data.train.y)
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            curve_mod.sgd_step(weights, dict(zip(weights, grads)), velocity, 0.2, 0.9, 0.0)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(data.train.x), data.train.y).backward()
+            opt.step()
         ends.append(model)
     out = curve(*ends, data, CurveOptions(epochs=10, lr=0.05, batch_size=32), torch.Generator().manual_seed(0))
     # the untrained bend (the midpoint) makes the Bezier curve a reparametrised straight line

@@ -56,6 +56,7 @@ from phasediagram.methods.base import (
     restore_buffers,
     snapshot_buffers,
 )
+from phasediagram.numerics.sgd import set_lr, sgd
 from phasediagram.options import is_int, is_real
 from phasediagram.seeding import stable_seed
 
@@ -92,13 +93,12 @@ class EntropySGD:
         self.options = options
         self.regularizer = regularizer
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   nesterov=options.nesterov and momentum > 0)
+        self.opt = sgd(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       nesterov=options.nesterov and momentum > 0)
         self.generator = torch.Generator().manual_seed(stable_seed("entropy_sgd", seed))
 
     def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
 
     def gamma(self, epoch: int) -> float:
         """gamma_t = gamma0 (1 + gamma1)^epoch."""

@@ -47,6 +47,7 @@ import torch
 from torch.nn import functional as F
 
 from phasediagram.methods.base import check, load_regularizer_state, regularizer_state
+from phasediagram.numerics.sgd import set_lr, sgd
 from phasediagram.options import is_int, is_real
 from phasediagram.seeding import stable_seed
 
@@ -88,15 +89,14 @@ class ReplicatedSGD:
                     for p in replica.parameters():
                         z = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
                         p.mul_(1.0 + options.init_noise * z)
-        self.opts = [torch.optim.SGD([p for p in r.parameters() if p.requires_grad], lr=lr, momentum=momentum,
-                                     weight_decay=weight_decay, nesterov=options.nesterov and momentum > 0)
+        self.opts = [sgd([p for p in r.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, nesterov=options.nesterov and momentum > 0)
                      for r in self.replicas]
         self.sync_centre()
 
     def set_lr(self, lr: float) -> None:
         for opt in self.opts:
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
 
     def gamma(self, epoch: int) -> float:
         """gamma_t = gamma0 (1 + gamma1)^epoch."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.nn import functional as F
 
 from phasediagram.methods.base import load_regularizer_state, regularizer_state
+from phasediagram.numerics.sgd import set_lr, sgd
 
 
 @dataclass(frozen=True)
@@ -16,18 +16,17 @@ class SGDOptions:
 
 
 class SGD:
-    """w <- w - lr * v,  v <- momentum * v + grad(CE + penalty) + weight_decay * w  (torch.optim.SGD)."""
+    """w <- w - lr * v,  v <- momentum * v + grad(CE + penalty) + weight_decay * w  (`numerics.sgd`)."""
 
     def __init__(self, model, *, lr, momentum, weight_decay, epochs=None, seed=0, options: SGDOptions = SGDOptions(),
                  regularizer=None):
         self.model = model
         self.regularizer = regularizer
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   nesterov=options.nesterov and momentum > 0)
+        self.opt = sgd(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       nesterov=options.nesterov and momentum > 0)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
 
     def objective(self, x, y, epoch: int):
         """(CE, CE + penalty) of the batch (x, y) at the current weights."""

@@ -63,6 +63,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
 from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, check, evaluate, key
+from phasediagram.numerics.sgd import momentum_of, set_lr, set_momentum, sgd
 from phasediagram.options import is_int
 from phasediagram.storage.checkpoints import atomic_write_bytes
 
@@ -263,18 +264,12 @@ def l2_term(point: Params, weight_decay: float) -> torch.Tensor:
     return 0.5 * weight_decay * sum(p.pow(2).sum() for p in point.values())
 
 
-@torch.no_grad()
-def sgd_step(params: Params, grads: Params, velocity: Params, lr: float, momentum: float, weight_decay: float) -> None:
-    """torch.optim.SGD's step (no dampening, no Nesterov), in place on `params` and `velocity`:
-    g = grad + weight_decay * w,  v <- momentum * v + g  (v = g at the first step),  w <- w - lr * v.
-    The bend's training passes weight_decay 0: its L2 term is in the loss (`l2_term`).
-
-    Written out rather than built from torch.optim, whose first construction in a process imports
-    torch._dynamo (seconds of start-up in every fresh worker)."""
-    for n, w in params.items():
-        g = grads[n].add(w, alpha=weight_decay)
-        velocity[n] = g if n not in velocity else velocity[n].mul_(momentum).add_(g)
-        w.sub_(velocity[n], alpha=lr)
+def descend(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """One step of `opt` (`numerics.sgd`, no weight decay of its own: the L2 term is in the loss,
+    `l2_term`) on `params` with gradients `grads`."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
 
 
 @dataclass
@@ -284,7 +279,7 @@ class _BendRun:
     theta_0: Params
     theta_1: Params
     bend: Params
-    velocity: Params
+    velocity: Params  # the momentum buffers of the bend's SGD (none before its first step)
     epoch: int
     generator: torch.Generator
     path: Path | None
@@ -351,7 +346,7 @@ def train_bend(model_a: nn.Module, model_b: nn.Module, train: Split, options: Cu
     Epoch e = 1..epochs: lr = options.lr * lr_factor(e, epochs); a random permutation of the training
     set is cut into batches (at most `max_batches_per_epoch` of them); for each batch draw
     t ~ U(0, 1), evaluate CE(f(x; theta(t)), y) + `l2_term`(theta(t)) by `torch.func.functional_call`
-    on a copy of model_a in train mode, and take one `sgd_step` on theta_m (no decay of its own). With
+    on a copy of model_a in train mode, and take one SGD step on theta_m (`descend`). With
     `state_dir`, the state is saved after each epoch and a matching saved state is resumed;
     `on_epoch(epoch)` is called after each epoch's state is saved (epoch counted from 1).
     """
@@ -364,9 +359,12 @@ def _train_alone(run: _BendRun, model_a: nn.Module, train: Split, options: Curve
                  on_epoch: Callable[[int], None] | None) -> None:
     """`train_bend`'s epochs from `run.epoch` on, on a train-mode copy of model_a (the pair's first model)."""
     net = copy.deepcopy(model_a).train()
+    bend = list(run.bend.values())
+    opt = sgd(bend, lr=options.lr, momentum=options.momentum)
+    set_momentum(opt, run.bend, run.velocity)
     n_train = len(train)
     for epoch in range(run.epoch, options.epochs):
-        lr = options.lr * lr_factor(epoch + 1, options.epochs)
+        set_lr(opt, options.lr * lr_factor(epoch + 1, options.epochs))
         perm = torch.randperm(n_train, generator=run.generator).to(train.y.device)
         for b in range(_batches_per_epoch(n_train, options)):
             idx = perm[b * options.batch_size:(b + 1) * options.batch_size]
@@ -374,8 +372,8 @@ def _train_alone(run: _BendRun, model_a: nn.Module, train: Split, options: Curve
             point = bezier(run.theta_0, run.bend, run.theta_1, t)
             out = functional_call(net, point, (train.x[idx],))
             loss = F.cross_entropy(out, train.y[idx]) + l2_term(point, options.weight_decay)
-            grads = torch.autograd.grad(loss, list(run.bend.values()))
-            sgd_step(run.bend, dict(zip(run.bend, grads)), run.velocity, lr, options.momentum, 0.0)
+            descend(opt, bend, torch.autograd.grad(loss, bend))
+        run.velocity = momentum_of(opt, run.bend)
         run.epoch = epoch + 1
         run.save()
         if on_epoch is not None:
@@ -395,7 +393,7 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
     ensemble's layout: its own for linear weights, member-major concatenation for convolutions and
     BatchNorm). The loss CE_i(f(x_i; theta_i(t_i)), y_i) + `l2_term`(theta_i(t_i)) enters the sum
     L = sum_i (CE_i + L2_i) (the L2 of the stacked point is the sum of the members'), so
-    dL/dtheta_m,i is pair i's own gradient and the elementwise `sgd_step` on the stacked tensors is
+    dL/dtheta_m,i is pair i's own gradient and the elementwise SGD step on the stacked tensors is
     each pair's step: pair i's bend equals its sequential one up to rounding (the ensemble's
     operations sum in another order than `nn.Conv1d`). Each pair's state is saved after every epoch
     in its own folder, as `train_bend` saves it; pairs resumed at different epochs are trained one
@@ -415,12 +413,14 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
 
     theta_0, theta_1 = stacked("theta_0"), stacked("theta_1")
     bend = {n: v.requires_grad_(True) for n, v in stacked("bend").items()}
-    velocity = stacked("velocity") if runs[0].velocity else {}
+    opt = sgd(bend.values(), lr=options.lr, momentum=options.momentum)
+    if runs[0].velocity:
+        set_momentum(opt, bend, stacked("velocity"))
     first = next(iter(theta_0.values()))
     device, dtype = first.device, first.dtype
     n_train = len(train)
     for epoch in range(runs[0].epoch, options.epochs):
-        lr = options.lr * lr_factor(epoch + 1, options.epochs)
+        set_lr(opt, options.lr * lr_factor(epoch + 1, options.epochs))
         perms = [torch.randperm(n_train, generator=r.generator).to(train.y.device) for r in runs]
         for b in range(_batches_per_epoch(n_train, options)):
             idx = [perm[b * options.batch_size:(b + 1) * options.batch_size] for perm in perms]
@@ -435,8 +435,8 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
             y = torch.stack([train.y[i] for i in idx])
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
             total = loss.view(members, -1).mean(1).sum() + l2_term(params, options.weight_decay)
-            grads = torch.autograd.grad(total, list(bend.values()))
-            sgd_step(bend, dict(zip(bend, grads)), velocity, lr, options.momentum, 0.0)
+            descend(opt, list(bend.values()), torch.autograd.grad(total, list(bend.values())))
+        velocity = momentum_of(opt, bend)
         for i, r in enumerate(runs):  # copies, so that each pair's state file holds its own tensors only
             r.bend = {n: v[i].detach().clone() for n, v in bend.items()}
             r.velocity = {n: v[i].clone() for n, v in velocity.items()}

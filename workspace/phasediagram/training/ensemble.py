@@ -43,6 +43,7 @@ from phasediagram.accel import ensemble_models, policy
 from phasediagram.data.datasets import Dataset
 from phasediagram.methods import ensemble_supported
 from phasediagram.methods.sgd import SGD
+from phasediagram.numerics.sgd import set_lr, sgd
 from phasediagram.spec.experiment import Cell, ExperimentSpec
 from phasediagram.storage.layout import Layout
 from phasediagram.training.train import Run, final_status, start_run, train_runs, train_seed
@@ -108,8 +109,7 @@ class EnsembleSteps:
         self.ens.train()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         for run in self.runs:
             run.method.set_lr(lr)
 
@@ -135,26 +135,13 @@ def ensemble_step(ens: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     return per_member.detach().tolist()
 
 
-FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD has a fused kernel
-
-
-def sgd(params, **hyper) -> torch.optim.SGD:
-    """torch.optim.SGD(params, **hyper), with torch's fused kernel when every parameter is a floating tensor on
-    a CPU or CUDA device (else torch's default). The fused step is the same update, v <- mu v + (1 - dampening)
-    (g + wd w), w <- w - lr v (or the Nesterov form), in one pass per tensor: the values of torch's foreach
-    SGD up to rounding (some elements differ in the last bit: the kernel rounds the tail of its vector loop
-    differently; tests/test_ensemble.py), in fewer passes over memory than the foreach step."""
-    params = list(params)
-    fused = all(p.is_floating_point() and p.device.type in FUSED_SGD_DEVICES for p in params) and bool(params)
-    return torch.optim.SGD(params, **hyper, fused=fused or None)
-
-
 def assemble(members: list[Run]) -> tuple[torch.nn.Module, torch.optim.SGD]:
     """The ensemble of the members' models and one SGD over it holding their momentum buffers."""
     ens = ensemble_models.from_models([m.model for m in members])
     hyper = members[0].method.opt.param_groups[0]
     opt = sgd(ens.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], dampening=hyper["dampening"],
-              weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"], maximize=hyper.get("maximize", False))
+              weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"], maximize=hyper.get("maximize", False),
+              fused=True)
     params = [dict(m.model.named_parameters()) for m in members]
     for name, p in ens.named_parameters():
         bufs = [m.method.opt.state.get(ps[name], {}).get("momentum_buffer") for m, ps in zip(members, params)]
