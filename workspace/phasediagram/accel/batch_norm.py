@@ -76,8 +76,7 @@ def train_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     updated as torch's BatchNorm does: running <- (1 - m) running + m stat, with the unbiased
     variance n / (n - 1) sigma^2, m = momentum (or 1 / batches tracked when momentum is None).
     Below `MIN_ELEMENTS` values, torch's kernel called directly (`torch.batch_norm`, the call
-    `nn.BatchNorm2d` ends in, without its Python checks: 20 against 31 us on the demo's smallest
-    activations); else the sums (`batch_norm_channels`)."""
+    `nn.BatchNorm2d` ends in, without its Python checks); else the sums (`batch_norm_channels`)."""
     c = x.shape[1]
     flat = x.view(c, -1)
     n = flat.shape[1]

@@ -279,9 +279,8 @@ class _Converged:
     monotonically to lambda_max, and fast, so the error left is usually far below the last change;
     nothing certifies it).
 
-    The test runs after every product: it costs one tridiagonal eigensolve of size m (about 0.1 ms
-    for m <= 100), negligible against a Hessian-vector product, so checking less often could only
-    add products.
+    The test runs after every product: it costs one tridiagonal eigensolve of size m, far less
+    than a Hessian-vector product, so checking less often could only add products.
 
     After a restart (a zero in beta) the last block explores the complement of the invariant
     subspaces found so far; its converged top Ritz value is the largest eigenvalue left there, so
