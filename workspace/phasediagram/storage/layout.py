@@ -20,7 +20,7 @@ from pathlib import Path
 from phasediagram.errors import SpecError
 from phasediagram.spec.experiment import Cell
 
-CHECKPOINT_KINDS = ("last", "final", "best")
+CHECKPOINT_KINDS = ("last", "prev", "final", "best")
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ one does (the step is taken, `final.pt` with status "diverged" and diverged_at {
 holds the weights that step left); the survivors are re-stacked into an ensemble of S-1 members
 that continues from the next step, so the diverged member's NaNs never meet them.
 
-Resume: runs are grouped by the epoch their `last.pt` reached (a kill between two members'
-writes leaves two groups) and each group is trained as one ensemble, so no finished epoch is
-trained twice.
+Resume: a member's numbers depend on the ensemble it was stepped in (its rounding does), so a
+group always resumes as the group it was: from the latest epoch all its members saved (a kill
+between two members' writes sends the members ahead back to their `prev.pt`), and a member whose
+final checkpoint was lost is retrained with its group, the others replayed without writing
+(`train.train_group`). The finished checkpoints equal the uninterrupted run's bit for bit.
 
 `spec.ensemble`: "on" trains all seeds of a cell as one ensemble wherever the arch and the
 training method allow (`methods.ensemble_supported`), "off" never, "auto" in groups of
@@ -46,7 +48,7 @@ from phasediagram.methods.sgd import SGD
 from phasediagram.numerics.sgd import set_lr, sgd
 from phasediagram.spec.experiment import Cell, ExperimentSpec
 from phasediagram.storage.layout import Layout
-from phasediagram.training.train import Run, final_status, start_run, train_runs, train_seed
+from phasediagram.training.train import Run, train_group, train_seed
 
 
 def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
@@ -65,37 +67,28 @@ def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
 
 def train_cell_auto(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset,
                     device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
-    """Train every seed of `cell` (in ensemble groups of the size `ensemble_choice` gives); return {seed: status}.
+    """Train every seed of `cell`; return {seed: status}.
 
-    The seeds still to train are taken in groups of that size, in order; within a group, runs
-    resuming from different epochs train as separate ensembles.
+    The seeds are cut, in order, into groups of the size `ensemble_choice` gives, each group one
+    ensemble (`train.train_group` with `EnsembleSteps`), or, with size 0, trained one by one. The
+    groups depend only on the spec, so a resumed cell trains the groups its first attempt did.
     """
-    statuses = {seed: final_status(layout, spec, cell, seed, log) for seed in spec.seeds}
-    todo = [seed for seed in spec.seeds if statuses[seed] is None]
     size, _ = ensemble_choice(spec, cell)
-    runs = []
-    if size and todo:
-        runs = [start_run(spec, cell, seed, layout, dataset, device, log) for seed in todo]
-        if not all(type(run.method) is SGD and run.method.regularizer is None for run in runs):
-            log(f"note: {spec.optimizer} has no ensemble step here; training {cell.id} sequentially")
-            runs = []
-    if runs:
-        for first in range(0, len(runs), size):
-            by_epoch: dict[int, list[Run]] = {}
-            for run in runs[first:first + size]:
-                by_epoch.setdefault(run.state.epoch, []).append(run)
-            for group in by_epoch.values():
-                statuses.update(train_members(spec, cell, layout, dataset, group, device, log, on_epoch))
-    else:
-        for seed in todo:
+    seeds = list(spec.seeds)
+    statuses: dict[int, str] = {}
+    if not size:
+        for seed in seeds:
             statuses[seed] = train_seed(spec, cell, seed, layout, dataset, device, log, on_epoch)
-    return {seed: statuses[seed] for seed in spec.seeds}
+        return statuses
+    for first in range(0, len(seeds), size):
+        statuses.update(train_members(spec, cell, seeds[first:first + size], layout, dataset, device, log, on_epoch))
+    return statuses
 
 
-def train_members(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset, runs: list[Run],
+def train_members(spec: ExperimentSpec, cell: Cell, seeds: list[int], layout: Layout, dataset: Dataset,
                   device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
-    """Train `runs` (of `cell`, at the same epoch) to completion as one ensemble; {seed: status}."""
-    return train_runs(spec, cell, layout, dataset, runs, EnsembleSteps, device, log, on_epoch)
+    """Train the runs `seeds` of `cell` to completion as one ensemble; {seed: status}."""
+    return train_group(spec, cell, seeds, layout, dataset, EnsembleSteps, device, log, on_epoch)
 
 
 class EnsembleSteps:
@@ -104,6 +97,8 @@ class EnsembleSteps:
     brought up to date by `sync` (`scatter`)."""
 
     def __init__(self, runs: list[Run]):
+        if not all(type(run.method) is SGD and run.method.regularizer is None for run in runs):
+            raise ValueError("the ensemble form steps plain SGD without a regularizer only")
         self.runs = runs
         self.ens, self.opt = assemble(runs)
         self.ens.train()

@@ -17,6 +17,7 @@ marks the run done. A non-finite loss stops the run with status "diverged" and i
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+RESUMABLE = ("prev", "last")  # the training states a run keeps, older first
 
 
 def lr_at(spec: ExperimentSpec, base_lr: float, epoch: int) -> float:
@@ -90,8 +92,8 @@ def check_matches(ckpt: dict, spec: ExperimentSpec, cell: Cell, path: Path) -> N
                                       f"says {spec.arch} of width {cell.width}; use a new experiment name")
 
 
-def final_status(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> str | None:
-    """'ok' or 'diverged' if run (cell, seed) has a valid final checkpoint of this spec, else None."""
+def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> dict | None:
+    """The valid final checkpoint of run (cell, seed) of this spec, or None (a corrupt one is moved aside)."""
     path = layout.checkpoint(cell, seed, "final")
     if not path.exists():
         return None
@@ -104,42 +106,62 @@ def final_status(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, lo
     if ckpt.get("training_hash") != spec.training_hash():
         raise CorruptFile(path, "was trained with other training settings than this spec; "
                                       "use a new experiment name")
-    return ckpt["status"]
+    return ckpt
 
 
-def resume_state(layout: Layout, spec, cell, seed, model, method, log=print) -> RunState:
-    """Load `last.pt` into `model` and `method` if it is valid; a corrupt one is moved aside."""
-    path = layout.checkpoint(cell, seed, "last")
-    if not path.exists():
-        return RunState()
-    try:
-        ckpt = checkpoints.load(path)
-    except CorruptFile as exc:
-        log(f"warning: {exc}; moved aside to {checkpoints.quarantine(path).name}, training restarts from epoch 0")
-        return RunState()
-    if ckpt.get("training_hash") != spec.training_hash():
-        raise CorruptFile(path, "belongs to another spec; use a new experiment name")
-    model.load_state_dict(ckpt["model"])
-    method.load_state_dict(ckpt["trainer"])
-    return RunState(ckpt["epoch"], list(ckpt["history"]), float(ckpt["best_loss"]))
+def final_status(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> str | None:
+    """'ok' or 'diverged' if run (cell, seed) has a valid final checkpoint of this spec, else None."""
+    ckpt = finished(layout, spec, cell, seed, log)
+    return None if ckpt is None else ckpt["status"]
+
+
+def saved_states(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> dict[int, dict]:
+    """{epoch: state} of the valid training states of run (cell, seed) on disk: `last.pt` and the one
+    before it, `prev.pt`. A corrupt one is moved aside; one of another spec is refused."""
+    states = {}
+    for kind in RESUMABLE:
+        path = layout.checkpoint(cell, seed, kind)
+        if not path.exists():
+            continue
+        try:
+            ckpt = checkpoints.load(path)
+        except CorruptFile as exc:
+            log(f"warning: {exc}; moved aside to {checkpoints.quarantine(path).name}")
+            continue
+        if ckpt.get("training_hash") != spec.training_hash():
+            raise CorruptFile(path, "belongs to another spec; use a new experiment name")
+        check_matches(ckpt, spec, cell, path)
+        states[int(ckpt["epoch"])] = ckpt
+    return states
 
 
 @dataclass
 class Run:
-    """One run (cell, seed) in training: its seed, its ordinary model, its method (optimizer) and its state."""
+    """One run (cell, seed) in training: its seed, its ordinary model, its method (optimizer) and its state.
+
+    A run that is not `recorded` is replayed only (its checkpoints are already final): it takes its
+    steps so that the runs trained with it see what they saw the first time, and writes nothing.
+    """
 
     seed: int
     model: torch.nn.Module
     method: object
     state: RunState
+    recorded: bool = True
 
 
-def start_run(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, dataset: Dataset,
-              device: str | torch.device = "cpu", log=print) -> Run:
-    """Run (cell, seed): its model initialised from `seed`, then resumed from a valid `last.pt`."""
+def start_run(spec: ExperimentSpec, cell: Cell, seed: int, dataset: Dataset, saved: dict | None = None,
+              device: str | torch.device = "cpu", recorded: bool = True) -> Run:
+    """Run (cell, seed): its model initialised from `seed`, then, given a `saved` training state
+    (`saved_states`), continued from it."""
     model = init_model(spec, cell, seed, dataset).to(device)
     method = build_method(spec, model, lr=cell.lr, weight_decay=cell.weight_decay, seed=seed)
-    return Run(seed, model, method, resume_state(layout, spec, cell, seed, model, method, log))
+    state = RunState()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        method.load_state_dict(saved["trainer"])
+        state = RunState(int(saved["epoch"]), list(saved["history"]), float(saved["best_loss"]))
+    return Run(seed, model, method, state, recorded)
 
 
 class MethodSteps:
@@ -160,6 +182,56 @@ class MethodSteps:
         """Make every run's own model and method hold its current state (they already do)."""
 
 
+def resume_epoch(spec: ExperimentSpec, finals: dict[int, dict | None], states: dict[int, dict[int, dict]]) -> int:
+    """The epoch from which the runs `finals` (seed -> final checkpoint, None if not done), trained
+    together, continue so that each ends exactly as an uninterrupted run of them would: the latest
+    epoch E at which every run not done has a saved state (`states`: seed -> {epoch: state}), and
+    so has every done run that still trained at E in the uninterrupted run (a run done "ok" trained
+    until the last epoch; one that diverged in epoch d trained at E <= d), because the runs trained
+    together step as one (the ensemble's rounding depends on its members). E = 0 (the initial
+    models) when there is no such saved epoch.
+    """
+    todo = [seed for seed, final in finals.items() if final is None]
+    common = set.intersection(*(set(states[seed]) for seed in todo)) if todo else set()
+    for epoch in sorted(common, reverse=True):
+        if all(epoch in states[seed] for seed in finals if still_training(spec, finals[seed], epoch)):
+            return epoch
+    return 0
+
+
+def still_training(spec: ExperimentSpec, final: dict | None, epoch: int) -> bool:
+    """Whether a run with final checkpoint `final` (None: not done) trains in epoch `epoch` (0-based)."""
+    if final is None:
+        return True
+    if final["status"] == "diverged":
+        return int(final["diverged_at"]["epoch"]) >= epoch
+    return epoch < spec.epochs
+
+
+def train_group(spec: ExperimentSpec, cell: Cell, seeds: list[int], layout: Layout, dataset: Dataset,
+                steps_of=None, device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
+    """Train the runs `seeds` of `cell` together (stepped by `steps_of`, default `MethodSteps`) to
+    completion, resuming where they stopped; return {seed: status}.
+
+    Whatever was interrupted or corrupted, each run ends bit for bit as the uninterrupted training
+    of the group would have left it: the group continues from `resume_epoch`, replaying (without
+    writing) the done runs that the others trained with from there. Then the training states of
+    the done runs are removed.
+    """
+    finals = {seed: finished(layout, spec, cell, seed, log) for seed in seeds}
+    statuses = {seed: final["status"] for seed, final in finals.items() if final is not None}
+    if len(statuses) < len(seeds):
+        states = {seed: saved_states(layout, spec, cell, seed, log) for seed in seeds}
+        epoch = resume_epoch(spec, finals, states)
+        runs = [start_run(spec, cell, seed, dataset, states[seed].get(epoch), device, recorded=finals[seed] is None)
+                for seed in seeds if still_training(spec, finals[seed], epoch)]
+        trained = train_runs(spec, cell, layout, dataset, runs, steps_of or MethodSteps, device, log, on_epoch)
+        statuses.update({seed: trained[seed] for seed in trained if finals[seed] is None})
+    for seed in seeds:
+        remove_states(layout, cell, seed)
+    return {seed: statuses[seed] for seed in seeds}
+
+
 def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset, runs: list[Run],
                steps_of=MethodSteps, device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
     """Train `runs` (of `cell`, all at the same epoch) to completion; return {seed: status}.
@@ -170,7 +242,7 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
     `training.ensemble.EnsembleSteps`), which returns each run's loss before its step. A run whose
     loss is non-finite ends there (`save_diverged`); the others go on, stepped by a new
     `steps_of(survivors)`. After every epoch each run's `best.pt` and `last.pt` are written
-    (`save_epoch`), and `final.pt` when it is done (`save_final`).
+    (`save_epoch`), and `final.pt` when it is done (`save_final`); runs not `recorded` write nothing.
     """
     if len({run.state.epoch for run in runs}) > 1:
         raise ValueError("runs trained together must resume from the same epoch")
@@ -198,8 +270,9 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
                 stepper.sync()
                 for i in bad:
                     run = alive[i]
-                    save_diverged(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, step, losses[i],
-                                  log)
+                    if run.recorded:
+                        save_diverged(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, step,
+                                      losses[i], log)
                     statuses[run.seed] = "diverged"
                 keep = [i for i in range(len(alive)) if i not in bad]
                 alive, totals, orders = [alive[i] for i in keep], [totals[i] for i in keep], orders[keep]
@@ -211,59 +284,68 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
             break
         stepper.sync()
         for run, total in zip(alive, totals):
-            save_epoch(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, total / steps)
-            if on_epoch is not None:
-                on_epoch(cell, run.seed, run.state.epoch)
+            if run.recorded:
+                save_epoch(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, total / steps)
+                if on_epoch is not None:
+                    on_epoch(cell, run.seed, run.state.epoch)
+            else:
+                run.state.epoch += 1
     for run in alive:
-        save_final(spec, cell, run.seed, layout, dataset, run.method, run.state)
+        if run.recorded:
+            save_final(spec, cell, run.seed, layout, dataset, run.method, run.state)
         statuses[run.seed] = "ok"
     return statuses
 
 
 def train_seed(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, dataset: Dataset,
                device: str | torch.device = "cpu", log=print, on_epoch=None) -> str:
-    """Train run (cell, seed) to completion, resuming if possible; return its status."""
-    status = final_status(layout, spec, cell, seed, log)
-    if status is not None:
-        return status
-    run = start_run(spec, cell, seed, layout, dataset, device, log)
-    return train_runs(spec, cell, layout, dataset, [run], MethodSteps, device, log, on_epoch)[seed]
+    """Train run (cell, seed) alone to completion, resuming if possible; return its status."""
+    return train_group(spec, cell, [seed], layout, dataset, MethodSteps, device, log, on_epoch)[seed]
 
 
 def save_epoch(spec, cell, seed, layout: Layout, dataset, method, state: RunState, lr: float,
                mean_loss: float) -> None:
     """Close epoch `state.epoch` of run (cell, seed) with mean training loss `mean_loss`: append it
     to the history, write `best.pt` if the loss is the lowest so far, then `last.pt` (the whole
-    resumable state: model, optimizer, history, best loss)."""
+    resumable state: model, optimizer, history, best loss), the `last.pt` before it kept as `prev.pt`
+    (so that runs trained together can go back to one epoch all of them reached)."""
     state.epoch += 1
     state.history.append({"epoch": state.epoch, "lr": lr, "train_loss": mean_loss})
     if mean_loss < state.best_loss:
         state.best_loss = mean_loss
         checkpoints.save(layout.checkpoint(cell, seed, "best"),
                          checkpoint_dict(spec, cell, seed, dataset, method.model, state, "ok"))
-    checkpoints.save(layout.checkpoint(cell, seed, "last"),
-                     checkpoint_dict(spec, cell, seed, dataset, method.model, state, "running",
-                                     trainer=method.state_dict(), best_loss=state.best_loss))
+    last = layout.checkpoint(cell, seed, "last")
+    if last.exists():
+        os.replace(last, layout.checkpoint(cell, seed, "prev"))
+    checkpoints.save(last, checkpoint_dict(spec, cell, seed, dataset, method.model, state, "running",
+                                           trainer=method.state_dict(), best_loss=state.best_loss))
 
 
 def save_diverged(spec, cell, seed, layout: Layout, dataset, method, state: RunState, lr: float, step: int,
                   loss: float, log=print) -> None:
     """Stop run (cell, seed) at `step` of epoch `state.epoch` (non-finite loss `loss`): `final.pt` with
-    status "diverged", `diverged_at` {epoch, step} and the model as that step left it; `last.pt` removed."""
+    status "diverged", `diverged_at` {epoch, step} and the model as that step left it. Its training
+    states stay until its group is done (`train_group`): the runs trained with it may replay it."""
     epoch = state.epoch
     state.history.append({"epoch": epoch + 1, "lr": lr, "train_loss": float("nan")})
     ckpt = checkpoint_dict(spec, cell, seed, dataset, method.model, state, "diverged",
                            diverged_at={"epoch": epoch, "step": step})
     checkpoints.save(layout.checkpoint(cell, seed, "final"), ckpt)
-    layout.checkpoint(cell, seed, "last").unlink(missing_ok=True)
     log(f"run {cell.id} seed {seed} diverged at epoch {epoch} step {step} (loss {loss})")
 
 
 def save_final(spec, cell, seed, layout: Layout, dataset, method, state: RunState) -> None:
-    """Mark run (cell, seed) done: `final.pt` with status "ok", then remove `last.pt`."""
+    """Mark run (cell, seed) done: `final.pt` with status "ok"."""
     checkpoints.save(layout.checkpoint(cell, seed, "final"),
                      checkpoint_dict(spec, cell, seed, dataset, method.model, state, "ok"))
-    layout.checkpoint(cell, seed, "last").unlink(missing_ok=True)
+
+
+def remove_states(layout: Layout, cell: Cell, seed: int) -> None:
+    """Remove the training states (`last.pt`, `prev.pt`) of a run that is done."""
+    if layout.checkpoint(cell, seed, "final").exists():
+        for kind in RESUMABLE:
+            layout.checkpoint(cell, seed, kind).unlink(missing_ok=True)
 
 
 def train_cell(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset,
