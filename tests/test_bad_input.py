@@ -48,6 +48,14 @@ def run(root, *argv):
     (["--name", "../outside"], "name: '../outside' must be 1-64 characters"),
     (["--executor", "cloud"], "argument --executor: invalid choice: 'cloud'"),
     (["--dataset", "cifar10", "--run"], "cifar10 needs data_root"),
+    (["--generate-slurm-scripts", "--time", "-5"], "time: '-5' is not a Slurm time"),
+    (["--generate-slurm-scripts", "--cpus-per-task", "0"], "cpus_per_task: 0 must be an integer >= 1"),
+    (["--generate-slurm-scripts", "--gpus", "-1"], "gpus: -1 must be an integer >= 0"),
+    (["--generate-slurm-scripts", "--array-parallelism", "-1"], "parallelism: -1 must be an integer >= 1"),
+    (["--generate-slurm-scripts", "--jobs-per-task", "-1"], "jobs_per_task: -1 must be an integer >= 1"),
+    (["--generate-slurm-scripts", "--mem", "junk"], "mem: 'junk' is not a Slurm memory size"),
+    (["--generate-slurm-scripts", "--partition", "gpu\nrm"], "partition: 'gpu\\nrm' holds a control character"),
+    (["--env-setup", "source nowhere/bin/activate"], "env_setup: 'nowhere/bin/activate' does not exist under"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message_and_no_files(root, capsys, argv, words):
     assert run(root, *argv) == 2

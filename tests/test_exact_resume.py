@@ -219,3 +219,22 @@ OK, DIVERGED_AT_1 = {"status": "ok"}, {"status": "diverged", "diverged_at": {"ep
 ])
 def test_resume_epoch(finals, states, expected):
     assert train.resume_epoch(make_spec("mlp"), finals, states) == expected
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_best_checkpoint_is_rebuilt(setup, damage):
+    """best.pt is read only by metrics on the best checkpoint, so it is checked whenever a run's final
+    checkpoint is: a damaged or missing one is moved aside and the run retrained to the same weights."""
+    spec, cell, data, ref, run = setup
+    shutil.copytree(ref.exp_dir, run.exp_dir)
+    path = run.checkpoint(cell, 2, "best")
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:200])
+    logs: list = []
+    assert train.final_status(run, spec, cell, 2, log=logs.append) is None
+    assert any("retrained to rebuild it" in line for line in logs)
+    ensemble.train_cell_auto(spec, cell, run, data, **QUIET)
+    assert same_checkpoints(run, ref, cell)
+    assert train.final_status(run, spec, cell, 2, **QUIET) == "ok"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from phasediagram.execution.scripts import SlurmOptions, bash_script, slurm_scri
 from phasediagram.resolve import check
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
-from phasediagram.storage.checkpoints import atomic_write_bytes
+from phasediagram.storage.checkpoints import atomic_write_bytes, current_umask
 from phasediagram.study import Study
 
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
@@ -111,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--account", help="#SBATCH --account")
     c.add_argument("--qos", help="#SBATCH --qos")
     c.add_argument("--env-setup", help="a line run before each task, e.g. 'source .venv/bin/activate'")
-    c.add_argument("--python", default="python", help="python named in the scripts (default python); for --executor "
-                                                       "slurm / submitit-local, this interpreter unless given")
+    c.add_argument("--python", help="python named in the scripts (default: this interpreter's absolute path, or "
+                                    "`python` with --env-setup)")
     return p
 
 
@@ -199,24 +200,39 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
     return check(ExperimentSpec.from_dict(data))
 
 
-def slurm_options(args) -> SlurmOptions:
-    return SlurmOptions(jobs_per_task=args.jobs_per_task, parallelism=args.array_parallelism, time=args.time,
-                        cpus_per_task=args.cpus_per_task, mem=args.mem, gpus=args.gpus, partition=args.partition,
-                        account=args.account, qos=args.qos, env_setup=args.env_setup, python=args.python)
+def slurm_options(args, root: Path) -> SlurmOptions:
+    """The cluster options of the command line, each checked (`SlurmOptions`). The tasks' python is
+    --python, else the env-setup's `python` when --env-setup is given, else this interpreter's
+    absolute path; a file --env-setup sources by a relative path must exist under the study root,
+    where the tasks run."""
+    python = args.python or ("python" if args.env_setup else sys.executable)
+    options = SlurmOptions(jobs_per_task=args.jobs_per_task, parallelism=args.array_parallelism, time=args.time,
+                           cpus_per_task=args.cpus_per_task, mem=args.mem, gpus=args.gpus, partition=args.partition,
+                           account=args.account, qos=args.qos, env_setup=args.env_setup, python=python)
+    if args.env_setup:
+        try:
+            words = shlex.split(args.env_setup)
+        except ValueError as exc:
+            raise SpecError("env_setup", f"{args.env_setup!r} is not a shell command line ({exc})") from None
+        for command, target in zip(words, words[1:]):
+            if command in ("source", ".") and not os.path.isabs(target) and not (Path(root) / target).exists():
+                raise SpecError("env_setup", f"{target!r} does not exist under the study root {Path(root).resolve()} "
+                                             "(the tasks run there): give an absolute path or one relative to --root")
+    return options
 
 
-def write_scripts(spec, layout, stages, args) -> list[Path]:
+def write_scripts(spec, layout, stages, args, options: SlurmOptions) -> list[Path]:
     written = []
     for stage in stages:
         n = len(stage_jobs(spec, stage))
         path = layout.script_path(stage, ".sh")
-        atomic_write_bytes(path, bash_script(layout, stage, n, args.python).encode())
-        path.chmod(0o755)
+        atomic_write_bytes(path, bash_script(layout, stage, n, options.python).encode())
+        path.chmod(0o777 & ~current_umask())
         written.append(path)
         if args.generate_slurm_scripts or args.submit:
             (layout.scripts_dir / "slurm_logs").mkdir(parents=True, exist_ok=True)
             spath = layout.script_path(stage, ".sbatch")
-            atomic_write_bytes(spath, slurm_script(layout, stage, n, slurm_options(args)).encode())
+            atomic_write_bytes(spath, slurm_script(layout, stage, n, options).encode())
             written.append(spath)
     return written
 
@@ -232,7 +248,7 @@ def executor_for(args, pool=None) -> Executor:
         return LocalPool(args.workers, pool)
     if args.executor in ("inprocess", "local"):
         return InProcess(args.device)
-    return Submitit(args.executor, slurm_options(args))
+    return Submitit(args.executor, slurm_options(args, Path(args.root)))
 
 
 def run_stages(study: Study, stages, args, pool=None) -> int:
@@ -297,6 +313,7 @@ def _check_write_run_draw(args, study: Study, pool) -> int:
     """main's work once the spec and folder are valid; `pool`: the worker pool, started first so its
     processes import torch while the dataset is checked here."""
     spec, layout = study.spec, study.layout
+    options = slurm_options(args, layout.root)  # every cluster option is checked before any file is written
     if args.run:
         dataset_for(spec, spec.cells()[0], layout)  # a bad dataset folder fails here, before any file
     spec = study.record()
@@ -304,7 +321,7 @@ def _check_write_run_draw(args, study: Study, pool) -> int:
     stages = list(dict.fromkeys(stages))
     for stage in stages:
         stage_jobs(spec, stage)  # validates stage names
-    written = write_scripts(spec, layout, stages, args)
+    written = write_scripts(spec, layout, stages, args, options)
     for path in written:
         print(f"wrote {os.path.relpath(path)}")
     failed = 0

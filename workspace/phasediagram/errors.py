@@ -32,7 +32,7 @@ class CorruptFile(PhaseDiagramError):
     """A checkpoint or result file that fails validation; `path` says which."""
 
     def __init__(self, path: Path, reason: str):
-        self.path = Path(path)
+        self.path, self.reason = Path(path), reason
         super().__init__(f"{path}: {reason}")
 
 

@@ -32,7 +32,8 @@ def empty() -> pd.DataFrame:
 
 
 def collect(layout: Layout, experiment: str | None = None, log=print) -> pd.DataFrame:
-    """Read every valid result file of the experiment; corrupt ones are reported and moved aside."""
+    """Read every valid result file of the experiment; corrupt ones are reported and moved aside, and
+    ones computed from checkpoints that have changed since are reported and left out."""
     frames = []
     for path in sorted(layout.results_dir.glob("*/*.json")):
         try:
@@ -43,6 +44,11 @@ def collect(layout: Layout, experiment: str | None = None, log=print) -> pd.Data
             log(f"warning: {exc}; moved aside to {quarantine(path).name}; rerun its stage to redo it")
             continue
         if experiment is not None and doc["experiment"] != experiment:
+            continue
+        changed = results.changed_checkpoints(doc, layout.exp_dir)
+        if changed:
+            log(f"warning: {path} was computed from checkpoints that have changed since ({', '.join(changed[:3])}"
+                f"{', ...' if len(changed) > 3 else ''}); left out of the table: rerun its stage to redo it")
             continue
         frames.append(pd.DataFrame(doc["rows"], columns=COLUMNS))
     if not frames:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from phasediagram.errors import SpecError
 from phasediagram.seeding import stable_seed
+from phasediagram.storage.checkpoints import atomic_write_bytes
 from phasediagram.storage.safepickle import NUMPY_ARRAY_GLOBALS, load_allowed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -155,18 +157,15 @@ def _mnist1d(cache_dir) -> Dataset:
         try:
             with np.load(cache, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             cache.replace(cache.with_suffix(".corrupt"))
             arrays = None
     if arrays is None:
         arrays = _generate_mnist1d()
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             np.savez(buf, **arrays)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, cache)
+            atomic_write_bytes(cache, buf.getvalue())
     x = torch.as_tensor(arrays["x"], dtype=torch.float64)
     xt = torch.as_tensor(arrays["x_test"], dtype=torch.float64)
     mean, std = x.mean(), x.std()

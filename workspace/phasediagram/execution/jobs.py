@@ -31,7 +31,7 @@ from phasediagram.metrics import METRICS, MetricData, parse_key
 from phasediagram.resolve import metric_options
 from phasediagram.seeding import stable_seed
 from phasediagram.spec.experiment import Cell, ExperimentSpec
-from phasediagram.storage import results
+from phasediagram.storage import checkpoints, results
 from phasediagram.storage.layout import Layout
 from phasediagram.training import train
 from phasediagram.training.ensemble import train_cell_auto
@@ -85,12 +85,27 @@ def job_options(spec: ExperimentSpec, stage: str) -> dict:
     return options if spec.metric_checkpoint == "final" else {**options, "checkpoint": spec.metric_checkpoint}
 
 
+def checkpoint_digests(spec: ExperimentSpec, layout: Layout, job: Job) -> dict[str, str | None]:
+    """{path relative to the experiment folder: digest} of the checkpoints a job's rows come from:
+    every seed's `final.pt`, and for a metric job the `spec.metric_checkpoint` it reads."""
+    kinds = ["final"] if job.stage == TRAIN or spec.metric_checkpoint == "final" else ["final",
+                                                                                        spec.metric_checkpoint]
+    out = {}
+    for seed in spec.seeds:
+        for kind in kinds:
+            path = layout.checkpoint(job.cell, seed, kind)
+            out[path.relative_to(layout.exp_dir).as_posix()] = checkpoints.digest(path)
+    return out
+
+
 def is_done(spec: ExperimentSpec, layout: Layout, job: Job, log=print) -> bool:
-    """A job is done when its result file is valid and current; a train job also needs every seed's
-    final checkpoint to load and match (a corrupt one is moved aside, so the run is redone)."""
+    """A job is done when its result file is valid and current (made from the checkpoints now on
+    disk); a train job also needs every seed's final checkpoint to load and match (a corrupt one is
+    moved aside, so the run is redone)."""
     current = results.is_current(layout.result_path(job.stage, job.cell), experiment=spec.name,
                                  training_hash=spec.training_hash(), stage=job.stage, cell=job.cell,
-                                 options=job_options(spec, job.stage), log=log)
+                                 options=job_options(spec, job.stage),
+                                 checkpoints=checkpoint_digests(spec, layout, job), log=log)
     if current and job.stage == TRAIN:
         return all(train.final_status(layout, spec, job.cell, seed, log) is not None for seed in spec.seeds)
     return current
@@ -107,11 +122,14 @@ def run_job(spec: ExperimentSpec, layout: Layout, job: Job, device: str | torch.
         return "skipped"
     if job.stage == TRAIN:
         rows = _train_job(spec, layout, job.cell, device, log, on_epoch)
+        made_from = checkpoint_digests(spec, layout, job)
     else:
         models = models if models is not None else CellModels(spec, layout, job.cell, device, log)
+        made_from = models.digests(job)
         rows = _metric_job(spec, layout, job.stage, job.cell, device, models)
     results.write(layout.result_path(job.stage, job.cell), experiment=spec.name, training_hash=spec.training_hash(),
-                  stage=job.stage, cell=job.cell, options=job_options(spec, job.stage), rows=rows)
+                  stage=job.stage, cell=job.cell, options=job_options(spec, job.stage), checkpoints=made_from,
+                  rows=rows)
     return "done"
 
 
@@ -190,6 +208,12 @@ class CellModels:
                 train.check_matches(best, self.spec, self.cell, path)
             self._loaded[seed] = (model if ckpt["status"] == "ok" else None, ckpt["status"])
         return self._loaded[seed]
+
+    def digests(self, job: Job) -> dict[str, str | None]:
+        """`checkpoint_digests` of `job`, with every seed's checkpoints loaded (and checked) first."""
+        for seed in self.spec.seeds:
+            self.get(seed)
+        return checkpoint_digests(self.spec, self.layout, job)
 
 
 def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[dict]:

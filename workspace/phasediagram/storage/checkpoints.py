@@ -28,16 +28,29 @@ STATUSES = ("running", "ok", "diverged")
 
 
 
+TEMP_SUFFIX = ".tmp"  # of the temporary files `atomic_write_bytes` writes, named .<name>.<random>.tmp
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file in the same folder, fsync it, then `os.replace` it onto `path`.
 
     Readers see either the old file or the whole new one, never a partial write. On any error
-    (e.g. a full disk) the temporary file is removed and the old file is left intact.
+    (e.g. a full disk) the temporary file is removed and the old file is left intact. The file gets
+    the permissions of an ordinary new file under the process's umask (0o666 & ~umask), not the
+    private 0o600 of a temporary file, so a lab sharing a study folder can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -83,6 +96,19 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise CorruptFile(path, f"missing key {key!r}")
     return ckpt
+
+
+def digest(path: str | os.PathLike) -> str | None:
+    """The SHA-256 of the payload of checkpoint `path` as its header records it (hex), or None if
+    there is no such file or it has no checkpoint header; reads only the header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 32)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    if len(head) < len(MAGIC) + 32 or not head.startswith(MAGIC):
+        return None
+    return head[len(MAGIC):].hex()
 
 
 def quarantine(path: str | os.PathLike) -> Path:

@@ -1,11 +1,14 @@
 """Per-job result files: small JSON documents, written atomically, validated on read.
 
     {"format": "phasediagram-result/1", "experiment": name, "training_hash": h, "stage": s,
-     "cell": id, "options": {...}, "rows": [...], "sha256": sha256(canonical rows)}
+     "cell": id, "options": {...}, "checkpoints": {path: digest}, "rows": [...],
+     "sha256": sha256(canonical rows)}
 
-A result counts as done only if it parses, its checksum matches, and it was made for this
-experiment, these trained checkpoints (training hash) and these metric options; a corrupt file
-is moved aside and its job redone.
+`checkpoints` names the checkpoint files the rows were computed from (paths relative to the
+experiment folder) with the digest each file's header held then (`checkpoints.digest`). A result
+counts as done only if it parses, its checksum matches, and it was made for this experiment, these
+training settings (training hash), these metric options and the checkpoint files now on disk; a
+corrupt file is moved aside and its job redone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from phasediagram.errors import CorruptFile
 from phasediagram.spec.experiment import Cell
-from phasediagram.storage.checkpoints import atomic_write_json, quarantine
+from phasediagram.storage.checkpoints import atomic_write_json, digest, quarantine
 
 FORMAT = "phasediagram-result/1"
 ROW_KEYS = ("experiment", "cell", "width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise",
@@ -38,14 +41,15 @@ def _canonical(rows: list[dict]) -> bytes:
 
 
 def write(path: Path, *, experiment: str, training_hash: str, stage: str, cell: Cell, options: dict,
-          rows: list[dict]) -> None:
+          checkpoints: dict[str, str | None], rows: list[dict]) -> None:
     for r in rows:
         if set(r) != set(ROW_KEYS):
             raise ValueError(f"row keys {sorted(r)} differ from {sorted(ROW_KEYS)}")
         if r["status"] not in ROW_STATUSES:
             raise ValueError(f"row status {r['status']!r} not in {ROW_STATUSES}")
     doc = {"format": FORMAT, "experiment": experiment, "training_hash": training_hash, "stage": stage,
-           "cell": cell.id, "options": options, "rows": rows, "sha256": hashlib.sha256(_canonical(rows)).hexdigest()}
+           "cell": cell.id, "options": options, "checkpoints": checkpoints, "rows": rows,
+           "sha256": hashlib.sha256(_canonical(rows)).hexdigest()}
     atomic_write_json(path, doc)
 
 
@@ -66,7 +70,7 @@ def read(path: Path) -> dict:
 
 
 def is_current(path: Path, *, experiment: str, training_hash: str, stage: str, cell: Cell, options: dict,
-               log=print) -> bool:
+               checkpoints: dict[str, str | None], log=print) -> bool:
     """True if `path` holds a valid result of this job; a corrupt file is reported and moved aside."""
     if not path.exists():
         return False
@@ -77,4 +81,13 @@ def is_current(path: Path, *, experiment: str, training_hash: str, stage: str, c
         log(f"warning: {exc}; moved aside to {moved.name}, the job will be redone")
         return False
     return (doc["experiment"] == experiment and doc["training_hash"] == training_hash and doc["stage"] == stage
-            and doc["cell"] == cell.id and doc["options"] == json.loads(json.dumps(options)))
+            and doc["cell"] == cell.id and doc["options"] == json.loads(json.dumps(options))
+            and doc.get("checkpoints") == checkpoints)
+
+
+def changed_checkpoints(doc: dict, exp_dir: Path) -> list[str]:
+    """The checkpoint files a result was computed from that are no longer the same on disk."""
+    recorded = doc.get("checkpoints")
+    if not isinstance(recorded, dict):
+        return ["(none recorded)"]
+    return [rel for rel, d in sorted(recorded.items()) if digest(Path(exp_dir) / rel) != d]

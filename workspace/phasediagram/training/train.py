@@ -93,7 +93,8 @@ def check_matches(ckpt: dict, spec: ExperimentSpec, cell: Cell, path: Path) -> N
 
 
 def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> dict | None:
-    """The valid final checkpoint of run (cell, seed) of this spec, or None (a corrupt one is moved aside)."""
+    """The valid final checkpoint of run (cell, seed) of this spec, or None: none, a corrupt one (moved
+    aside), or a run whose `best.pt` is missing or corrupt (moved aside; retraining rebuilds it)."""
     path = layout.checkpoint(cell, seed, "final")
     if not path.exists():
         return None
@@ -106,6 +107,18 @@ def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=pr
     if ckpt.get("training_hash") != spec.training_hash():
         raise CorruptFile(path, "was trained with other training settings than this spec; "
                                       "use a new experiment name")
+    best = layout.checkpoint(cell, seed, "best")
+    if ckpt["status"] == "ok" or best.exists():
+        problem = "is missing"
+        try:
+            checkpoints.load(best)
+            return ckpt
+        except FileNotFoundError:
+            pass
+        except CorruptFile as exc:
+            problem = f"is damaged ({exc.reason}); moved aside to {checkpoints.quarantine(best).name}"
+        log(f"warning: {best} {problem}: the run will be retrained to rebuild it (to the same weights)")
+        return None
     return ckpt
 
 
