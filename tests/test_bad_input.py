@@ -127,3 +127,13 @@ def test_worker_bad_input_exits_2(root):
         proc = subprocess.run([sys.executable, "-m", "phasediagram.execution.worker", *argv, "--stage", "train", "--index",
                                "0"], capture_output=True, text=True)
         assert proc.returncode == 2 and words in proc.stderr
+
+
+def test_root_that_is_a_file_or_empty(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run(tmp_path / "file") == 2
+    err = capsys.readouterr().err
+    assert "root: " in err and "is a file, not a folder" in err and "disk" not in err
+    assert cli.main([*BASE, "--root", ""]) == 2
+    assert "root: must not be empty" in capsys.readouterr().err
+

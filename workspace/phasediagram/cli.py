@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shlex
 import sys
@@ -28,7 +29,7 @@ from phasediagram.resolve import check
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
 from phasediagram.storage.checkpoints import atomic_write_bytes, current_umask
-from phasediagram.study import Study
+from phasediagram.study import Study, merged_spec, remove_stale_temporaries
 
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
 
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--root", default=".", help="folder holding checkpoint/ and bash_scripts/ (default .)")
     w.add_argument("--table", help="draw the figures from this results table (of this experiment) instead of "
                                    "collecting the job results")
+    w.add_argument("--status", action="store_true", help="print each stage's jobs: done, missing, failed, running")
+    w.add_argument("--verify", action="store_true", help="check every checkpoint, curve state and result file; "
+                                                         "move damaged ones aside (the next --run redoes them)")
 
     c = p.add_argument_group("cluster (Slurm)")
     c.add_argument("--generate-slurm-scripts", action="store_true", help="also write <stage>.sbatch job arrays")
@@ -286,6 +290,8 @@ def main(argv=None) -> int:
         if args.list_metrics or args.list_methods:
             print((metric_table() if args.list_metrics else "") + (method_table() if args.list_methods else ""), end="")
             return 0
+        if not args.root:
+            raise SpecError("root", "must not be empty (use . for the current folder)")
         study = Study(spec_from_args(args), args.root)
         study.layout.check_writable_tree()
         with start_pool(args.workers) if args.run and uses_pool(args) else contextlib.nullcontext() as pool:
@@ -295,8 +301,11 @@ def main(argv=None) -> int:
         return 2
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: cannot write{where}: {exc.strerror or exc} (disk full or not writable?); files written "
-              "before are intact, rerun the same command once there is room", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            print(f"error: cannot write{where}: {exc.strerror} (disk, quota or file size limit full); files written before "
+                  "are intact, rerun the same command once there is room", file=sys.stderr)
+        else:
+            print(f"error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
 
@@ -309,16 +318,44 @@ def console(argv=None) -> int:
     return status
 
 
+def reads_only(args) -> bool:
+    """Whether the command only reads the study (drawing, status, verification): then it writes
+    neither spec.json nor the scripts."""
+    writes = args.run or args.submit or args.generate_slurm_scripts
+    return bool(args.plot or args.table or args.status or args.verify) and not writes
+
+
+def read_table(args, study: Study):
+    """--table, validated (`analysis.table.read`), with each cell's phase rows; a row count that differs
+    from the study's result files is reported."""
+    from phasediagram.analysis import phases, table
+
+    df = table.read(args.table, study.spec.name)
+    on_disk = table.count_rows(study.layout, study.spec.name)
+    own = int((df["source"] != phases.PHASE_SOURCE).sum())
+    if on_disk and own != on_disk:
+        print(f"warning: {args.table} holds {own} result rows, the study's result files {on_disk}: it is not "
+              "the current table (--plot without --table collects it)", file=sys.stderr)
+    return phases.with_phases(df[df["source"] != phases.PHASE_SOURCE])
+
+
 def _check_write_run_draw(args, study: Study, pool) -> int:
     """main's work once the spec and folder are valid; `pool`: the worker pool, started first so its
-    processes import torch while the dataset is checked here."""
-    spec, layout = study.spec, study.layout
-    options = slurm_options(args, layout.root)  # every cluster option is checked before any file is written
+    processes import torch while the dataset is checked here. Everything given is checked before
+    the first file is written."""
+    layout = study.layout
+    options = slurm_options(args, layout.root)
+    given_table = read_table(args, study) if args.table else None
+    if reads_only(args):
+        if layout.spec_path.exists():
+            study.spec = merged_spec(study.spec, layout)
+        elif not args.table:
+            raise SpecError("name", f"no study {study.spec.name!r} under {layout.root} (no {layout.spec_path})")
+        return _read(args, study, given_table)
     if args.run:
-        dataset_for(spec, spec.cells()[0], layout)  # a bad dataset folder fails here, before any file
+        dataset_for(study.spec, study.spec.cells()[0], layout)  # a bad dataset folder fails here
     spec = study.record()
-    stages = args.metrics or study.stages
-    stages = list(dict.fromkeys(stages))
+    stages = list(dict.fromkeys(args.metrics or study.stages))
     for stage in stages:
         stage_jobs(spec, stage)  # validates stage names
     written = write_scripts(spec, layout, stages, args, options)
@@ -334,13 +371,35 @@ def _check_write_run_draw(args, study: Study, pool) -> int:
         failed = run_stages(study, stages, args, pool)
         if pool is not None:
             pool.shutdown()  # before the figures: no idle workers, and no pool threads when a figure forks
-    if args.table:
-        from phasediagram.analysis import phases, table
-
-        draw(study, phases.with_phases(table.read(args.table, spec.name)))
+    if given_table is not None:
+        draw(study, given_table)
     elif args.run or args.plot:
         draw(study, collect(study))
     return 1 if failed else 0
+
+
+def _read(args, study: Study, given_table) -> int:
+    """The read-only actions: --verify, --status, then the figures of --plot or --table."""
+    remove_stale_temporaries(study.layout)
+    damaged = 0
+    if args.verify:
+        problems = study.verify()
+        for line in problems:
+            print(f"damaged: {line}", file=sys.stderr)
+        print(f"verify: {len(problems)} damaged file(s) moved aside" + (", redone by the next --run" if problems
+                                                                         else ""))
+        damaged = len(problems)
+    if args.status:
+        print(study.status().to_string(index=False))
+        for failure in study.failures():
+            print(f"failed {failure['job']}: {failure['error']}")
+            for line in failure.get("trace", [])[-5:]:
+                print(f"    {line}")
+    if given_table is not None:
+        draw(study, given_table)
+    elif args.plot:
+        draw(study, collect(study))
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

@@ -12,28 +12,38 @@ The study's files live under `<root>/checkpoint/<spec.name>/` (`storage.layout.L
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pandas as pd
 
 from phasediagram.analysis import correlations, phases, plots, table
-from phasediagram.errors import SpecError
+from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, default_executor
 from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
 from phasediagram.resolve import check, load_spec
 from phasediagram.spec.experiment import ExperimentSpec
-from phasediagram.storage.checkpoints import atomic_write_bytes
+from phasediagram.storage.checkpoints import HOST, TEMP_SUFFIX, atomic_write_bytes, temp_writer
 from phasediagram.storage.layout import Layout
 
 
 def record_spec(spec: ExperimentSpec, layout: Layout) -> ExperimentSpec:
     """Write spec.json once; later calls may add metrics and metric options but not change training.
 
-    Returns the spec on disk afterwards: the union of the recorded metrics and `spec`'s, with
-    `spec`'s metric options overriding the recorded ones.
+    Returns the spec on disk afterwards (`merged_spec`).
     """
+    spec = merged_spec(spec, layout)
+    atomic_write_bytes(layout.spec_path, (spec.to_json() + "\n").encode())
+    return spec
+
+
+def merged_spec(spec: ExperimentSpec, layout: Layout) -> ExperimentSpec:
+    """`spec` joined with the study's recorded spec.json, if there is one (nothing is written): the
+    union of the recorded metrics and `spec`'s, `spec`'s metric options overriding the recorded ones.
+    Refuses a spec whose training settings differ from the recorded ones."""
     if layout.spec_path.exists():
         try:
             old = load_spec(layout.spec_path)
@@ -47,8 +57,43 @@ def record_spec(spec: ExperimentSpec, layout: Layout) -> ExperimentSpec:
         merged["metrics"] = list(dict.fromkeys([*old.metrics, *spec.metrics]))
         merged["metric_options"] = {**old.metric_options, **spec.metric_options}
         spec = check(ExperimentSpec.from_dict(merged))
-    atomic_write_bytes(layout.spec_path, (spec.to_json() + "\n").encode())
     return spec
+
+
+STALE_AFTER_S = 3600  # a temporary file of another host untouched this long belongs to a killed write
+
+
+def remove_stale_temporaries(layout: Layout, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary files `atomic_write_bytes` leaves when killed mid-write under the study's
+    folders: those whose writing process (named in the file name) is gone from this host, and those
+    of other hosts older than `older_than_s`; return their paths."""
+    removed = []
+    now = time.time()
+    for folder in (layout.exp_dir, layout.scripts_dir, layout.data_dir):
+        for path in folder.rglob(f".*{TEMP_SUFFIX}") if folder.is_dir() else ():
+            writer = temp_writer(path)
+            try:
+                if writer is None or not path.is_file():
+                    continue
+                host, pid = writer
+                if (host == HOST and not process_alive(pid)) or (host != HOST and
+                                                                   now - path.stat().st_mtime > older_than_s):
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Study:
@@ -68,9 +113,11 @@ class Study:
         return [TRAIN, *self.spec.metrics]
 
     def record(self) -> ExperimentSpec:
-        """Write (or extend) spec.json; the study then uses the spec on disk (`record_spec`)."""
+        """Write (or extend) spec.json; the study then uses the spec on disk (`record_spec`). Stale
+        temporary files of interrupted writes are removed (`remove_stale_temporaries`)."""
         self.layout.check_writable_tree()
         self.spec = record_spec(self.spec, self.layout)
+        remove_stale_temporaries(self.layout)
         self._recorded = True
         return self.spec
 
@@ -96,14 +143,69 @@ class Study:
         return self.run(list(metrics or self.spec.metrics), executor)
 
     def status(self) -> pd.DataFrame:
-        """One row per stage: how many jobs it has, how many are done (a valid, current result on disk)."""
+        """One row per stage, from the files on disk and, for arrays sent with `--submit`, Slurm's
+        `sacct`: its jobs; done (a valid, current result); failed (a failure record of the job's last
+        attempt, `failures()`); missing (neither); and the array's running and pending tasks (empty
+        where there is no submitted array or no sacct)."""
+        submitted = self._submitted()
         rows = []
         for stage in self.stages:
             jobs = stage_jobs(self.spec, stage)
-            done = sum(is_done(self.spec, self.layout, job, log=lambda *_: None) for job in jobs)
-            rows.append({"stage": stage, "jobs": len(jobs), "done": done, "missing": len(jobs) - done})
-        return pd.DataFrame(rows)
+            done = [is_done(self.spec, self.layout, job, log=lambda *_: None) for job in jobs]
+            failed = sum(not d and self.layout.failure_path(stage, job.cell).exists() for d, job in zip(done, jobs))
+            tasks = None
+            if stage in submitted:
+                from phasediagram.execution.cluster import array_tasks
 
+                tasks = array_tasks(submitted[stage])
+            rows.append({"stage": stage, "jobs": len(jobs), "done": sum(done), "failed": failed,
+                         "missing": len(jobs) - sum(done) - failed,
+                         "running": None if tasks is None else tasks.get("RUNNING", 0),
+                         "pending": None if tasks is None else tasks.get("PENDING", 0)})
+        return pd.DataFrame(rows).astype({"running": "Int64", "pending": "Int64"})
+
+    def failures(self) -> list[dict]:
+        """The failure record of every job whose last attempt failed and that is not done since:
+        {"job", "error", "trace" (its last lines), "host", "pid", "time"}."""
+        out = []
+        for stage in self.stages:
+            for job in stage_jobs(self.spec, stage):
+                path = self.layout.failure_path(stage, job.cell)
+                if path.exists() and not is_done(self.spec, self.layout, job, log=lambda *_: None):
+                    try:
+                        out.append(json.loads(path.read_text()))
+                    except ValueError:
+                        out.append({"job": job.id, "error": f"unreadable failure record {path}", "trace": []})
+        return out
+
+    def _submitted(self) -> dict[str, str]:
+        try:
+            known = json.loads(self.layout.submitted_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {k: str(v) for k, v in known.items()} if isinstance(known, dict) else {}
+
+    def verify(self, log: Callable[[str], None] = print) -> list[str]:
+        """Check every file the study keeps: checkpoints (final, best, last, prev), curve states and
+        result files; move each damaged one aside and return one line per file. What they held is
+        redone by the next run (a run retrained to the same weights, a curve trained from its start,
+        a job's result recomputed). Stale temporary files of interrupted writes are removed."""
+        from phasediagram.metrics.curve import STATE_FILE, load_state
+        from phasediagram.storage import checkpoints, results
+
+        problems = []
+        exp = self.layout.exp_dir
+        checks = [(exp.glob("runs/*/seed*/*.pt"), checkpoints.load), (exp.glob(f"state/**/{STATE_FILE}"), load_state),
+                  (exp.glob("results/*/*.json"), results.read)]
+        for paths, load in checks:
+            for path in sorted(paths):
+                try:
+                    load(path)
+                except CorruptFile as exc:
+                    problems.append(f"{exc}; moved aside to {checkpoints.quarantine(path).name}")
+        for path in remove_stale_temporaries(self.layout):
+            log(f"removed the temporary file of an interrupted write: {path}")
+        return problems
     def table(self, write: bool = True) -> pd.DataFrame:
         """Every result file's rows plus each cell's phase rows; written to results.csv when `write`."""
         df = phases.with_phases(table.collect(self.layout, self.spec.name, log=lambda *_: None))

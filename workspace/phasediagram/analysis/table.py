@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from phasediagram.errors import CorruptFile, SpecError
-from phasediagram.metrics import VALUE, row_kind
+from phasediagram.metrics import ROW_KINDS, VALUE, row_kind
 from phasediagram.storage import results
 from phasediagram.storage.checkpoints import atomic_write_bytes, quarantine
 from phasediagram.storage.layout import Layout
@@ -81,6 +81,7 @@ def read(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     path = Path(path)
     try:
         df = pd.read_csv(path)
+        text = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpecError("table", f"cannot read {path} as a results table: {exc}") from None
     missing = [c for c in results.ROW_KEYS if c not in df.columns]
@@ -90,7 +91,49 @@ def read(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
         others = sorted(set(df["experiment"].astype(str)) - {experiment})
         if others:
             raise SpecError("table", f"{path} holds results of experiment(s) {others}, not {experiment!r}")
+    check_values(text, path)
     return normalise(df)
+
+
+NUMBER_COLUMNS = {"width": True, "batch_size": True, "lr": False, "weight_decay": False,
+                  "train_fraction": False, "label_noise": False}  # column: an integer (else a number); never empty
+OPTIONAL_NUMBER_COLUMNS = {"seed": True, "seed_b": True, "coord": False, "value": False}  # may be empty (NaN)
+
+
+def check_values(text: pd.DataFrame, path: Path) -> None:
+    """Refuse a table (`text`: its cells as read, strings) whose cells are not of their column's type,
+    naming the first bad row (counted from 1 after the header): grid coordinates are numbers (width
+    and batch size integers), seed, seed_b, coord and value numbers or empty (seeds integers),
+    status one of the row statuses, kind one of the kinds or empty."""
+    def bad(column: str, i, allowed: str):
+        raise SpecError("table", f"{path} row {int(i) + 1}: {column} {text[column][i]!r} is not {allowed}")
+
+    for column, integer in {**NUMBER_COLUMNS, **OPTIONAL_NUMBER_COLUMNS}.items():
+        cells = text[column].str.strip()
+        numbers = pd.to_numeric(cells, errors="coerce")
+        empty = cells.str.lower().isin(["", "nan"]) if column in OPTIONAL_NUMBER_COLUMNS else False
+        for i in text.index[numbers.isna() & ~empty]:
+            bad(column, i, "an integer" if integer else "a number")
+        if integer:
+            for i in text.index[numbers.notna() & (numbers % 1 != 0)]:
+                bad(column, i, "an integer")
+    for i in text.index[~text["status"].isin(results.ROW_STATUSES)]:
+        bad("status", i, f"one of {', '.join(results.ROW_STATUSES)}")
+    if "kind" in text:
+        for i in text.index[(text["kind"] != "") & ~text["kind"].isin(ROW_KINDS)]:
+            bad("kind", i, f"one of {', '.join(ROW_KINDS)}")
+
+
+def count_rows(layout: Layout, experiment: str) -> int:
+    """How many rows the valid result files of `experiment` hold (what `collect` would gather)."""
+    total = 0
+    for path in layout.results_dir.glob("*/*.json"):
+        try:
+            doc = results.read(path)
+        except (CorruptFile, FileNotFoundError):
+            continue
+        total += len(doc["rows"]) if doc["experiment"] == experiment else 0
+    return total
 
 
 def measurements(df: pd.DataFrame) -> pd.DataFrame:

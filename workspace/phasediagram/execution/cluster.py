@@ -20,6 +20,7 @@ whether or not every training task succeeded.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -386,9 +387,52 @@ def submit_chain(layout: Layout, stages: list[str], sbatch: str = "sbatch") -> d
             raise SubmitError("submit", f"sbatch {path} failed (exit {proc.returncode}): "
                               f"{(proc.stderr or proc.stdout).strip()}{_submitted(ids)}")
         ids[stage] = job_id
+        record_submitted(layout, stage, job_id)
         after = f" (starts after job {ids[TRAIN]} ends)" if stage != TRAIN and TRAIN in ids else ""
         print(f"submitted {stage}: job {job_id}{after}; logs in {layout.root / log_dir(layout)}", flush=True)
     return ids
+
+
+def record_submitted(layout: Layout, stage: str, job_id: str) -> None:
+    """Add {stage: job id} to the study's record of submitted arrays (`Layout.submitted_path`)."""
+    try:
+        known = json.loads(layout.submitted_path.read_text())
+    except (FileNotFoundError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    checkpoints.atomic_write_json(layout.submitted_path, {**known, stage: job_id})
+
+
+def array_tasks(job_id: str, sacct: str = "sacct") -> dict[str, int] | None:
+    """{state: number of array tasks} of Slurm job `job_id` from `sacct` (pending ranges such as
+    123_[4-9%2] counted task by task), or None where sacct is not there or does not answer."""
+    if shutil.which(sacct) is None or not re.fullmatch(r"\d+", job_id):
+        return None
+    try:
+        proc = subprocess.run([sacct, "-n", "-P", "-X", "-j", job_id, "--format=JobID,State"], capture_output=True,
+                              text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    counts: dict[str, int] = {}
+    for line in proc.stdout.splitlines():
+        task, _, state = line.partition("|")
+        state = state.split()[0] if state.strip() else "UNKNOWN"
+        counts[state] = counts.get(state, 0) + _task_count(task)
+    return counts
+
+
+def _task_count(task: str) -> int:
+    """Array tasks a sacct JobID names: 123_4 -> 1, 123_[4-9,12%2] -> 7, 123 -> 1."""
+    match = re.search(r"_\[([^\]%]*)", task)
+    if not match:
+        return 1
+    total = 0
+    for part in match.group(1).split(","):
+        low, _, high = part.partition("-")
+        total += int(high) - int(low) + 1 if high else 1
+    return total
 
 
 def _submitted(ids: dict[str, str]) -> str:

@@ -14,7 +14,10 @@ import itertools
 import math
 import multiprocessing.forkserver
 import os
+import socket
 import sys
+import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from phasediagram.data import datasets as data_mod
 from phasediagram.errors import MissingCheckpoint, SpecError
-from phasediagram.execution.failures import JobFailure, attempt
+from phasediagram.execution.failures import FATAL, JobFailure, attempt
 from phasediagram.execution.runtime import configure_worker, exit_with, freeze_alive
 from phasediagram.metrics import METRICS, MetricData, parse_key
 from phasediagram.resolve import metric_options
@@ -119,18 +122,38 @@ def run_job(spec: ExperimentSpec, layout: Layout, job: Job, device: str | torch.
     `models`, for a metric job, shares the cell's loaded checkpoints with other metric jobs.
     """
     if is_done(spec, layout, job, log):
+        layout.failure_path(job.stage, job.cell).unlink(missing_ok=True)
         return "skipped"
-    if job.stage == TRAIN:
-        rows = _train_job(spec, layout, job.cell, device, log, on_epoch)
-        made_from = checkpoint_digests(spec, layout, job)
-    else:
-        models = models if models is not None else CellModels(spec, layout, job.cell, device, log)
-        made_from = models.digests(job)
-        rows = _metric_job(spec, layout, job.stage, job.cell, device, models)
+    try:
+        if job.stage == TRAIN:
+            rows = _train_job(spec, layout, job.cell, device, log, on_epoch)
+            made_from = checkpoint_digests(spec, layout, job)
+        else:
+            models = models if models is not None else CellModels(spec, layout, job.cell, device, log)
+            made_from = models.digests(job)
+            rows = _metric_job(spec, layout, job.stage, job.cell, device, models)
+    except FATAL:
+        raise
+    except Exception as exc:
+        record_failure(layout, job, exc)
+        raise
     results.write(layout.result_path(job.stage, job.cell), experiment=spec.name, training_hash=spec.training_hash(),
                   stage=job.stage, cell=job.cell, options=job_options(spec, job.stage), checkpoints=made_from,
                   rows=rows)
+    layout.failure_path(job.stage, job.cell).unlink(missing_ok=True)
     return "done"
+
+
+FAILURE_TAIL_LINES = 20
+
+
+def record_failure(layout: Layout, job: Job, exc: BaseException) -> None:
+    """Write the failure record of `job` (its error and the last lines of its traceback, the host and
+    process): what `Study.status` reports until the job succeeds."""
+    trace = traceback.format_exc().rstrip().splitlines()[-FAILURE_TAIL_LINES:]
+    checkpoints.atomic_write_json(layout.failure_path(job.stage, job.cell), {
+        "job": job.id, "error": f"{type(exc).__name__}: {exc}"[:1000], "trace": trace,
+        "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
 
 
 def run_cell_metrics(spec: ExperimentSpec, layout: Layout, stages: list[str], cell: Cell,

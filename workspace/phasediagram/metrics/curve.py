@@ -62,6 +62,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
+from phasediagram.errors import CorruptFile
 from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, check, evaluate, key
 from phasediagram.numerics.sgd import momentum_of, set_lr, set_momentum, sgd
 from phasediagram.options import is_int
@@ -237,25 +238,32 @@ def _write_state(path: Path, state: dict) -> None:
     atomic_write_bytes(path, _STATE_MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
-def _read_state(path: Path, fingerprint: str) -> dict | None:
-    """The saved state if it exists, is intact and belongs to this training run; else None."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
+def load_state(path: Path) -> dict:
+    """A saved curve state (header, checksum, payload), validated; raise `CorruptFile` if it is damaged."""
+    data = Path(path).read_bytes()
     n = len(_STATE_MAGIC)
     payload = data[n + 32:]
     if not data.startswith(_STATE_MAGIC) or hashlib.sha256(payload).digest() != data[n:n + 32]:
-        warnings.warn(f"{path}: corrupt curve state (bad header or checksum); training the curve from the start")
-        return None
+        raise CorruptFile(path, "corrupt curve state (bad header or checksum)")
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # a checksummed payload torch cannot read
-        warnings.warn(f"{path}: unreadable curve state ({type(exc).__name__}); training the curve from the start")
-        return None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        return None
+        raise CorruptFile(path, f"unreadable curve state ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise CorruptFile(path, "not a curve state")
     return state
+
+
+def _read_state(path: Path, fingerprint: str) -> dict | None:
+    """The saved state if it exists, is intact and belongs to this training run; else None."""
+    try:
+        state = load_state(path)
+    except FileNotFoundError:
+        return None
+    except CorruptFile as exc:
+        warnings.warn(f"{exc}; training the curve from the start")
+        return None
+    return state if state.get("fingerprint") == fingerprint else None
 
 
 # --------------------------------------------------------------------------- training

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,18 @@ STATUSES = ("running", "ok", "diverged")
 
 
 
-TEMP_SUFFIX = ".tmp"  # of the temporary files `atomic_write_bytes` writes, named .<name>.<random>.tmp
+TEMP_SUFFIX = ".tmp"  # of the temporary files `atomic_write_bytes` writes: .<name>~<host>~<pid>~<random>.tmp
+HOST = socket.gethostname().replace("~", "_")
+
+
+def temp_writer(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(host, pid) of the process that wrote temporary file `path` (`atomic_write_bytes`), or None
+    for a file of another name."""
+    name = Path(path).name
+    parts = name[:-len(TEMP_SUFFIX)].split("~") if name.startswith(".") and name.endswith(TEMP_SUFFIX) else []
+    if len(parts) < 4 or not parts[-2].isdigit():
+        return None
+    return parts[-3], int(parts[-2])
 
 
 def current_umask() -> int:
@@ -48,7 +60,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{HOST}~{os.getpid()}~", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:

@@ -59,7 +59,10 @@ class Layout:
         return target
 
     def check_writable_tree(self) -> None:
-        """Refuse an experiment or scripts folder that is a symlink leading outside the root."""
+        """Refuse a root that is not a folder, and an experiment or scripts folder that is a symlink
+        leading outside the root."""
+        if self.root.exists() and not self.root.is_dir():
+            raise SpecError("root", f"{self.root} is a file, not a folder")
         for base, sub in ((self.root, Path("checkpoint") / self.name), (self.root, Path("bash_scripts") / self.name)):
             self.inside(base, sub)
 
@@ -82,6 +85,15 @@ class Layout:
 
     def result_path(self, stage: str, cell: Cell) -> Path:
         return self.exp_dir / "results" / stage / f"{cell.id}.json"
+
+    def failure_path(self, stage: str, cell: Cell) -> Path:
+        """The record of the last failed attempt of job (stage, cell), removed when the job succeeds."""
+        return self.exp_dir / "failures" / stage / f"{cell.id}.json"
+
+    @property
+    def submitted_path(self) -> Path:
+        """{stage: Slurm job id} of the arrays `--submit` sent."""
+        return self.scripts_dir / "submitted.json"
 
     @property
     def results_dir(self) -> Path:
