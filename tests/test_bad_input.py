@@ -56,6 +56,13 @@ def run(root, *argv):
     (["--generate-slurm-scripts", "--mem", "junk"], "mem: 'junk' is not a Slurm memory size"),
     (["--generate-slurm-scripts", "--partition", "gpu\nrm"], "partition: 'gpu\\nrm' holds a control character"),
     (["--env-setup", "source nowhere/bin/activate"], "env_setup: 'nowhere/bin/activate' does not exist under"),
+    (["--device", "junk"], "device: 'junk' is not a torch device"),
+    (["--device", "cuda"], "device: 'cuda': this torch has no usable CUDA"),
+    (["--device", "cuda:7"], "device: 'cuda:7': "),
+    (["--device", "meta"], "device: 'meta': only cpu and cuda devices are supported"),
+    (["--widths", *map(str, range(1, 401)), "--batch-sizes", *map(str, range(1, 401))],
+     "max_runs: the grid has 160000 cells x 2 seeds = 320000 runs, more than max_runs = 100000"),
+    (["--max-runs", "1"], "max_runs: the grid has 1 cells x 2 seeds = 2 runs, more than max_runs = 1"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message_and_no_files(root, capsys, argv, words):
     assert run(root, *argv) == 2
@@ -69,6 +76,17 @@ def test_bad_arguments_exit_2_with_a_clear_message_and_no_files(root, capsys, ar
     ("widths: [4\n", ".yaml", "is not valid YAML"),
     ('{"name": "x", "arch": "mlp", "depth": 3}', ".json", "unknown key(s) ['depth']; allowed keys: name, arch"),
     ("[1, 2]", ".json", "expected a mapping of fields"),
+    ("[" * 100_000 + "]" * 100_000, ".json", "nests 100000 levels deep; a spec has at most 32"),
+    ('{"name": "x", "metric_options": ' + '{"a": ' * 40 + "1" + "}" * 41, ".json", "nests 41 levels deep"),
+    ("[" * 100_000 + "]" * 100_000, ".yaml", "nests more than 32 levels deep (line 1)"),
+    ("".join("  " * i + "a:\n" for i in range(40)), ".yaml", "nests more than 32 levels deep (line 32)"),
+    ("x" * (1 << 21), ".yaml", "bytes; a spec file has at most 1048576"),
+    ("a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)) + "name: *a9\n", ".yaml",
+     "uses the alias *a0 (line 2); anchors and aliases are not allowed"),
+    ("name: a\nepochs: 3\nepochs: 4\n", ".yaml", "repeats the key 'epochs' (line 3)"),
+    ('{"name": "a", "epochs": 3, "epochs": 4}', ".json", "repeats the key(s) ['epochs']"),
+    ('{"name": "' + "n" * 100_000 + '"}', ".json", "characters in all)"),
 ])
 def test_bad_spec_files(root, capsys, text, suffix, words):
     path = root / f"spec{suffix}"

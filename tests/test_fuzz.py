@@ -23,6 +23,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 specs = st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=8)), values, max_size=6)
 FUZZ = settings(max_examples=1000, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ_FILES = settings(FUZZ, max_examples=300)  # each example writes and parses a file
 
 
 @FUZZ
@@ -70,3 +71,85 @@ def test_command_line_gives_success_or_exit_2(tmp_path_factory, argv):
     assert code in (0, 2), err.getvalue()
     if code == 2:
         assert err.getvalue().startswith("error: ") and "Traceback" not in err.getvalue()
+
+
+yaml_atoms = st.sampled_from(["1", "x", "mlp", "[4, 8]", "null", "&a 3", "*a", "&b [1, *b]", "{k: v}", "'q'",
+                              "!!python/object:os.system x", "name", "epochs"])
+
+
+@st.composite
+def yaml_documents(draw):
+    """YAML built from nested flow and block collections, anchors, aliases and repeated keys."""
+    depth = draw(st.integers(0, 60))
+    inner = draw(yaml_atoms)
+    flow = draw(st.booleans())
+    if flow:
+        return "name: " + "[" * depth + inner + "]" * depth + "\n" + draw(st.sampled_from(["", "name: y\n"]))
+    lines = [f"{'  ' * i}{draw(st.sampled_from(['a', 'name', 'epochs']))}:" for i in range(depth)]
+    return "\n".join([*lines, "  " * depth + inner]) + "\n" + draw(st.sampled_from(["", "x: *a\n", "a: &a 1\n"]))
+
+
+@FUZZ_FILES
+@given(yaml_documents())
+def test_nested_and_aliased_yaml_gives_a_spec_or_a_spec_error(tmp_path_factory, text):
+    path = tmp_path_factory.getbasetemp() / "fuzz_nested.yaml"
+    path.write_text(text)
+    try:
+        ExperimentSpec.from_file(path)
+    except SpecError as exc:
+        assert str(exc) and len(str(exc)) < 3000
+
+
+TABLE_COLUMNS = ["experiment", "cell", "width", "batch_size", "lr", "weight_decay", "train_fraction", "label_noise",
+                 "seed", "seed_b", "split", "metric", "coord", "value", "status", "source", "kind"]
+cells = st.one_of(st.sampled_from(["", "0", "1", "4", "2.5", "-1", "nan", "inf", "x", "ok", "diverged", "value",
+                                   "fuzz", "train", "loss", "1e308", '"', ",", "\n"]), st.text(max_size=6))
+
+
+@FUZZ_FILES
+@given(st.lists(st.sampled_from(TABLE_COLUMNS), min_size=0, max_size=20),
+       st.lists(st.lists(cells, min_size=17, max_size=17), max_size=4))
+def test_table_reader_gives_a_table_or_a_spec_error(tmp_path_factory, columns, rows):
+    import csv
+
+    from phasediagram.analysis import table
+
+    path = tmp_path_factory.getbasetemp() / "fuzz_table.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns or TABLE_COLUMNS)
+        for row in rows:
+            writer.writerow(row[:len(columns or TABLE_COLUMNS)])
+    try:
+        df = table.read(path, "fuzz")
+    except SpecError as exc:
+        assert str(exc).startswith("table: ")
+        return
+    assert list(df["width"].dropna()) == [int(w) for w in df["width"].dropna()]
+    assert set(df["status"]) <= {"ok", "diverged", "missing"}
+
+
+@FUZZ_FILES
+@given(st.fixed_dictionaries({}, optional={
+    "jobs_per_task": st.one_of(st.integers(-3, 5), st.booleans(), st.text(max_size=3)),
+    "parallelism": st.one_of(st.none(), st.integers(-3, 5)),
+    "time": st.one_of(st.none(), st.sampled_from(["-5", "90", "1-00", "02:00:00", "x", "1:2:3:4", "\n"]),
+                      st.text(max_size=8)),
+    "cpus_per_task": st.one_of(st.none(), st.integers(-2, 3), st.floats()),
+    "mem": st.one_of(st.none(), st.sampled_from(["8G", "junk", "500M", "-1G", ""]), st.text(max_size=5)),
+    "gpus": st.one_of(st.none(), st.integers(-2, 3)),
+    "partition": st.one_of(st.none(), st.text(max_size=8)),
+    "env_setup": st.one_of(st.none(), st.text(max_size=10)),
+    "python": st.one_of(st.just("python"), st.text(max_size=8))}))
+def test_slurm_options_give_a_script_or_a_spec_error(options):
+    from phasediagram.execution.scripts import SlurmOptions, slurm_script
+    from phasediagram.storage.layout import Layout
+
+    try:
+        checked = SlurmOptions(**options)
+    except SpecError as exc:
+        assert str(exc) and exc.field
+        return
+    script = slurm_script(Layout(__import__("pathlib").Path("/tmp/fuzzroot"), "fuzz"), "train", 3, checked)
+    assert all("\n" not in line and "\r" not in line for line in script.splitlines())
+    assert script.startswith("#!")

@@ -23,7 +23,7 @@ from phasediagram.catalog import method_table, metric_table
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit
 from phasediagram.execution.jobs import TRAIN, dataset_for, stage_jobs, start_pool
-from phasediagram.execution.runtime import freeze_alive, in_forked_process, keep_freed_memory
+from phasediagram.execution.runtime import check_device, freeze_alive, in_forked_process, keep_freed_memory
 from phasediagram.execution.scripts import SlurmOptions, bash_script, slurm_script
 from phasediagram.resolve import check
 from phasediagram.spec.experiment import ExperimentSpec
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ensemble", help="auto | on | off: train the seeds of a cell, and compute their Hessians, "
                                       "as ensemble models (auto: in groups where faster; on: all in one)")
     s.add_argument("--dtype", help="float32 | float64")
+    s.add_argument("--max-runs", help="the most (cell, seed) runs the grid may have (default 100000)")
     s.add_argument("--metric-checkpoint", help="final | best: the checkpoint the metrics read (best: lowest "
                                                "training loss, as the reference study)")
 
@@ -172,6 +173,8 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
             data[field] = value
     if args.epochs is not None:
         data["epochs"] = _number("epochs", args.epochs, int)
+    if args.max_runs is not None:
+        data["max_runs"] = _number("max_runs", args.max_runs, int)
     for field, kind in LIST_FIELDS.items():
         values = getattr(args, field)
         if values is None:
@@ -292,6 +295,7 @@ def main(argv=None) -> int:
             return 0
         if not args.root:
             raise SpecError("root", "must not be empty (use . for the current folder)")
+        check_device(args.device)
         study = Study(spec_from_args(args), args.root)
         study.layout.check_writable_tree()
         with start_pool(args.workers) if args.run and uses_pool(args) else contextlib.nullcontext() as pool:

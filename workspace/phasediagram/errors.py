@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_MESSAGE = 2000  # characters of a SpecError's message kept (a value in it may be huge)
+
 
 class PhaseDiagramError(Exception):
     """Base class of the toolkit's own errors."""
@@ -21,6 +23,8 @@ class SpecError(PhaseDiagramError, ValueError):
 
     def __init__(self, field_name: str, message: str):
         self.field = field_name
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}... ({len(message)} characters in all)"
         super().__init__(f"{field_name}: {message}")
 
 

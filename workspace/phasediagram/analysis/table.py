@@ -80,7 +80,7 @@ def read(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     """Read a results table; refuse one that is not a table of ours or belongs to another experiment."""
     path = Path(path)
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
         text = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpecError("table", f"cannot read {path} as a results table: {exc}") from None
@@ -88,13 +88,14 @@ def read(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     if missing:
         raise SpecError("table", f"{path} is not a phasediagram results table (missing columns {missing})")
     if experiment is not None:
-        others = sorted(set(df["experiment"].astype(str)) - {experiment})
+        others = sorted(set(text["experiment"]) - {experiment})
         if others:
             raise SpecError("table", f"{path} holds results of experiment(s) {others}, not {experiment!r}")
     check_values(text, path)
     return normalise(df)
 
 
+TEXT_COLUMNS = ("experiment", "cell", "split", "metric", "status", "source", "kind")
 NUMBER_COLUMNS = {"width": True, "batch_size": True, "lr": False, "weight_decay": False,
                   "train_fraction": False, "label_noise": False}  # column: an integer (else a number); never empty
 OPTIONAL_NUMBER_COLUMNS = {"seed": True, "seed_b": True, "coord": False, "value": False}  # may be empty (NaN)

@@ -30,6 +30,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from phasediagram.errors import SpecError
+
 T = TypeVar("T")
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -141,3 +143,20 @@ def _send_result(writer, fn: Callable, args: tuple) -> None:
         message = (False, exc)
     writer.send(message)
     writer.close()
+
+
+def check_device(text: str) -> torch.device:
+    """The torch device `text` names, if this machine has it; `SpecError` naming what is available otherwise."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise SpecError("device", f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError("device", f"{text!r}: this torch has no usable CUDA (built for CPU only, or no GPU "
+                                      "visible); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SpecError("device", f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise SpecError("device", f"{text!r}: only cpu and cuda devices are supported")
+    return device

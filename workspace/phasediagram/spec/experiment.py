@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from phasediagram.errors import SpecError
+from phasediagram.spec.files import read_spec_file
 from phasediagram.spec.presets import PRESET_BATCH_SIZES, PRESET_WIDTHS, PRESETS, preset
 
 LOAD_AXES = ("width", "train_fraction", "label_noise")
@@ -165,6 +164,7 @@ class ExperimentSpec:
     metric_checkpoint: str = "final"  # which trained checkpoint the metrics read: "final" or "best" (lowest training loss)
     ensemble: str = "auto"
     dtype: str = "float32"
+    max_runs: int = 100_000  # the most (cell, seed) runs the grid may have: a guard against a typo's huge grid
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -206,6 +206,12 @@ class ExperimentSpec:
         set_("optimizer_options", _options_dict("optimizer_options", self.optimizer_options))
         set_("regularizer_options", _options_dict("regularizer_options", self.regularizer_options))
         set_("metric_options", _metric_options(self.metric_options))
+        set_("max_runs", _positive_int("max_runs", self.max_runs, 1 << 40))
+        n_cells = math.prod(len(getattr(self, f)) for f in AXIS_FIELDS.values())
+        if n_cells * len(self.seeds) > self.max_runs:
+            raise SpecError("max_runs", f"the grid has {n_cells} cells x {len(self.seeds)} seeds = "
+                            f"{n_cells * len(self.seeds)} runs, more than max_runs = {self.max_runs}; "
+                            "raise max_runs (--max-runs) if that is what you mean")
 
     # ------------------------------------------------------------------ the grid
     def cells(self) -> list[Cell]:
@@ -235,9 +241,9 @@ class ExperimentSpec:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def training_identity(self) -> dict[str, Any]:
-        """The fields that determine the trained checkpoints (everything but the metrics)."""
+        """The fields that determine the trained checkpoints (everything but the metrics and max_runs)."""
         d = self.to_dict()
-        for name in ("metrics", "metric_options", "metric_checkpoint"):
+        for name in ("metrics", "metric_options", "metric_checkpoint", "max_runs"):
             d.pop(name)
         return d
 
@@ -266,20 +272,9 @@ class ExperimentSpec:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentSpec":
-        """Load a spec from a .json, .yaml or .yml file."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SpecError("spec file", f"cannot read {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise SpecError("spec file", f"{path} is not a text file (expected JSON or YAML)") from None
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            kind = "JSON" if path.suffix == ".json" else "YAML"
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SpecError("spec file", f"{path} is not valid {kind}: {first}") from None
+        """Load a spec from a .json, .yaml or .yml file (`spec.files.read_spec_file`: its size, depth,
+        aliases and duplicate keys checked)."""
+        data = read_spec_file(path)
         return cls.from_dict(data)
 
 
