@@ -48,6 +48,7 @@ def run(root, *argv):
     (["--name", "../outside"], "name: '../outside' must be 1-64 characters"),
     (["--executor", "cloud"], "argument --executor: invalid choice: 'cloud'"),
     (["--dataset", "cifar10", "--run"], "cifar10 needs data_root"),
+    (["--dataset", "cifar10", "--generate-slurm-scripts", "--submit"], "cifar10 needs data_root"),
     (["--generate-slurm-scripts", "--time", "-5"], "time: '-5' is not a Slurm time"),
     (["--generate-slurm-scripts", "--cpus-per-task", "0"], "cpus_per_task: 0 must be an integer >= 1"),
     (["--generate-slurm-scripts", "--gpus", "-1"], "gpus: -1 must be an integer >= 0"),

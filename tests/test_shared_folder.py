@@ -73,3 +73,37 @@ def test_a_damaged_dataset_cache_is_moved_aside_and_rebuilt(tmp_path, mnist_cach
     assert not list(tmp_path.glob("*.tmp"))  # the rebuilt cache was written atomically, no temp file left
     again = datasets.load("mnist1d", cache_dir=tmp_path)
     assert (again.train.x == data.train.x).all()
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """scontrol and sinfo on PATH answering as a cluster with MaxArraySize 3 and 8-CPU, 2-GPU nodes."""
+    bin_dir = tmp_path / "fake_bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize            = 3'\necho 'MaxJobCount = 10000'\n")
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho '4|(null)'\necho '8|gpu:a100:2(S:0-1)'\n")
+    for tool in ("scontrol", "sinfo"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+GRID = ["--widths", "4", "8", "--batch-sizes", "256", "512"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    ([], "stage train needs 4 array tasks but the cluster's MaxArraySize is 3: pack jobs with --jobs-per-task 2"),
+    (["--jobs-per-task", "2", "--cpus-per-task", "16"], "cpus_per_task: 16 CPUs per task, but a node of the default "
+                                                          "partition has at most 8"),
+    (["--jobs-per-task", "2", "--gpus", "4", "--partition", "gpu"], "gpus: 4 GPUs per task, but a node of partition "
+                                                                    "gpu has at most 2"),
+])
+def test_arrays_the_cluster_would_refuse_are_refused_before_any_file(root, capsys, fake_slurm, extra, words):
+    assert cli.main([*BASE, *GRID, "--root", str(root), "--generate-slurm-scripts", *extra]) == 2
+    assert words in capsys.readouterr().err
+    assert not (root / "checkpoint").exists() and not (root / "bash_scripts").exists()
+
+
+def test_arrays_that_fit_are_written(root, fake_slurm):
+    assert cli.main([*BASE, *GRID, "--root", str(root), "--generate-slurm-scripts", "--jobs-per-task", "2",
+                     "--cpus-per-task", "8", "--gpus", "2"]) == 0
+    assert "--array=0-1" in (root / "bash_scripts" / "lab" / "train.sbatch").read_text()

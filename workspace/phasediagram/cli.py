@@ -356,12 +356,17 @@ def _check_write_run_draw(args, study: Study, pool) -> int:
         elif not args.table:
             raise SpecError("name", f"no study {study.spec.name!r} under {layout.root} (no {layout.spec_path})")
         return _read(args, study, given_table)
-    if args.run:
+    if args.run or args.submit:
         dataset_for(study.spec, study.spec.cells()[0], layout)  # a bad dataset folder fails here
-    spec = study.record()
-    stages = list(dict.fromkeys(args.metrics or study.stages))
+    recorded = merged_spec(study.spec, layout)  # the spec record() will write
+    stages = list(dict.fromkeys(args.metrics or [TRAIN, *recorded.metrics]))
     for stage in stages:
-        stage_jobs(spec, stage)  # validates stage names
+        stage_jobs(recorded, stage)  # validates stage names
+    if args.generate_slurm_scripts or args.submit or args.executor == "slurm":
+        from phasediagram.execution.cluster import check_cluster_fits
+
+        check_cluster_fits(recorded, stages, options)
+    spec = study.record()
     written = write_scripts(spec, layout, stages, args, options)
     for path in written:
         print(f"wrote {os.path.relpath(path)}")

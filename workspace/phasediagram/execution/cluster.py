@@ -34,7 +34,17 @@ import submitit
 
 from phasediagram.errors import CorruptFile, JobsFailed, SpecError, SubmitError
 from phasediagram.execution.failures import JobFailure, attempt
-from phasediagram.execution.jobs import TRAIN, Job, RunReport, _progress, _write, cost_order, is_done, run_job
+from phasediagram.execution.jobs import (
+    TRAIN,
+    Job,
+    RunReport,
+    _progress,
+    _write,
+    cost_order,
+    is_done,
+    run_job,
+    stage_jobs,
+)
 from phasediagram.execution.runtime import configure_worker, freeze_alive
 from phasediagram.execution.scripts import SlurmOptions, check_text, log_dir, time_minutes
 from phasediagram.resolve import load_spec
@@ -439,3 +449,61 @@ def _submitted(ids: dict[str, str]) -> str:
     if not ids:
         return ""
     return "; already submitted: " + ", ".join(f"{s} (job {i})" for s, i in ids.items())
+
+
+# --------------------------------------------------------------------------- what the cluster allows
+def _ask(argv: list[str]) -> str | None:
+    """stdout of a Slurm query, or None where the command is not there or fails."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def max_array_size() -> int | None:
+    """The cluster's MaxArraySize (array indices run 0 .. MaxArraySize - 1), from `scontrol show config`."""
+    out = _ask(["scontrol", "show", "config"])
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out or "", re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def partition_resources(partition: str | None) -> tuple[int, int] | None:
+    """(most CPUs, most GPUs) of one node of `partition` (the default one when None), from `sinfo`."""
+    argv = ["sinfo", "-h", "-o", "%c|%G"] + (["-p", partition] if partition else [])
+    out = _ask(argv)
+    if not out or not out.strip():
+        return None
+    cpus, gpus = 0, 0
+    for line in out.splitlines():
+        c, _, gres = line.partition("|")
+        cpus = max(cpus, int(re.sub(r"\D", "", c) or 0))
+        for count in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres):
+            gpus = max(gpus, int(count))
+    return cpus, gpus
+
+
+def check_cluster_fits(spec: ExperimentSpec, stages: list[str], options: SlurmOptions) -> None:
+    """Refuse arrays the cluster would refuse or could never run, where Slurm can be asked: more
+    tasks than MaxArraySize, more CPUs or GPUs per task than a node of the partition has."""
+    limit = max_array_size()
+    for stage in stages:
+        tasks = -(-len(stage_jobs(spec, stage)) // options.jobs_per_task)
+        if limit is not None and tasks > limit:
+            raise SpecError("jobs_per_task", f"stage {stage} needs {tasks} array tasks but the cluster's MaxArraySize "
+                            f"is {limit}: pack jobs with --jobs-per-task {-(-tasks * options.jobs_per_task // limit)}"
+                            " or more")
+    if options.cpus_per_task is None and not options.gpus:
+        return
+    resources = partition_resources(options.partition)
+    if resources is None:
+        return
+    cpus, gpus = resources
+    where = f"partition {options.partition}" if options.partition else "the default partition"
+    if options.cpus_per_task is not None and cpus and options.cpus_per_task > cpus:
+        raise SpecError("cpus_per_task", f"{options.cpus_per_task} CPUs per task, but a node of {where} has at most "
+                                         f"{cpus}")
+    if options.gpus and options.gpus > gpus:
+        raise SpecError("gpus", f"{options.gpus} GPUs per task, but a node of {where} has at most {gpus}")
