@@ -238,3 +238,35 @@ def test_damaged_best_checkpoint_is_rebuilt(setup, damage):
     ensemble.train_cell_auto(spec, cell, run, data, **QUIET)
     assert same_checkpoints(run, ref, cell)
     assert train.final_status(run, spec, cell, 2, **QUIET) == "ok"
+
+
+def test_the_table_of_an_interrupted_study_equals_the_uninterrupted_one(tmp_path, monkeypatch, mnist_cache):
+    """Through the study: resnet1d seeds trained as one ensemble in float32, killed right after seed 0
+    wrote epoch 2, rerun: every value of the table (loss, accuracy, distances) equals the uninterrupted
+    study's exactly."""
+    from phasediagram import InProcess, Study
+    from phasediagram.resolve import check
+
+    spec = check(ExperimentSpec(name="t", arch="resnet1d", widths=(4,), batch_sizes=(64,), lrs=(0.1,), seeds=SEEDS,
+                                epochs=3, train_fractions=(0.1,), ensemble="on", metrics=("loss_acc", "dist")))
+    tables = []
+    for name, kill in (("ref", False), ("run", True)):
+        root = tmp_path / name
+        shutil.copytree(mnist_cache, root / "data")
+        study = Study(spec, root)
+        if kill:
+            real = train.save_epoch
+
+            def save_then_die(spec_, cell, seed, *args, **kwargs):
+                real(spec_, cell, seed, *args, **kwargs)
+                if seed == 0 and args[3].epoch == 2:
+                    raise Killed
+
+            monkeypatch.setattr(train, "save_epoch", save_then_die)
+            assert len(study.run(executor=InProcess())["train"].failed) == 1  # the job died there
+            monkeypatch.undo()
+        assert all(not r.failed for r in study.run(executor=InProcess()).values())
+        df = study.table()
+        tables.append(df[["cell", "seed", "seed_b", "split", "metric", "value"]].reset_index(drop=True))
+    assert len(tables[0]) > 20
+    assert tables[0].equals(tables[1])
