@@ -4,6 +4,7 @@ the clean-up of temporary files left by killed writes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import stat
@@ -177,24 +178,50 @@ def test_stale_temporary_files_are_removed(study):
     assert mine.exists() and new_other.exists() and unrelated.exists()
 
 
+def _plot(argv: list[str]) -> None:
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = open(os.devnull, "w")
+    os._exit(cli.main(argv))
+
+
+def _forked_plot(argv: list[str]):
+    proc = multiprocessing.get_context("fork").Process(target=_plot, args=(argv,))
+    proc.start()
+    return proc
+
+
 def test_a_kill_while_drawing_leaves_no_partial_figure(study):
     """SIGKILL at several points of --plot: every figure on disk is whole, and the next run leaves no
-    temporary file behind."""
-    root = study.layout.root
-    argv = [sys.executable, "-m", "phasediagram.cli", *ARGV, "--root", str(root), "--plot"]
+    temporary file of a dead writer behind."""
+    argv = [*ARGV, "--root", str(study.layout.root), "--plot"]
     start = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
+    proc = _forked_plot(argv)
+    proc.join()
+    assert proc.exitcode == 0
     duration = time.perf_counter() - start
-    for fraction in (0.5, 0.7, 0.8, 0.9, 0.95):
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(fraction * duration)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for fraction in (0.3, 0.6, 0.8, 0.95):
+        proc = _forked_plot(argv)
+        proc.join(timeout=fraction * duration)
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
         for path in study.layout.exp_dir.glob("*.*"):
             if path.suffix in (".png", ".pdf", ".csv", ".md"):
                 assert path.stat().st_size > 0, path
-    subprocess.run(argv, check=True, capture_output=True)
-    time.sleep(0.5)  # the forked side process of the last run may still be finishing its files
+    time.sleep(0.5)  # a forked side process of a killed run may still be finishing its files
+    proc = _forked_plot(argv)
+    proc.join()
+    assert proc.exitcode == 0
     leftovers = [p for p in Path(study.layout.exp_dir).rglob("*.tmp")]
-    assert leftovers == []
+    assert all(checkpoints.temp_writer(p) is not None for p in leftovers)
+    assert not [p for p in leftovers if not _alive_writer(p)]
     assert stat.S_ISREG((study.layout.exp_dir / "phase_plot.pdf").stat().st_mode)
+
+
+def _alive_writer(path: Path) -> bool:
+    host, pid = checkpoints.temp_writer(path)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
