@@ -1,7 +1,8 @@
 """The training-method contract, for every registered optimizer and regularizer: a new method gets these
 tests for free. A step returns the batch's finite loss and moves the weights; the same seed gives the
 same steps; `state_dict` goes through `torch.save`/`torch.load(weights_only=True)` and a method resumed
-from it takes the step the uninterrupted one takes; a regularizer is a differentiable scalar."""
+from it takes the step the uninterrupted one takes; a regularizer is a differentiable scalar. Every option
+declares its rule, and the options reject values just outside its bounds and accept its inclusive bounds."""
 
 from __future__ import annotations
 
@@ -13,8 +14,17 @@ import torch
 
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS
 from phasediagram.models import families as models
+from phasediagram.options import Rule, rules
+
+from .test_metric_contract import check_declared_bounds
 
 CASES = [(opt, "none") for opt in OPTIMIZERS] + [("sgd", reg) for reg in REGULARIZERS if reg != "none"]
+GROUPS = ([("optimizer_options", name) for name in OPTIMIZERS]
+          + [("regularizer_options", name) for name in REGULARIZERS])
+
+
+def options_class(group: str, name: str) -> type:
+    return (OPTIMIZERS if group == "optimizer_options" else REGULARIZERS)[name].options
 
 
 def batches(n: int = 4):
@@ -38,6 +48,19 @@ def weights(method) -> torch.Tensor:
 def test_every_entry_has_options_and_a_description():
     for entry in [*OPTIMIZERS.values(), *REGULARIZERS.values()]:
         assert entry.description and entry.options() is not None
+
+
+@pytest.mark.parametrize("group, name", GROUPS)
+def test_every_option_declares_a_rule_its_default_obeys(group, name):
+    cls = options_class(group, name)
+    assert all(isinstance(rule, Rule) for rule in rules(cls).values()), rules(cls)
+    default = cls()
+    assert all(rule.accepts(getattr(default, field)) for field, rule in rules(cls).items())
+
+
+@pytest.mark.parametrize("group, name", GROUPS)
+def test_options_reject_values_outside_their_declared_bounds(group, name):
+    check_declared_bounds(options_class(group, name), group)
 
 
 @pytest.mark.parametrize("optimizer, regularizer", CASES)

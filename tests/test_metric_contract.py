@@ -3,7 +3,8 @@
 Each metric must return a finite dict[str, float] with well-formed keys, leave the parameters,
 buffers and per-module train/eval flags of its models unchanged, and return the same values for
 the same generator seed. Each registry entry's `test_options` keep this fast (its defaults where it
-gives none).
+gives none). Every option declares its rule (`phasediagram.options`), and the options reject values
+just outside its bounds and accept the bounds that are inclusive.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from phasediagram.data.datasets import Split
+from phasediagram.errors import SpecError
 from phasediagram.metrics import DIAGNOSTIC, METRICS, STDERR, VALUE, MetricData, parse_key
 from phasediagram.models import families as models
+from phasediagram.options import Rule, rules
 
 
 def tiny_data() -> MetricData:
@@ -100,3 +103,60 @@ def test_every_value_is_finite_at_the_default_options(name, arch, tmp_path):
             assert metric.quantity_kind(q) == DIAGNOSTIC, q
         else:
             assert metric.quantity_kind(q) == VALUE, q
+
+
+def rule_cases(rule: Rule) -> tuple[list, list]:
+    """(values `rule` must reject, values it must accept): just outside each bound of a number and each
+    inclusive bound itself (a strict bound itself and just inside it), a bool and a string for a number, a
+    non-choice for a choice, and so on."""
+    rejected, accepted = [], []
+    if rule.kind in ("integer", "real"):
+        whole = rule.kind == "integer"
+        rejected += [True, False, "1", *([] if whole else [math.nan, math.inf, -math.inf])]
+        (accepted if rule.optional else rejected).append(None)
+        for bound, outward, strict in ((rule.low, -math.inf, rule.open_low), (rule.high, math.inf, rule.open_high)):
+            if bound is None:
+                continue
+            if strict:
+                rejected.append(bound)
+                accepted.append(math.nextafter(bound, -outward))
+            else:
+                rejected.append(bound + (1 if outward > 0 else -1) if whole else math.nextafter(bound, outward))
+                accepted.append(bound)
+                (rejected if whole else accepted).append(float(bound))
+    elif rule.kind == "flag":
+        rejected += [0, 1, "true", None]
+        accepted += [True, False]
+    elif rule.kind == "choice":
+        rejected += ["no such choice", 1, *([] if rule.optional else [None])]
+        accepted += list(rule.choices)
+    elif rule.kind == "subset":
+        rejected += [[], (), rule.choices[0], ["no such choice"], [rule.choices[0]] * 2, None]
+        accepted += [[c] for c in rule.choices] + [list(rule.choices)]
+    return rejected, accepted
+
+
+def check_declared_bounds(cls: type, group: str) -> None:
+    """Every field of the option class `cls` rejects what its rule rejects, with the SpecError naming
+    `<group>.<field>`, and accepts its inclusive bounds."""
+    for name, rule in rules(cls).items():
+        rejected, accepted = rule_cases(rule)
+        for value in rejected:
+            with pytest.raises(SpecError) as info:
+                cls(**{name: value})
+            assert str(info.value) == f"{group}.{name}: {value!r} is out of range (allowed: {rule.allowed})"
+        for value in accepted:
+            cls(**{name: value})
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_option_declares_a_rule_its_default_obeys(name):
+    cls = METRICS[name].options
+    assert all(isinstance(rule, Rule) for rule in rules(cls).values()), rules(cls)
+    default = cls()
+    assert all(rule.accepts(getattr(default, field)) for field, rule in rules(cls).items())
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_options_reject_values_outside_their_declared_bounds(name):
+    check_declared_bounds(METRICS[name].options, f"metric_options.{name}")

@@ -30,8 +30,10 @@ def test_the_public_api_is_listed_and_lazy():
 def test_a_study_trains_measures_and_draws(root):
     spec = tiny_spec(seeds=(0, 1), metrics=("loss_acc", "dist"))
     study = phasediagram.Study(spec, root)
-    assert study.status().to_dict("records") == [
-        {"stage": s, "jobs": 4, "done": 0, "missing": 4} for s in ("train", "loss_acc", "dist")]
+    status = study.status()
+    assert status[["stage", "jobs", "done", "failed", "missing"]].to_dict("records") == [
+        {"stage": s, "jobs": 4, "done": 0, "failed": 0, "missing": 4} for s in ("train", "loss_acc", "dist")]
+    assert status["running"].isna().all() and status["pending"].isna().all()  # nothing sent to Slurm
     trained = study.train(phasediagram.InProcess())
     assert (trained.done, trained.skipped, trained.failed) == (4, 0, [])
     assert list(study.status().done) == [4, 0, 0]

@@ -17,7 +17,10 @@ A regularizer adds a differentiable penalty to the cross-entropy of a batch:
 Randomness a method draws comes from generators seeded by `seed`, and whatever a resumed run
 needs (momentum buffers, generator states, replicas) is in `state_dict()`.
 
-Options are frozen dataclasses validated in `__post_init__` (raising `SpecError`).
+Options are frozen dataclasses; each field declares what it accepts (`integer(...)`, `real(...)`,
+`flag`, `choice`, ... of `phasediagram.options`) and `__post_init__` calls
+`validate(self, "optimizer_options")` (or "regularizer_options"), which raises a `SpecError` for
+the first value out of range.
 """
 
 from __future__ import annotations
@@ -36,11 +39,6 @@ class MethodEntry:
     options: type
     ensemble_ok: bool = False  # can the seeds of a cell be trained as one ensemble model?
     description: str = ""
-
-
-def check(group: str, option: str, ok: bool, allowed: str, value: Any) -> None:
-    if not ok:
-        raise SpecError(f"{group}.{option}", f"{value!r} is out of range (allowed: {allowed})")
 
 
 def make_options(group: str, cls: type, given: dict):

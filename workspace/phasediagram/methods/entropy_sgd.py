@@ -50,38 +50,29 @@ import torch
 from torch.nn import functional as F
 
 from phasediagram.methods.base import (
-    check,
     load_regularizer_state,
     regularizer_state,
     restore_buffers,
     snapshot_buffers,
 )
 from phasediagram.numerics.sgd import set_lr, sgd
-from phasediagram.options import is_int, is_real
+from phasediagram.options import flag, integer, real, validate
 from phasediagram.seeding import stable_seed
 
 
 @dataclass(frozen=True)
 class EntropySGDOptions:
-    L: int = 5  # SGLD steps per outer step
-    inner_lr: float = 0.1  # eta', the SGLD step size
-    noise: float = 1e-4  # epsilon, the thermal noise scale (0: no noise)
-    alpha: float = 0.25  # weight of the newest w' in the running mean mu
-    gamma0: float = 0.03  # coupling at epoch 0
-    gamma1: float = 0.1  # scoping rate: gamma_t = gamma0 (1 + gamma1)^epoch
-    scale_by_gamma: bool = False  # outer gradient gamma (w - mu) instead of (w - mu)
-    nesterov: bool = False  # Nesterov momentum in the outer step
+    L: int = integer(5, low=1)  # SGLD steps per outer step
+    inner_lr: float = real(0.1, low=0, open_low=True)  # eta', the SGLD step size
+    noise: float = real(1e-4, low=0)  # epsilon, the thermal noise scale (0: no noise)
+    alpha: float = real(0.25, low=0, high=1, open_low=True)  # weight of the newest w' in the running mean mu
+    gamma0: float = real(0.03, low=0)  # coupling at epoch 0
+    gamma1: float = real(0.1, low=0)  # scoping rate: gamma_t = gamma0 (1 + gamma1)^epoch
+    scale_by_gamma: bool = flag(False)  # outer gradient gamma (w - mu) instead of (w - mu)
+    nesterov: bool = flag(False)  # Nesterov momentum in the outer step
 
     def __post_init__(self):
-        g = "optimizer_options"
-        check(g, "L", is_int(self.L) and self.L >= 1, "an integer >= 1", self.L)
-        check(g, "inner_lr", is_real(self.inner_lr) and self.inner_lr > 0, "a number > 0", self.inner_lr)
-        check(g, "noise", is_real(self.noise) and self.noise >= 0, "a number >= 0", self.noise)
-        check(g, "alpha", is_real(self.alpha) and 0 < self.alpha <= 1, "0 < alpha <= 1", self.alpha)
-        check(g, "gamma0", is_real(self.gamma0) and self.gamma0 >= 0, "a number >= 0", self.gamma0)
-        check(g, "gamma1", is_real(self.gamma1) and self.gamma1 >= 0, "a number >= 0", self.gamma1)
-        check(g, "scale_by_gamma", isinstance(self.scale_by_gamma, bool), "true or false", self.scale_by_gamma)
-        check(g, "nesterov", isinstance(self.nesterov, bool), "true or false", self.nesterov)
+        validate(self, "optimizer_options")
 
 
 class EntropySGD:

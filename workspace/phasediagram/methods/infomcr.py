@@ -27,24 +27,18 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from phasediagram.methods.base import check
-from phasediagram.options import is_int, is_real
+from phasediagram.options import integer, real, validate
 
 
 @dataclass(frozen=True)
 class InfoMCROptions:
-    alpha: float = 1e-4  # step along -g_m for the shifted loss
-    beta: float = 10.0  # weight of the penalty
-    M: int = 8  # number of sub-batches
-    start_epoch: int = 0  # the penalty is 0 in epochs before this one (0-based)
+    alpha: float = real(1e-4, low=0, open_low=True)  # step along -g_m for the shifted loss
+    beta: float = real(10.0, low=0)  # weight of the penalty
+    M: int = integer(8, low=1)  # number of sub-batches
+    start_epoch: int = integer(0, low=0)  # the penalty is 0 in epochs before this one (0-based)
 
     def __post_init__(self):
-        g = "regularizer_options"
-        check(g, "alpha", is_real(self.alpha) and self.alpha > 0, "a number > 0", self.alpha)
-        check(g, "beta", is_real(self.beta) and self.beta >= 0, "a number >= 0", self.beta)
-        check(g, "M", is_int(self.M) and self.M >= 1, "an integer >= 1", self.M)
-        check(g, "start_epoch", is_int(self.start_epoch) and self.start_epoch >= 0, "an integer >= 0",
-              self.start_epoch)
+        validate(self, "regularizer_options")
 
 
 class InfoMCR:

@@ -43,27 +43,20 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from phasediagram.methods.base import check
 from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
-from phasediagram.options import is_int, is_real
+from phasediagram.options import integer, real, validate
 from phasediagram.seeding import stable_seed
 
 
 @dataclass(frozen=True)
 class NRSOptions:
-    alpha: float = 1.0  # weight of the penalty
-    rho: float = 0.05  # relative radius: ||delta_T|| = rho ||w_T|| for every parameter tensor T
-    n_neighbours: int = 1  # K, neighbours drawn per batch
-    start_epoch: int = 0  # the penalty is 0 in epochs before this one (0-based)
+    alpha: float = real(1.0, low=0)  # weight of the penalty
+    rho: float = real(0.05, low=0)  # relative radius: ||delta_T|| = rho ||w_T|| for every parameter tensor T
+    n_neighbours: int = integer(1, low=1)  # K, neighbours drawn per batch
+    start_epoch: int = integer(0, low=0)  # the penalty is 0 in epochs before this one (0-based)
 
     def __post_init__(self):
-        g = "regularizer_options"
-        check(g, "alpha", is_real(self.alpha) and self.alpha >= 0, "a number >= 0", self.alpha)
-        check(g, "rho", is_real(self.rho) and self.rho >= 0, "a number >= 0", self.rho)
-        check(g, "n_neighbours", is_int(self.n_neighbours) and self.n_neighbours >= 1, "an integer >= 1",
-              self.n_neighbours)
-        check(g, "start_epoch", is_int(self.start_epoch) and self.start_epoch >= 0, "an integer >= 0",
-              self.start_epoch)
+        validate(self, "regularizer_options")
 
 
 class NRS:

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from phasediagram.methods.base import check, load_regularizer_state, regularizer_state
+from phasediagram.methods.base import load_regularizer_state, regularizer_state
 from phasediagram.numerics.sgd import set_lr, sgd
-from phasediagram.options import is_int, is_real
+from phasediagram.options import choice, flag, integer, real, validate
 from phasediagram.seeding import stable_seed
 
 BATCH_MODES = ("split", "shared")
@@ -56,21 +56,16 @@ BATCH_MODES = ("split", "shared")
 
 @dataclass(frozen=True)
 class ReplicatedSGDOptions:
-    y: int = 3  # number of replicas
-    gamma0: float = 0.01  # coupling at epoch 0
-    gamma1: float = 0.1  # scoping rate: gamma_t = gamma0 (1 + gamma1)^epoch
-    batch: str = "split"  # "split": replica a sees shard a of the batch; "shared": all see the whole batch
-    init_noise: float = 0.0  # relative std s of the replicas' initial perturbation w (1 + s z)
-    nesterov: bool = False
+    y: int = integer(3, low=1, high=64)  # number of replicas
+    gamma0: float = real(0.01, low=0)  # coupling at epoch 0
+    gamma1: float = real(0.1, low=0)  # scoping rate: gamma_t = gamma0 (1 + gamma1)^epoch
+    # "split": replica a sees shard a of the batch; "shared": all see the whole batch
+    batch: str = choice("split", BATCH_MODES)
+    init_noise: float = real(0.0, low=0)  # relative std s of the replicas' initial perturbation w (1 + s z)
+    nesterov: bool = flag(False)
 
     def __post_init__(self):
-        g = "optimizer_options"
-        check(g, "y", is_int(self.y) and 1 <= self.y <= 64, "an integer 1..64", self.y)
-        check(g, "gamma0", is_real(self.gamma0) and self.gamma0 >= 0, "a number >= 0", self.gamma0)
-        check(g, "gamma1", is_real(self.gamma1) and self.gamma1 >= 0, "a number >= 0", self.gamma1)
-        check(g, "batch", self.batch in BATCH_MODES, " or ".join(BATCH_MODES), self.batch)
-        check(g, "init_noise", is_real(self.init_noise) and self.init_noise >= 0, "a number >= 0", self.init_noise)
-        check(g, "nesterov", isinstance(self.nesterov, bool), "true or false", self.nesterov)
+        validate(self, "optimizer_options")
 
 
 class ReplicatedSGD:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from phasediagram.methods.base import check, restore_buffers, snapshot_buffers
+from phasediagram.methods.base import restore_buffers, snapshot_buffers
 from phasediagram.methods.sgd import SGD
-from phasediagram.options import is_real
+from phasediagram.options import flag, real, validate
 
 GRAD_NORM_EPS = 1e-12
 
@@ -36,16 +36,13 @@ GRAD_NORM_EPS = 1e-12
 # ------------------------------------------------------------------ helpers shared by the methods
 @dataclass(frozen=True)
 class SAMOptions:
-    rho: float = 0.05  # radius of the ascent step (Foret et al.'s default)
-    adaptive: bool = False  # ASAM: scale the ascent elementwise by T = |w| + eta
-    eta: float = 0.01  # ASAM's offset in T (Kwon et al.'s default)
-    nesterov: bool = False  # Nesterov momentum in the descent step, as for plain SGD
+    rho: float = real(0.05, low=0)  # radius of the ascent step (Foret et al.'s default)
+    adaptive: bool = flag(False)  # ASAM: scale the ascent elementwise by T = |w| + eta
+    eta: float = real(0.01, low=0)  # ASAM's offset in T (Kwon et al.'s default)
+    nesterov: bool = flag(False)  # Nesterov momentum in the descent step, as for plain SGD
 
     def __post_init__(self):
-        check("optimizer_options", "rho", is_real(self.rho) and self.rho >= 0, "a number >= 0", self.rho)
-        check("optimizer_options", "adaptive", isinstance(self.adaptive, bool), "true or false", self.adaptive)
-        check("optimizer_options", "eta", is_real(self.eta) and self.eta >= 0, "a number >= 0", self.eta)
-        check("optimizer_options", "nesterov", isinstance(self.nesterov, bool), "true or false", self.nesterov)
+        validate(self, "optimizer_options")
 
 
 class SAM(SGD):

@@ -8,11 +8,16 @@ from torch.nn import functional as F
 
 from phasediagram.methods.base import load_regularizer_state, regularizer_state
 from phasediagram.numerics.sgd import set_lr, sgd
+from phasediagram.options import flag, validate
 
 
 @dataclass(frozen=True)
 class SGDOptions:
-    nesterov: bool = False
+    # Nesterov momentum (with momentum > 0)
+    nesterov: bool = flag(False)
+
+    def __post_init__(self):
+        validate(self, "optimizer_options")
 
 
 class SGD:

@@ -10,8 +10,10 @@ Keys name a split and a quantity, optionally a coordinate along a curve: `key("t
 is "train/loss", `key("train", "err", 0.25)` is "train/err@0.25"; the table splits them into the
 columns split, metric and coord. A metric leaves the parameters and the train/eval mode of its
 models as it found them, and given the same generator state it returns the same values.
-Options are a frozen dataclass whose defaults are the reference settings and whose
-`__post_init__` rejects values out of range with a `SpecError`. Plot defaults live in `panels`.
+Options are a frozen dataclass whose defaults are the reference settings; each field declares
+what it accepts (`integer(...)`, `real(...)`, `flag`, `choice`, ... of `phasediagram.options`) and
+`__post_init__` calls `validate(self, "metric_options.<name>")`, which raises a `SpecError` for the
+first value out of range. Plot defaults live in `panels`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from phasediagram.data.datasets import Split
-from phasediagram.errors import SpecError
 from phasediagram.models.modes import eval_mode
 
 NO_SPLIT = "-"
@@ -110,12 +111,6 @@ def parse_key(k: str) -> tuple[str, str, float | None]:
     split, _, rest = k.partition("/")
     quantity, at, coord = rest.partition("@")
     return split, quantity, (float(coord) if at else None)
-
-
-def check(metric: str, option: str, ok: bool, allowed: str, value: Any) -> None:
-    """Raise a SpecError naming `metric_options.<metric>.<option>` unless `ok`."""
-    if not ok:
-        raise SpecError(f"metric_options.{metric}.{option}", f"{value!r} is out of range (allowed: {allowed})")
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ from torch.nn import functional as F
 
 from phasediagram.data.datasets import mixup
 from phasediagram.errors import SpecError
-from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, check, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, key
 from phasediagram.models.modes import eval_mode
-from phasediagram.options import is_int
+from phasediagram.options import choice, integer, real, rule, validate
 
 PAIRS = PAIR_SELECTIONS
 METHODS = ("auto", "feature", "gram")
@@ -136,6 +136,13 @@ def _centred_gram(x: torch.Tensor) -> torch.Tensor:
     return k - row - row.T + k.mean()
 
 
+def _module_names(value) -> tuple[str, ...] | None:
+    """`layers` as a tuple of non-empty names (one name may be given alone), or None if it is not that."""
+    names = (value,) if isinstance(value, str) else value
+    ok = isinstance(names, (list, tuple)) and all(isinstance(s, str) and s for s in names)
+    return tuple(names) if ok else None
+
+
 @dataclass(frozen=True)
 class CKAOptions:
     """Reference setting: 6 mixup batches of 128 training examples, lambda ~ Beta(16, 16).
@@ -145,25 +152,16 @@ class CKAOptions:
     features outnumber examples); `pairs` which seed pairs of a cell are compared.
     """
 
-    mixup_alpha: float = 16.0
-    batches: int = 6
-    batch_size: int = 128
-    layers: tuple[str, ...] = ()
-    method: str = "auto"
-    pairs: str = "all"
+    mixup_alpha: float = real(16.0, low=0, open_low=True)
+    batches: int = integer(6, low=1)
+    batch_size: int = integer(128, low=2)
+    layers: tuple[str, ...] = rule((), lambda v: _module_names(v) is not None, "a list of module names")
+    method: str = choice("auto", METHODS)
+    pairs: str = choice("all", PAIRS)
 
     def __post_init__(self):
-        check("CKA", "mixup_alpha", isinstance(self.mixup_alpha, (int, float)) and self.mixup_alpha > 0,
-              "a number > 0", self.mixup_alpha)
-        check("CKA", "batches", is_int(self.batches) and self.batches >= 1, "integer >= 1", self.batches)
-        check("CKA", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
-              self.batch_size)
-        layers = (self.layers,) if isinstance(self.layers, str) else self.layers
-        check("CKA", "layers", isinstance(layers, (list, tuple)) and all(isinstance(s, str) and s for s in layers),
-              "a list of module names", self.layers)
-        object.__setattr__(self, "layers", tuple(layers))
-        check("CKA", "method", self.method in METHODS, " | ".join(METHODS), self.method)
-        check("CKA", "pairs", self.pairs in PAIRS, " | ".join(PAIRS), self.pairs)
+        validate(self, "metric_options.CKA")
+        object.__setattr__(self, "layers", _module_names(self.layers))
 
 
 def _hooks(model: nn.Module, layers: tuple[str, ...], store: dict):

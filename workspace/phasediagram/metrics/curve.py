@@ -63,9 +63,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
 from phasediagram.errors import CorruptFile
-from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, check, evaluate, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, evaluate, key
 from phasediagram.numerics.sgd import momentum_of, set_lr, set_momentum, sgd
-from phasediagram.options import is_int
+from phasediagram.options import choice, flag, integer, real, validate
 from phasediagram.storage.checkpoints import atomic_write_bytes
 
 PAIRS = PAIR_SELECTIONS
@@ -92,40 +92,21 @@ class CurveOptions:
     "midpoint" or "random" (the module docstring says why and what the reference did).
     """
 
-    epochs: int = 50
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    max_batches_per_epoch: int = 0
-    points: int = 5
-    linear: bool = True
-    eval_examples: int = 0
-    eval_batch_size: int = 1000
-    pairs: str = "adjacent"
-    bend_init: str = "midpoint"
+    epochs: int = integer(50, low=0)
+    lr: float = real(0.01, low=0, open_low=True)
+    momentum: float = real(0.9, low=0, high=1, open_high=True)
+    weight_decay: float = real(5e-4, low=0)
+    batch_size: int = integer(128, low=2)
+    max_batches_per_epoch: int = integer(0, low=0, note="0: a full pass")
+    points: int = integer(5, low=3)
+    linear: bool = flag(True)
+    eval_examples: int = integer(0, low=0, note="0: all")
+    eval_batch_size: int = integer(1000, low=1)
+    pairs: str = choice("adjacent", PAIRS)
+    bend_init: str = choice("midpoint", BEND_INITS)
 
     def __post_init__(self):
-        def num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        check("curve", "epochs", is_int(self.epochs) and self.epochs >= 0, "integer >= 0", self.epochs)
-        check("curve", "lr", num(self.lr) and self.lr > 0, "a number > 0", self.lr)
-        check("curve", "momentum", num(self.momentum) and 0 <= self.momentum < 1, "0 <= momentum < 1", self.momentum)
-        check("curve", "weight_decay", num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0",
-              self.weight_decay)
-        check("curve", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
-              self.batch_size)
-        check("curve", "max_batches_per_epoch", is_int(self.max_batches_per_epoch) and self.max_batches_per_epoch >= 0,
-              "integer >= 0 (0: a full pass)", self.max_batches_per_epoch)
-        check("curve", "points", is_int(self.points) and self.points >= 3, "integer >= 3", self.points)
-        check("curve", "linear", isinstance(self.linear, bool), "true | false", self.linear)
-        check("curve", "eval_examples", is_int(self.eval_examples) and self.eval_examples >= 0,
-              "integer >= 0 (0: all)", self.eval_examples)
-        check("curve", "eval_batch_size", is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
-              "integer >= 1", self.eval_batch_size)
-        check("curve", "pairs", self.pairs in PAIRS, " | ".join(PAIRS), self.pairs)
-        check("curve", "bend_init", self.bend_init in BEND_INITS, " | ".join(BEND_INITS), self.bend_init)
+        validate(self, "metric_options.curve")
 
     @property
     def ts(self) -> list[float]:

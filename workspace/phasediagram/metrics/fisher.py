@@ -34,7 +34,6 @@ training losses, whose logit scales differ).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,39 +41,33 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.metrics.base import MetricData, key
 from phasediagram.models.modes import eval_mode
-from phasediagram.options import is_int
+from phasediagram.options import choice, integer, out_of_range, real, validate
 
 BATCHNORM_MODES = ("eval", "train")
 
 
 @dataclass(frozen=True)
 class FisherOptions:
-    n_batches: int = 100  # batches drawn from the training split (reference 100)
-    batch_size: int = 100  # n, examples per batch (reference 100)
-    batchnorm: str = "eval"  # "eval": running statistics; "train": batch statistics of chunks (reference)
-    chunk_size: int = 10  # chunk for batchnorm="train" (reference 10), dividing batch_size; unused in "eval"
-    logit_norm: float | None = None  # rescale each logit vector to this L2 norm before the loss
-    floor: float = 1e-12  # eigenvalues of the normalised Gram below this are floored
-    vmap_chunk: int | None = None  # examples per vmap call in eval mode (None: the whole batch)
+    n_batches: int = integer(100, low=1)  # batches drawn from the training split (reference 100)
+    batch_size: int = integer(100, low=2)  # n, examples per batch (reference 100)
+    # "eval": running statistics; "train": batch statistics of chunks (reference)
+    batchnorm: str = choice("eval", BATCHNORM_MODES)
+    # chunk for batchnorm="train" (reference 10), dividing batch_size; unused in "eval"
+    chunk_size: int = integer(10, low=2)
+    # rescale each logit vector to this L2 norm before the loss
+    logit_norm: float | None = real(None, low=0, open_low=True, optional=True)
+    # eigenvalues of the normalised Gram below this are floored
+    floor: float = real(1e-12, low=0, high=1, open_low=True, open_high=True)
+    # examples per vmap call in eval mode (None: the whole batch)
+    vmap_chunk: int | None = integer(None, low=1, optional=True)
 
     def __post_init__(self):
-        check("fisher", "n_batches", is_int(self.n_batches) and self.n_batches >= 1, "integer >= 1", self.n_batches)
-        check("fisher", "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "integer >= 2",
-              self.batch_size)
-        check("fisher", "batchnorm", self.batchnorm in BATCHNORM_MODES, " or ".join(BATCHNORM_MODES), self.batchnorm)
-        check("fisher", "chunk_size", is_int(self.chunk_size) and self.chunk_size >= 2, "integer >= 2",
-              self.chunk_size)
-        check("fisher", "chunk_size", self.batchnorm != "train" or self.batch_size % self.chunk_size == 0,
-              "a divisor of batch_size with batchnorm=\"train\"", self.chunk_size)
-        check("fisher", "logit_norm", self.logit_norm is None or (isinstance(self.logit_norm, (int, float))
-              and not isinstance(self.logit_norm, bool) and 0 < self.logit_norm < math.inf),
-              "null or a finite number > 0", self.logit_norm)
-        check("fisher", "floor", isinstance(self.floor, (int, float)) and 0 < self.floor < 1, "0 < floor < 1",
-              self.floor)
-        check("fisher", "vmap_chunk", self.vmap_chunk is None or (is_int(self.vmap_chunk) and self.vmap_chunk >= 1),
-              "null or integer >= 1", self.vmap_chunk)
+        validate(self, "metric_options.fisher")
+        if self.batchnorm == "train" and self.batch_size % self.chunk_size != 0:
+            raise out_of_range("metric_options.fisher.chunk_size", self.chunk_size,
+                               'a divisor of batch_size with batchnorm="train"')
 
 
 def per_example_losses(logits: torch.Tensor, y: torch.Tensor, logit_norm: float | None = None) -> torch.Tensor:

@@ -16,28 +16,24 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.metrics.base import MetricData, key
 from phasediagram.metrics.local_energy import subset_of
 from phasediagram.models.modes import eval_mode
-from phasediagram.options import is_int
+from phasediagram.options import integer, subset, validate
 
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
 class GradNormOptions:
-    splits: tuple[str, ...] = ("train",)  # the splits whose loss gradient is measured
-    n_examples: int | None = None  # None: the whole split; else a fixed subset (seed 0) of this size
-    batch_size: int = 1000  # accumulation batch size (changes only rounding)
+    splits: tuple[str, ...] = subset(("train",), SPLITS)  # the splits whose loss gradient is measured
+    # None: the whole split; else a fixed subset (seed 0) of this size
+    n_examples: int | None = integer(None, low=1, optional=True)
+    batch_size: int = integer(1000, low=1)  # accumulation batch size (changes only rounding)
 
     def __post_init__(self):
-        ok = isinstance(self.splits, (list, tuple)) and bool(self.splits) and all(s in SPLITS for s in self.splits)
-        check("grad_norm", "splits", ok and len(set(self.splits)) == len(self.splits),
-              "a non-empty list of distinct splits from train, test", self.splits)
+        validate(self, "metric_options.grad_norm")
         object.__setattr__(self, "splits", tuple(self.splits))
-        check("grad_norm", "n_examples", self.n_examples is None or is_int(self.n_examples, 1), "null or integer >= 1",
-              self.n_examples)
-        check("grad_norm", "batch_size", is_int(self.batch_size, 1), "integer >= 1", self.batch_size)
 
 
 def loss_gradient(model: torch.nn.Module, split, batch_size: int) -> list[torch.Tensor]:

@@ -59,11 +59,11 @@ from torch.nn import functional as F
 from phasediagram.accel import ensemble_models
 from phasediagram.accel.hvp_lockstep import LockstepHessians
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import MetricData, check, key, parse_key
+from phasediagram.metrics.base import MetricData, key, parse_key
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics import linalg
 from phasediagram.numerics.hvp import METHODS, HessianOperator
-from phasediagram.options import is_int, is_real
+from phasediagram.options import choice, integer, out_of_range, real, validate
 
 NAME = "hessian"
 EIG_STARTS = ("slq", "gradient", "random")
@@ -72,43 +72,42 @@ HUTCHPP_BASES = ("krylov", "sketch")
 
 @dataclass(frozen=True)
 class HessianOptions:
-    batch_size: int | None = 200  # fixed seeded batch of this many training examples; None: whole split
-    chunk_size: int = 1000  # examples per forward pass; one chunk caches the graph, more rebuild it per product
-    top_k: int = 1  # eigenvalues reported (largest algebraic)
-    lanczos_iters: int = 100  # most Lanczos steps, one product each (reference power iteration: 100)
-    tol: float = 1e-3  # eigenvalue tolerance, relative to the largest |Ritz value| (reference: 1e-3)
-    eig_rule: str = "gap"  # "gap" (min(r, r^2/gap) <= tol), "residual" (r <= tol) or "change" (reference rule)
-    eig_start: str = "slq"  # Lanczos start: "slq" (the SLQ run's top Ritz vectors; "gradient" without density),
+    # fixed seeded batch of this many training examples; None: whole split
+    batch_size: int | None = integer(200, low=1, optional=True)
+    # examples per forward pass; one chunk caches the graph, more rebuild it per product
+    chunk_size: int = integer(1000, low=1)
+    top_k: int = integer(1, low=1)  # eigenvalues reported (largest algebraic)
+    # most Lanczos steps, one product each (reference power iteration: 100); at least top_k
+    lanczos_iters: int = integer(100, low=1)
+    # eigenvalue tolerance, relative to the largest |Ritz value| (reference: 1e-3)
+    tol: float = real(1e-3, low=0, high=1, open_low=True)
+    # "gap" (min(r, r^2/gap) <= tol), "residual" (r <= tol) or "change" (reference rule)
+    eig_rule: str = choice("gap", linalg.EIG_RULES)
+    # Lanczos start: "slq" (the SLQ run's top Ritz vectors; "gradient" without density),
     # "gradient" (gradient + random vector), "random" (pair with "residual")
-    trace_probes: int = 200  # most Rademacher probes (reference: 100)
-    trace_tol: float = 0.02  # "stderr": largest relative standard error; "change": relative change (reference 1e-3)
-    trace_rule: str = "stderr"  # "stderr" (stderr <= trace_tol |trace|) or "change" (reference rule with |trace|)
-    hutchpp_basis: str = "krylov"  # Hutch++ deflation: "krylov" (the SLQ run's basis, no product) or "sketch"
-    hutchpp_sketch: int = 10  # sketch size s ("sketch", or no density): 2 s products, then residual probes
-    density_iters: int = 100  # Lanczos steps per SLQ probe
-    density_probes: int = 1  # SLQ probes; 0 skips the density
-    density_points: int = 100  # grid points of the stored density curve
-    density_sigma: float = 0.01  # Gaussian smoothing width, relative to the spectral range
-    hvp: str = "double_backward"  # Hessian-vector product: "double_backward" or "func"
+    eig_start: str = choice("slq", EIG_STARTS)
+    trace_probes: int = integer(200, low=1)  # most Rademacher probes (reference: 100)
+    # "stderr": largest relative standard error; "change": relative change (reference 1e-3)
+    trace_tol: float = real(0.02, low=0, high=1)
+    # "stderr" (stderr <= trace_tol |trace|) or "change" (reference rule with |trace|)
+    trace_rule: str = choice("stderr", linalg.RULES)
+    # Hutch++ deflation: "krylov" (the SLQ run's basis, no product) or "sketch"
+    hutchpp_basis: str = choice("krylov", HUTCHPP_BASES)
+    # sketch size s ("sketch", or no density): 2 s products, then residual probes
+    hutchpp_sketch: int = integer(10, low=0)
+    density_iters: int = integer(100, low=1)  # Lanczos steps per SLQ probe
+    density_probes: int = integer(1, low=0)  # SLQ probes; 0 skips the density
+    density_points: int = integer(100, low=2)  # grid points of the stored density curve
+    # Gaussian smoothing width, relative to the spectral range
+    density_sigma: float = real(0.01, low=0, high=1, open_low=True)
+    # Hessian-vector product: "double_backward" or "func"
+    hvp: str = choice("double_backward", METHODS)
 
     def __post_init__(self):
-        for name, lo in (("chunk_size", 1), ("top_k", 1), ("lanczos_iters", 1), ("trace_probes", 1),
-                         ("hutchpp_sketch", 0), ("density_iters", 1), ("density_probes", 0), ("density_points", 2)):
-            check(NAME, name, is_int(getattr(self, name), lo), f"integer >= {lo}", getattr(self, name))
-        check(NAME, "batch_size", self.batch_size is None or is_int(self.batch_size, 1), "integer >= 1 or None",
-              self.batch_size)
-        check(NAME, "lanczos_iters", self.lanczos_iters >= self.top_k, f"integer >= top_k = {self.top_k}",
-              self.lanczos_iters)
-        check(NAME, "tol", is_real(self.tol, 0.0, 1.0, open_low=True), "0 < tol <= 1", self.tol)
-        check(NAME, "trace_tol", is_real(self.trace_tol, 0.0, 1.0), "0 <= trace_tol <= 1", self.trace_tol)
-        check(NAME, "trace_rule", self.trace_rule in linalg.RULES, " or ".join(linalg.RULES), self.trace_rule)
-        check(NAME, "eig_rule", self.eig_rule in linalg.EIG_RULES, " or ".join(linalg.EIG_RULES), self.eig_rule)
-        check(NAME, "eig_start", self.eig_start in EIG_STARTS, " or ".join(EIG_STARTS), self.eig_start)
-        check(NAME, "density_sigma", is_real(self.density_sigma, 0.0, 1.0, open_low=True), "0 < density_sigma <= 1",
-              self.density_sigma)
-        check(NAME, "hvp", self.hvp in METHODS, " or ".join(METHODS), self.hvp)
-        check(NAME, "hutchpp_basis", self.hutchpp_basis in HUTCHPP_BASES, " or ".join(HUTCHPP_BASES),
-              self.hutchpp_basis)
+        validate(self, f"metric_options.{NAME}")
+        if self.lanczos_iters < self.top_k:
+            raise out_of_range(f"metric_options.{NAME}.lanczos_iters", self.lanczos_iters,
+                               f"an integer >= top_k = {self.top_k}")
 
 
 def hessian_batch(split: Split, options: HessianOptions, generator: torch.Generator) -> Split:

@@ -37,9 +37,9 @@ from torch.nn import functional as F
 
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.metrics.base import MetricData, key
 from phasediagram.models.modes import eval_mode
-from phasediagram.options import is_int, is_real
+from phasediagram.options import choice, integer, is_real, real, rule, subset, validate
 
 SPLITS = ("train", "test")
 REFERENCE_SIGMAS = (0.0, 0.025, 0.05, 0.075, 0.1)
@@ -54,36 +54,23 @@ BATCHINGS = ("loop", "ensemble", "vmap")
 
 @dataclass(frozen=True)
 class LocalEnergyOptions:
-    sigmas: tuple[float, ...] = REFERENCE_SIGMAS  # the curve's grid (reference: sweep of [0, 0.1])
-    sigma_value: float = 0.05  # the cell value is dE at this sigma (added to the grid if missing)
-    n_samples: int = 100  # M, Monte Carlo samples of z (reference 100)
-    splits: tuple[str, ...] = SPLITS
-    n_examples: int | None = None  # None: the whole split; else a fixed subset (seed 0) of this size
-    batch_size: int = 1000  # evaluation batch size (does not change the result)
-    batching: str = "loop"  # how the samples are evaluated: see BATCHINGS
-    sample_chunk: int = 10  # samples evaluated together (ensemble or vmap)
+    # the curve's grid (reference: sweep of [0, 0.1])
+    sigmas: tuple[float, ...] = rule(REFERENCE_SIGMAS, lambda v: isinstance(v, (list, tuple)) and len(v) >= 1
+                                     and all(is_real(s, 0, 10) for s in v), "a non-empty list of numbers in [0, 10]")
+    # the cell value is dE at this sigma (added to the grid if missing)
+    sigma_value: float = real(0.05, low=0, high=10)
+    n_samples: int = integer(100, low=2)  # M, Monte Carlo samples of z (reference 100)
+    splits: tuple[str, ...] = subset(SPLITS, SPLITS)
+    # None: the whole split; else a fixed subset (seed 0) of this size
+    n_examples: int | None = integer(None, low=1, optional=True)
+    batch_size: int = integer(1000, low=1)  # evaluation batch size (does not change the result)
+    batching: str = choice("loop", BATCHINGS)  # how the samples are evaluated: see BATCHINGS
+    sample_chunk: int = integer(10, low=1)  # samples evaluated together (ensemble or vmap)
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
-        sig = self.sigmas
-        ok = isinstance(sig, (list, tuple)) and len(sig) >= 1 and all(is_real(s) and 0 <= s <= 10 for s in sig)
-        check("local_energy", "sigmas", ok, "a non-empty list of numbers in [0, 10]", sig)
-        set_("sigmas", tuple(sorted({float(s) for s in sig})))
-        check("local_energy", "sigma_value", is_real(self.sigma_value) and 0 <= self.sigma_value <= 10, "0..10",
-              self.sigma_value)
-        check("local_energy", "n_samples", is_int(self.n_samples) and self.n_samples >= 2, "integer >= 2",
-              self.n_samples)
-        ok = isinstance(self.splits, (list, tuple)) and len(self.splits) >= 1 and all(s in SPLITS for s in self.splits)
-        check("local_energy", "splits", ok and len(set(self.splits)) == len(self.splits),
-              "a non-empty list of distinct splits from train, test", self.splits)
-        set_("splits", tuple(self.splits))
-        check("local_energy", "n_examples", self.n_examples is None
-              or (is_int(self.n_examples) and self.n_examples >= 1), "null or integer >= 1", self.n_examples)
-        check("local_energy", "batch_size", is_int(self.batch_size) and self.batch_size >= 1, "integer >= 1",
-              self.batch_size)
-        check("local_energy", "batching", self.batching in BATCHINGS, " | ".join(BATCHINGS), self.batching)
-        check("local_energy", "sample_chunk", is_int(self.sample_chunk) and self.sample_chunk >= 1, "integer >= 1",
-              self.sample_chunk)
+        validate(self, "metric_options.local_energy")
+        object.__setattr__(self, "sigmas", tuple(sorted({float(s) for s in self.sigmas})))
+        object.__setattr__(self, "splits", tuple(self.splits))
 
     @property
     def grid(self) -> tuple[float, ...]:

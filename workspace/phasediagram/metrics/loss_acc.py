@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phasediagram.metrics.base import MetricData, check, evaluate, key
+from phasediagram.metrics.base import MetricData, evaluate, key
+from phasediagram.options import integer, validate
 
 
 @dataclass(frozen=True)
 class LossAccOptions:
-    batch_size: int = 1000  # evaluation batch size (does not change the result)
+    # evaluation batch size (does not change the result)
+    batch_size: int = integer(1000, low=1)
 
     def __post_init__(self):
-        check("loss_acc", "batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "integer >= 1",
-              self.batch_size)
+        validate(self, "metric_options.loss_acc")
 
 
 def loss_acc(model, data: MetricData, options: LossAccOptions, generator) -> dict[str, float]:

@@ -31,33 +31,25 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from phasediagram.metrics.base import MetricData, check, key
+from phasediagram.metrics.base import MetricData, key
 from phasediagram.metrics.local_energy import SPLITS, subset_of
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
-from phasediagram.options import is_int
+from phasediagram.options import integer, real, subset, validate
 
 
 @dataclass(frozen=True)
 class NRSOptions:
-    rho: float = 0.05  # relative radius: ||delta_l|| = rho ||w_l|| per parameter tensor
-    n_neighbours: int = 10  # K, neighbours averaged over
-    splits: tuple[str, ...] = SPLITS
-    n_examples: int | None = None  # None: the whole split; else a fixed subset (seed 0) of this size
-    batch_size: int = 1000  # evaluation batch size (does not change the result)
+    rho: float = real(0.05, low=0, high=10)  # relative radius: ||delta_l|| = rho ||w_l|| per parameter tensor
+    n_neighbours: int = integer(10, low=1)  # K, neighbours averaged over
+    splits: tuple[str, ...] = subset(SPLITS, SPLITS)
+    # None: the whole split; else a fixed subset (seed 0) of this size
+    n_examples: int | None = integer(None, low=1, optional=True)
+    batch_size: int = integer(1000, low=1)  # evaluation batch size (does not change the result)
 
     def __post_init__(self):
-        check("nrs", "rho", isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
-              and math.isfinite(self.rho) and 0 <= self.rho <= 10, "0..10", self.rho)
-        check("nrs", "n_neighbours", is_int(self.n_neighbours) and self.n_neighbours >= 1, "integer >= 1",
-              self.n_neighbours)
-        ok = isinstance(self.splits, (list, tuple)) and len(self.splits) >= 1 and all(s in SPLITS for s in self.splits)
-        check("nrs", "splits", ok and len(set(self.splits)) == len(self.splits),
-              "a non-empty list of distinct splits from train, test", self.splits)
+        validate(self, "metric_options.nrs")
         object.__setattr__(self, "splits", tuple(self.splits))
-        check("nrs", "n_examples", self.n_examples is None or (is_int(self.n_examples) and self.n_examples >= 1),
-              "null or integer >= 1", self.n_examples)
-        check("nrs", "batch_size", is_int(self.batch_size) and self.batch_size >= 1, "integer >= 1", self.batch_size)
 
 
 @torch.no_grad()
