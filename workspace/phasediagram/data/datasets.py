@@ -1,7 +1,12 @@
-"""Datasets as in-memory tensors: MNIST-1D (generated locally, the default) and CIFAR-10.
+"""Datasets as in-memory tensors: MNIST-1D (generated locally, the default), CIFAR-10, CIFAR-100, SVHN.
 
-CIFAR-10 is read from a local `cifar-10-batches-py` folder (the python pickle batches of the
-official archive) by a reader that unpickles through an allow-list, so no torchvision is needed.
+The image datasets are read from local folders in their published formats, nothing is downloaded
+and no torchvision is needed: CIFAR-10 and CIFAR-100 from the python pickle batches of the official
+archives (`cifar-10-batches-py`: data_batch_1..5, test_batch; `cifar-100-python`: train, test,
+labels `fine_labels`), unpickled through an allow-list; SVHN from the cropped-digits .mat files
+(`train_32x32.mat`, `test_32x32.mat`: X of shape (32, 32, 3, N), y of shape (N, 1) with the digit 0
+labelled 10), read with `scipy.io.loadmat`. Images are scaled to [0, 1] and normalised per channel
+by the dataset's usual mean and standard deviation.
 Training subsets (by fraction) and random labels (by fraction) are seeded independently of the
 training seed, so every cell and seed of a study sees the same data.
 """
@@ -25,6 +30,10 @@ from phasediagram.storage.safepickle import NUMPY_ARRAY_GLOBALS, load_allowed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+SVHN_MEAN = (0.4377, 0.4438, 0.4728)
+SVHN_STD = (0.1980, 0.2010, 0.1970)
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,11 @@ class DatasetInfo:
 DATASETS = {
     "mnist1d": DatasetInfo(4000, 1000, (40,), 10),
     "cifar10": DatasetInfo(50000, 10000, (3, 32, 32), 10),
+    "cifar100": DatasetInfo(50000, 10000, (3, 32, 32), 100),
+    "svhn": DatasetInfo(73257, 26032, (3, 32, 32), 10),
 }
+FOLDERS = {"cifar10": "cifar-10-batches-py (data_batch_1..5, test_batch)", "cifar100": "cifar-100-python (train, test)",
+           "svhn": "train_32x32.mat and test_32x32.mat"}  # what data_root holds, per image dataset
 
 
 @dataclass(frozen=True)
@@ -94,11 +107,11 @@ def load(name: str, *, data_root: str | os.PathLike | None = None, cache_dir: st
     `label_noise` fraction of its labels by uniformly random ones."""
     if name == "mnist1d":
         full = _mnist1d(cache_dir)
-    elif name == "cifar10":
+    elif name in READERS:
         if data_root is None:
-            raise SpecError("data_root", "cifar10 needs data_root: a folder holding cifar-10-batches-py "
-                            "(data_batch_1..5, test_batch) or those files themselves")
-        full = read_cifar10(data_root)
+            raise SpecError("data_root", f"{name} needs data_root: a folder holding {FOLDERS[name]} or those "
+                            "files themselves")
+        full = READERS[name](data_root)
     else:
         raise SpecError("dataset", f"{name!r} is not one of {', '.join(DATASETS)}")
     train = subset(full.train, train_fraction, stable_seed("subset", name, train_fraction))
@@ -173,25 +186,27 @@ def _mnist1d(cache_dir) -> Dataset:
                    Split((xt - mean) / std, torch.as_tensor(arrays["y_test"], dtype=torch.long)), 10)
 
 
-# ----------------------------------------------------------------------------- CIFAR-10
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+# ----------------------------------------------------------------------------- CIFAR-10, CIFAR-100
+def _read_cifar_batch(path: Path, label_key: str = "labels", n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, 3, 32, 32) uint8, labels (N,)) of one CIFAR python batch file."""
+    kind = "CIFAR-10" if n_classes == 10 else "CIFAR-100"
     try:
         with open(path, "rb") as f:
             d = load_allowed(f, NUMPY_ARRAY_GLOBALS)
     except Exception as exc:  # any unpickling failure, refused global included, means a malformed file
-        raise SpecError("data_root", f"{path} is not a CIFAR-10 python batch file ({type(exc).__name__}: {exc})") from None
+        raise SpecError("data_root", f"{path} is not a {kind} python batch file ({type(exc).__name__}: {exc})") from None
     if not isinstance(d, dict):
-        raise SpecError("data_root", f"{path} is not a CIFAR-10 python batch file (no dict inside)")
+        raise SpecError("data_root", f"{path} is not a {kind} python batch file (no dict inside)")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    data, labels = d.get("data"), d.get("labels")
+    data, labels = d.get("data"), d.get(label_key)
     if data is None or labels is None:
-        raise SpecError("data_root", f"{path} lacks the 'data' and 'labels' entries of a CIFAR-10 batch")
+        raise SpecError("data_root", f"{path} lacks the 'data' and '{label_key}' entries of a {kind} batch")
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data, np.uint8)
     labels = np.asarray(labels, dtype=np.int64)
     if raw.size != len(labels) * 3072:
         raise SpecError("data_root", f"{path}: {raw.size} bytes of pixels for {len(labels)} labels (expected 3072 each)")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise SpecError("data_root", f"{path}: labels outside 0..9")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise SpecError("data_root", f"{path}: labels outside 0..{n_classes - 1}")
     return raw.reshape(len(labels), 3, 32, 32), labels
 
 
@@ -199,19 +214,71 @@ CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_FILES = ("test_batch",)
 
 
+def _folder(root: str | os.PathLike, inner: str, files: tuple[str, ...], what: str) -> Path:
+    """`root/inner` if it is a folder, else `root`; it must hold `files`."""
+    root = Path(root)
+    folder = root / inner if (root / inner).is_dir() else root
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise SpecError("data_root", f"{folder} must hold {what} ({', '.join(files)}); missing: {', '.join(missing)}")
+    return folder
+
+
+def _normalised(pixels: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) as float32 in [0, 1], minus the channel mean, over the channel std."""
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return (torch.from_numpy(pixels.astype(np.float32) / 255.0) - m) / sd
+
+
 def read_cifar10(root: str | os.PathLike) -> Dataset:
     """Read CIFAR-10 from `root` or `root/cifar-10-batches-py`, normalised per channel."""
-    root = Path(root)
-    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    missing = [f for f in CIFAR_TRAIN_FILES + CIFAR_TEST_FILES if not (folder / f).is_file()]
-    if missing:
-        raise SpecError("data_root", f"{folder} must hold the CIFAR-10 python batches "
-                        f"({', '.join(CIFAR_TRAIN_FILES + CIFAR_TEST_FILES)}); missing: {', '.join(missing)}")
+    folder = _folder(root, "cifar-10-batches-py", CIFAR_TRAIN_FILES + CIFAR_TEST_FILES, "the CIFAR-10 python batches")
     parts = [_read_cifar_batch(folder / f) for f in CIFAR_TRAIN_FILES]
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
     xte, yte = _read_cifar_batch(folder / "test_batch")
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    norm = lambda a: (torch.from_numpy(a.astype(np.float32) / 255.0) - mean) / std  # noqa: E731
-    return Dataset("cifar10", Split(norm(xtr), torch.from_numpy(ytr)), Split(norm(xte), torch.from_numpy(yte)), 10)
+    return Dataset("cifar10", Split(_normalised(xtr, CIFAR_MEAN, CIFAR_STD), torch.from_numpy(ytr)),
+                   Split(_normalised(xte, CIFAR_MEAN, CIFAR_STD), torch.from_numpy(yte)), 10)
+
+
+def read_cifar100(root: str | os.PathLike) -> Dataset:
+    """Read CIFAR-100 (its 100 fine labels) from `root` or `root/cifar-100-python`, normalised per channel."""
+    folder = _folder(root, "cifar-100-python", ("train", "test"), "the CIFAR-100 python files")
+    (xtr, ytr), (xte, yte) = (_read_cifar_batch(folder / f, "fine_labels", 100) for f in ("train", "test"))
+    return Dataset("cifar100", Split(_normalised(xtr, CIFAR100_MEAN, CIFAR100_STD), torch.from_numpy(ytr)),
+                   Split(_normalised(xte, CIFAR100_MEAN, CIFAR100_STD), torch.from_numpy(yte)), 100)
+
+
+# ----------------------------------------------------------------------------- SVHN
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def _read_svhn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, 3, 32, 32) uint8, labels (N,) in 0..9) of one SVHN .mat file (label 10 is the digit 0)."""
+    from scipy.io import loadmat
+
+    try:
+        d = loadmat(path)
+    except Exception as exc:  # scipy raises several types for a file that is not a MATLAB file
+        raise SpecError("data_root", f"{path} is not an SVHN .mat file ({type(exc).__name__}: {exc})") from None
+    x, y = d.get("X"), d.get("y")
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise SpecError("data_root", f"{path} lacks the 'X' and 'y' arrays of an SVHN file")
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
+        raise SpecError("data_root", f"{path}: X of shape {x.shape} and y of {y.shape}; expected (32, 32, 3, N) "
+                                     "and N labels")
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > 10):
+        raise SpecError("data_root", f"{path}: labels outside 1..10")
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8), labels % 10
+
+
+def read_svhn(root: str | os.PathLike) -> Dataset:
+    """Read SVHN (cropped digits; the training set without `extra`) from `root` or `root/svhn`."""
+    folder = _folder(root, "svhn", SVHN_FILES, "the SVHN cropped-digit files")
+    (xtr, ytr), (xte, yte) = (_read_svhn_file(folder / f) for f in SVHN_FILES)
+    return Dataset("svhn", Split(_normalised(xtr, SVHN_MEAN, SVHN_STD), torch.from_numpy(ytr)),
+                   Split(_normalised(xte, SVHN_MEAN, SVHN_STD), torch.from_numpy(yte)), 10)
+
+
+READERS = {"cifar10": read_cifar10, "cifar100": read_cifar100, "svhn": read_svhn}

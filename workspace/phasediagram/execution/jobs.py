@@ -217,7 +217,7 @@ class CellModels:
     def get(self, seed: int) -> tuple[torch.nn.Module | None, str]:
         if seed not in self._loaded:
             path = self.layout.checkpoint(self.cell, seed, "final")
-            if train.final_status(self.layout, self.spec, self.cell, seed, self.log) is None:
+            if train.final_status(self.layout, self.spec, self.cell, seed, self.log, check_best=False) is None:
                 raise MissingCheckpoint(f"no valid trained checkpoint {path}: run the train stage first "
                                         "(a corrupt one was moved aside)")
             model, ckpt = train.load_model(path, self.device)

@@ -92,9 +92,11 @@ def check_matches(ckpt: dict, spec: ExperimentSpec, cell: Cell, path: Path) -> N
                                       f"says {spec.arch} of width {cell.width}; use a new experiment name")
 
 
-def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> dict | None:
+def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print,
+             check_best: bool = True) -> dict | None:
     """The valid final checkpoint of run (cell, seed) of this spec, or None: none, a corrupt one (moved
-    aside), or a run whose `best.pt` is missing or corrupt (moved aside; retraining rebuilds it)."""
+    aside), or, with `check_best`, a run whose `best.pt` is missing or corrupt (moved aside; retraining
+    rebuilds it)."""
     path = layout.checkpoint(cell, seed, "final")
     if not path.exists():
         return None
@@ -108,7 +110,7 @@ def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=pr
         raise CorruptFile(path, "was trained with other training settings than this spec; "
                                       "use a new experiment name")
     best = layout.checkpoint(cell, seed, "best")
-    if ckpt["status"] == "ok" or best.exists():
+    if check_best and (ckpt["status"] == "ok" or best.exists()):
         problem = "is missing"
         try:
             checkpoints.load(best)
@@ -122,9 +124,10 @@ def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=pr
     return ckpt
 
 
-def final_status(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print) -> str | None:
-    """'ok' or 'diverged' if run (cell, seed) has a valid final checkpoint of this spec, else None."""
-    ckpt = finished(layout, spec, cell, seed, log)
+def final_status(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=print,
+                 check_best: bool = True) -> str | None:
+    """'ok' or 'diverged' if run (cell, seed) has a valid final checkpoint of this spec (`finished`), else None."""
+    ckpt = finished(layout, spec, cell, seed, log, check_best)
     return None if ckpt is None else ckpt["status"]
 
 
