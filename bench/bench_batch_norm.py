@@ -12,6 +12,7 @@ One torch thread (as the job pool's workers), float32, the demo's resnet1d with 
    default (sums from `MIN_ELEMENTS` values up).
 
     python bench/bench_batch_norm.py
+    python bench/bench_batch_norm.py --write-docs   # also writes its tables into docs/performance.md
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import statistics
 import time
 
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 import torch
 from torch import nn
 
@@ -51,7 +53,8 @@ def alternate(fns: dict, n: int, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def layer(channels: int, length: int, batch: int, repeats: int) -> None:
+def layer(channels: int, length: int, batch: int, repeats: int) -> tuple[float, str]:
+    """Print one BatchNorm's times; return (torch / sums, the one the default threshold picks)."""
     shape = (1, MEMBERS * channels, length, batch)
     x = torch.randn(shape, requires_grad=True)
     upstream = torch.randn(shape)
@@ -70,6 +73,7 @@ def layer(channels: int, length: int, batch: int, repeats: int) -> None:
                   max(5, 2_000_000 // x.numel()), repeats)
     pick = "sums" if batch_norm.applies(ours, x) and batch_norm.uses_sums(x) else "torch"
     print(f"{str(shape):>20} {t['torch']:9.3f} {t['sums']:9.3f} {t['torch'] / t['sums']:6.2f}  {pick}")
+    return t["torch"] / t["sums"], pick
 
 
 def step(width: int, batch: int, repeats: int) -> float:
@@ -97,21 +101,36 @@ def step(width: int, batch: int, repeats: int) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--write-docs", action="store_true", help="write the tables into docs/performance.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     runtime.keep_freed_memory()
     print(f"1. one BatchNorm, forward + backward, ms (S = {MEMBERS}); "
           f"default threshold {batch_norm.MIN_ELEMENTS} values")
     print(f"{'activation':>20} {'torch':>9} {'sums':>9} {'ratio':>6}  default picks")
+    layers = []
     for width in (8, 16, 32):
         for batch in (16, 64, 256):
+            cells = []
             for channels, length in ((width, 40), (4 * width, 10)):
-                layer(channels, length, batch, args.repeats)
+                ratio, pick = layer(channels, length, batch, args.repeats)
+                cells.append(f"{ratio:.2f}x ({pick})")
+            layers.append([width, batch, MEMBERS * width * 40 * batch, *cells])  # both layers hold as many values
     print("2. one ensemble training step of the demo's cells, ms (torch's batch-norm kernel everywhere / default)")
     print(f"{'width':>5} {'batch':>5} {'torch':>9} {'default':>9} {'ratio':>6}")
-    ratios = [step(w, b, args.repeats) for w in (8, 16, 32) for b in (16, 32, 64, 128, 256)]
+    batches = (16, 32, 64, 128, 256)
+    steps = {w: [step(w, b, args.repeats) for b in batches] for w in (8, 16, 32)}
+    ratios = [r for rs in steps.values() for r in rs]
     print(f"step ratio torch / default: min {min(ratios):.3f}, median {statistics.median(ratios):.3f}, "
           f"max {max(ratios):.3f}")
+    if args.write_docs:
+        report.write_section("batch_norm", report.command(__file__, argv), (
+            f"One BatchNorm, forward and backward, S = {MEMBERS} members: torch / sums (and what the default "
+            f"threshold of {batch_norm.MIN_ELEMENTS} values picks):\n\n"
+            + report.table(["width", "batch", "values", "stem", "last stage"], layers)
+            + "\n\nOne ensemble training step, torch's kernel everywhere / the default:\n\n"
+            + report.table(["width \\ batch", *map(str, batches)],
+                           [[w, *(f"{r:.2f}x" for r in rs)] for w, rs in steps.items()])))
 
 
 if __name__ == "__main__":

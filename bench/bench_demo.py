@@ -1,36 +1,30 @@
-"""The default demo's whole run before and after the speed work: wall times and ratios.
+"""The demo's whole run as `make demo` runs it, with sequential training against the default ensemble policy.
 
-The demo spec is the CLI's `--preset demo` (plus any extra spec flags given after `--`),
-resolved once through the CLI's own parser (`cli.spec_from_args`) and written to a spec file,
-so every run uses the identical spec even if the preset is edited while this runs. Runs:
-"before" (with `--before REV`: the package and CLI of git revision REV, checked out with
-`git worktree` into the temporary folder and imported from there through PYTHONPATH, ensemble
-training off), "off" (this checkout, `--ensemble off`) and "auto" (this checkout, the default),
-alternating, `--repeats` times, each in a fresh temporary root, through `subprocess` with an
-argument list:
+Each run is the one command `make demo` runs, `example_experiment.py --preset demo --run --plot`
+(one worker pool for training and metrics, a cell's metrics starting when its training ends, then
+the table and the figures), plus `--ensemble MODE` and `--root TMP`, started through `subprocess`
+with an argument list in a fresh temporary folder (its own MNIST-1D generation included) and
+timed as a whole with time.perf_counter. Modes (`--modes`): "off" trains and measures every seed
+on its own (`--ensemble off`), "auto" uses the default ensemble policy (`--ensemble auto`, the
+speed flag). The modes alternate, `--repeats` times; printed per mode the wall times and their
+median, and the ratio of the medians auto / off. Extra spec flags after `--` are passed to every
+run (after `--preset demo`).
 
-    example_experiment.py --spec SPEC --ensemble MODE --root TMP --metrics train --run   (training)
-    example_experiment.py --spec SPEC --ensemble MODE --root TMP --run                   (the rest)
+With `--compare` (and both modes), the two results tables of the last repeat are compared row by
+row (same cell, seed, split, metric): the largest |off - auto| per metric. In float64 each member
+equals its sequential run up to rounding (tested); in float32 small models trained at the demo's
+learning rates are chaotic, so rounding differences give statistically equivalent but different
+runs, and per-seed values differ.
 
-the second skipping the finished training jobs and running every metric, the table and the
-figures; times are time.perf_counter around each command (so the training time includes the
-MNIST-1D generation and the first table and figure). With `--whole`, each run is instead the one
-command `make demo` runs (`--run`: one worker pool for training and metrics, a cell's metrics
-starting when its training ends), timed as a whole. Then the two results tables are compared
-row by row (same cell, seed, split, metric). In float64 each member equals its sequential run
-to ~1e-13; in float32 small models trained with lr 0.1 are chaotic, so rounding differences
-(the same as between torch's two float32 convolution backends) give statistically equivalent
-but different runs, and per-seed values differ.
-
-    python bench/bench_demo.py --before d1a1a74               # before: the code of stop 9
-    python bench/bench_demo.py --before d1a1a74 --whole --modes auto   # as make demo runs it, before vs now
-    python bench/bench_demo.py --repeats 3 -- --epochs 5      # extra spec flags after --
+    python bench/bench_demo.py                                  # off and auto, once each
+    python bench/bench_demo.py --repeats 3 --modes auto         # the default policy alone
+    python bench/bench_demo.py --repeats 1 --compare -- --epochs 5   # extra spec flags after --
+    python bench/bench_demo.py --write-docs                     # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -38,119 +32,87 @@ import tempfile
 import time
 from pathlib import Path
 
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
+
 from phasediagram import cli
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("off", "auto")
 
 
-def run_cli(args: list[str], repo: Path = REPO) -> float:
-    cmd = [sys.executable, str(repo / "example_experiment.py"), *args]
-    env = dict(os.environ)
-    if repo != REPO:  # an older revision's package, imported ahead of the installed one
-        env["PYTHONPATH"] = os.pathsep.join([str(repo / "workspace"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+def run_demo(mode: str, root: Path, extra: list[str], workers: int | None) -> float:
+    """Seconds of `example_experiment.py --preset demo EXTRA --ensemble MODE --root ROOT --run --plot` in `root`."""
+    cmd = [sys.executable, str(REPO / "example_experiment.py"), "--preset", "demo", *extra, "--ensemble", mode,
+           "--root", str(root), "--run", "--plot"]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    root.mkdir(parents=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return elapsed
 
 
-def run_demo(mode: str, spec_file: Path, root: Path, workers: int | None, repo: Path = REPO) -> tuple[float, float]:
-    """(training seconds, seconds of the rest) of the demo with `--ensemble mode` in `root`, by the CLI of `repo`."""
-    common = ["--spec", str(spec_file), "--ensemble", mode, "--root", str(root)]
-    if workers:
-        common += ["--workers", str(workers)]
-    return run_cli([*common, "--metrics", "train", "--run"], repo), run_cli([*common, "--run"], repo)
-
-
-def run_whole(mode: str, spec_file: Path, root: Path, workers: int | None, repo: Path = REPO) -> float:
-    """Seconds of the demo's whole run as one command (`--run`), with `--ensemble mode`, by the CLI of `repo`."""
-    args = ["--spec", str(spec_file), "--ensemble", mode, "--root", str(root), "--run"]
-    return run_cli(args + (["--workers", str(workers)] if workers else []), repo)
-
-
-def checkout(rev: str, dest: Path) -> Path:
-    """A detached `git worktree` of `rev` at `dest` (removed again by `remove_checkout`)."""
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(dest), rev], check=True,
-                   capture_output=True, text=True)
-    return dest
-
-
-def remove_checkout(dest: Path) -> None:
-    subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(dest)], capture_output=True)
-
-
-def compare_tables(paths: dict[str, Path]) -> None:
-    """Print max |value(off) - value(auto)| per metric over matching rows of the two results tables."""
+def compare_tables(paths: dict[str, Path]) -> str:
+    """Print and return max |value(off) - value(auto)| per metric over matching rows of the two results tables."""
     import pandas as pd
 
     tables = {mode: pd.read_csv(p) for mode, p in paths.items()}
     keys = [c for c in tables["off"].columns if c not in ("value", "status") and c in tables["auto"].columns]
     merged = tables["off"].merge(tables["auto"], on=keys, suffixes=("_off", "_auto"))
-    print(f"results tables: {len(tables['off'])} rows (off), {len(tables['auto'])} rows (auto), {len(merged)} matched")
     diff = (merged["value_off"] - merged["value_auto"]).abs()
     by = [c for c in ("split", "metric") if c in merged.columns]
     parts = [f"{'/'.join(map(str, name if isinstance(name, tuple) else (name,)))} {d.max():.3g}"
              for name, d in diff.groupby([merged[c] for c in by])]
-    print("  max |off - auto| per metric: " + ", ".join(parts))
+    line = (f"Results tables: {len(tables['off'])} rows (off), {len(tables['auto'])} rows (auto), {len(merged)} "
+            "matched; max \\|off - auto\\| per metric: " + ", ".join(parts))
+    print(line.replace("\\|", "|"))
+    return line
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, default=None, help="passed to the CLI (default: its own, one per core)")
-    p.add_argument("--before", metavar="REV", help="also run the demo with the code of git revision REV, ensemble off")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="this checkout's runs (auto is kept)")
-    p.add_argument("--whole", action="store_true", help="time each run as one command (as `make demo`)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="--ensemble modes to time")
+    p.add_argument("--compare", action="store_true", help="compare the off and auto results tables row by row")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     p.add_argument("extra", nargs="*", help="extra spec flags of example_experiment.py (after --)")
     args = p.parse_args(argv)
+    modes = [m for m in MODES if m in args.modes]
     spec = cli.spec_from_args(cli.build_parser().parse_args(["--preset", "demo", *args.extra]))
-    print(f"demo spec: {spec.arch} widths {list(spec.widths)} x batch sizes {list(spec.batch_sizes)} x "
-          f"{len(spec.seeds)} seeds, {spec.epochs} epochs, metrics {', '.join(spec.metrics)}")
-    modes = (("before",) if args.before else ()) + tuple(m for m in MODES if m in args.modes or m == "auto")
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    about = (f"{spec.arch} widths {' '.join(map(str, spec.widths))} x batch sizes "
+             f"{' '.join(map(str, spec.batch_sizes))} x learning rates {' '.join(f'{lr:g}' for lr in spec.lrs)} x "
+             f"{len(spec.seeds)} seeds, {spec.epochs} epochs, metrics {', '.join(spec.metrics)}")
+    print(f"demo spec: {about}", flush=True)
+    times: dict[str, list[float]] = {m: [] for m in modes}
     tables: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
-        spec_file = Path(tmp) / "demo_spec.json"
-        spec_file.write_text(spec.to_json())
-        old = checkout(args.before, Path(tmp) / "before_code") if args.before else None
-        try:
-            for r in range(args.repeats):
-                for mode in modes:
-                    root = Path(tmp) / f"{mode}{r}"
-                    if args.whole:
-                        total = run_whole("off" if mode == "before" else mode, spec_file, root, args.workers,
-                                          old if mode == "before" else REPO)
-                        times[mode].append((total, 0.0))
-                        print(f"{mode:6s} run {r + 1}: whole run {total:7.1f} s", flush=True)
-                        tables[mode] = next(root.glob("checkpoint/*/results.csv"), None)
-                        continue
-                    if mode == "before":
-                        t_train, t_rest = run_demo("off", spec_file, root, args.workers, old)
-                    else:
-                        t_train, t_rest = run_demo(mode, spec_file, root, args.workers)
-                    times[mode].append((t_train, t_rest))
-                    print(f"{mode:6s} run {r + 1}: training {t_train:7.1f} s, the rest {t_rest:7.1f} s, "
-                          f"total {t_train + t_rest:7.1f} s", flush=True)
-                    tables[mode] = next(root.glob("checkpoint/*/results.csv"), None)
-        finally:
-            if old is not None:
-                remove_checkout(old)
-        med = {m: [statistics.median(t[i] for t in ts) for i in (0, 1)] for m, ts in times.items()}
-        auto = med["auto"]
-        for base in [m for m in modes if m != "auto"]:
-            b = med[base]
-            if args.whole:
-                print(f"medians of {args.repeats}: {base} -> auto: whole run {b[0]:.1f} s -> {auto[0]:.1f} s = "
-                      f"{b[0] / auto[0]:.2f}x (target >= 2)")
-                continue
-            print(f"medians of {args.repeats}: {base} -> auto: training {b[0]:.1f} s -> {auto[0]:.1f} s = "
-                  f"{b[0] / auto[0]:.2f}x; metrics and the rest {b[1]:.1f} s -> {auto[1]:.1f} s = {b[1] / auto[1]:.2f}x; "
-                  f"whole run {sum(b):.1f} s -> {sum(auto):.1f} s = {sum(b) / sum(auto):.2f}x (target >= 2)")
-        if tables.get("off") and tables.get("auto"):
-            compare_tables(tables)
+        for r in range(args.repeats):
+            for mode in modes:
+                root = Path(tmp) / f"{mode}{r}"
+                times[mode].append(run_demo(mode, root, args.extra, args.workers))
+                print(f"{mode:4s} run {r + 1}: {times[mode][-1]:7.1f} s", flush=True)
+                tables[mode] = next(root.glob("checkpoint/*/results.csv"), None)
+        med = {m: statistics.median(ts) for m, ts in times.items()}
+        for m, ts in times.items():
+            print(f"{m:4s} {' / '.join(f'{t:.1f}' for t in ts)} s, median {med[m]:.1f} s")
+        lines = []
+        if len(modes) == 2:
+            ratio = med["auto"] / med["off"]
+            print(f"auto / off: {ratio:.2f} (auto {1 / ratio:.2f}x as fast)")
+            lines.append(f"auto / off: **{ratio:.2f}** (the default policy {1 / ratio:.2f}x as fast as sequential "
+                         "runs).")
+        if args.compare and tables.get("off") and tables.get("auto"):
+            lines.append(compare_tables(tables))
+    if args.write_docs:
+        rows = [[m, " / ".join(f"{t:.1f}" for t in ts), f"{med[m]:.1f} s ({med[m] / 60:.1f} min)"]
+                for m, ts in times.items()]
+        report.write_section("demo", report.command(__file__, argv), "\n\n".join(
+            [f"Demo: {about}; {args.repeats} run(s) per mode, alternating.",
+             report.table(["--ensemble", "whole run (s)", "median"], rows), *lines]))
 
 
 if __name__ == "__main__":

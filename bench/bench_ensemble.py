@@ -31,6 +31,7 @@ MNIST-1D's shape (4000 x 40, 10 classes); the timing does not depend on the valu
 
     python bench/bench_ensemble.py                       # resnet1d, widths 8 32 128 x batch 16 128 512
     python bench/bench_ensemble.py --arch mlp --repeats 3
+    python bench/bench_ensemble.py --write-docs          # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import argparse
 import statistics
 import time
 
+import report  # bench/report.py
 import torch
 from bench_peak import call_times, matmul_peak, step_flops  # bench/ is the script's folder, so on sys.path
 from torch import nn
@@ -60,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=0.4, help="target duration of one sequential repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--conv", default="auto", choices=["auto", "bmm", "grouped"], help="ensemble convolution (resnets)")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     return p.parse_args(argv)
 
 
@@ -212,7 +215,7 @@ def main(argv=None) -> None:
     print(f"{'width':>5} {'batch':>5} {'steps':>5} {'seq ms':>8} {'ens ms':>8} {'ratio':>6} {'cpu ratio':>9} "
           f"{'g':>2} {'auto ms':>8} {'seq/auto':>8} {'seq/peak':>8} {'4x needs':>8} "
           f"{'mm ms':>8} {'bn+relu':>8} {'floor/4x':>8} {'max ratio':>8}")
-    rows = []
+    rows, table = [], []
     for width in args.widths:
         for batch in args.batch_sizes:
             group = policy.group_size(args.arch, width, batch, args.members)
@@ -230,6 +233,9 @@ def main(argv=None) -> None:
                   f"{group:2d} {aw * 1e3:8.3f} {auto_ratio:8.2f} {100 * seq_peak:7.1f}% {400 * seq_peak:7.1f}% "
                   f"{products * 1e3:8.3f} {elementwise * 1e3:8.3f} {400 * floor / sw:7.0f}% {sw / floor:8.2f}",
                   flush=True)
+            table.append([width, batch, f"{sw * 1e3:.3f}", f"{ew * 1e3:.3f}", f"**{ratio:.2f}x**", group,
+                          f"{auto_ratio:.2f}x", f"{100 * seq_peak:.1f} %", f"{400 * seq_peak:.1f} %",
+                          f"{400 * floor / sw:.0f} %", f"{sw / floor:.2f}x"])
     small = [r for r in rows if r[0] <= 32 and r[1] <= 128]
     used = [r for r in rows if r[4]]
     if small:
@@ -237,6 +243,12 @@ def main(argv=None) -> None:
               f"median {statistics.median(r[2] for r in small):.2f} (target >= 4)")
     if used:
         print(f"where auto uses ensembles: seq/auto min {min(r[5] for r in used):.2f} (target >= 1: never slower)")
+    if args.write_docs:
+        report.write_section("ensemble", report.command(__file__, argv), (
+            f"{args.arch}, S = {args.members} seeds, one thread; ms per member-step; fp32 matmul peak {peak:.1f} "
+            f"GFLOP/s; ratios are medians of {args.repeats} paired repeats:\n\n"
+            + report.table(["width", "batch", "sequential ms", "ensemble ms", "sequential / ensemble", "auto g",
+                            "sequential / auto", "seq / peak", "4x needs", "floor / 4x", "max"], table)))
 
 
 if __name__ == "__main__":

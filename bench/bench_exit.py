@@ -8,6 +8,7 @@ interpreter `--repeats` times per arm, alternating; it prints a line when its wo
 time is perf_counter from reading that line to the process's end. Medians, and their ratio.
 
     python bench/bench_exit.py
+    python bench/bench_exit.py --write-docs   # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 
 WORK = {
     "pool worker": "import phasediagram.execution.jobs; from phasediagram.execution.runtime import configure_worker; configure_worker(1)",
@@ -42,7 +45,9 @@ def exit_time(code: str) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
+    rows = []
     for name, work in WORK.items():
         plain, frozen = [], []
         for _ in range(args.repeats):
@@ -50,6 +55,12 @@ def main(argv=None) -> None:
             frozen.append(exit_time(f"{work}; {FREEZE}"))
         a, b = statistics.median(plain), statistics.median(frozen)
         print(f"{name:22s} exit: {a:.3f} s, frozen {b:.3f} s: {a / b:.1f}x faster ({a - b:.2f} s saved)", flush=True)
+        rows.append([name, " / ".join(f"{t:.2f}" for t in plain), f"{a:.2f} s", " / ".join(f"{t:.2f}" for t in frozen),
+                     f"{b:.2f} s", f"**{a / b:.1f}x** ({a - b:.2f} s saved)"])
+    if args.write_docs:
+        report.write_section("exit", report.command(__file__, argv), report.table(
+            ["process", "exit (s)", "median", "frozen (s)", "median", "plain / frozen"], rows)
+            + f"\n\nPer process {args.repeats} fresh interpreters per arm, alternating.")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ with `--width 4` (2,046 parameters) the exact trace sum_i e_i^T H e_i is used in
 
     python bench/bench_hessian.py
     python bench/bench_hessian.py --width 4 --repeats 5
-    python bench/bench_hessian.py --sweep   # adds section 6 (about 10 minutes more on a loaded 2-core machine)
+    python bench/bench_hessian.py --sweep   # adds section 6 (printed only)
+    python bench/bench_hessian.py --write-docs   # also writes the tables of sections 1-5 into docs/performance.md
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import time
 import warnings
 
 import numpy as np
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -203,15 +205,19 @@ def header(title: str) -> None:
     print(f"\n{title}\n  {'method':<30} {'time (s)':>9} {'HVPs':>7} {'value':>12} {'med err':>10} {'max err':>10}")
 
 
-def run_rows(model, x, y, exact: float, repeats: int, entries) -> dict[str, tuple[float, list[float]]]:
+def run_rows(model, x, y, exact: float, repeats: int, entries) -> dict[str, tuple[float, list[float], float]]:
     """Time (interleaved) and print each (name, fn(model, x, y, r) -> (value, products)); return
-    name -> (median seconds, relative errors)."""
+    name -> (median seconds, relative errors, median products)."""
     fns = {name: (lambda r, fn=fn: fn(model, x, y, r)) for name, fn in entries}
     out = {}
     for name, (seconds, res) in timed(fns, repeats).items():
-        out[name] = (seconds, [rel(v, exact) for v, _ in res])
+        out[name] = (seconds, [rel(v, exact) for v, _ in res], float(np.median([n for _, n in res])))
         row(name, seconds, [n for _, n in res], out[name][1], [v for v, _ in res])
     return out
+
+
+def errors(e: list[float]) -> str:
+    return f"{np.median(e):.1e} / {np.max(e):.1e}"
 
 
 OURS = (("gap", "gradient"), ("residual", "gradient"), ("gap", "random"), ("residual", "random"),
@@ -222,42 +228,61 @@ def ours_name(rule: str, start: str) -> str:
     return f"ours: {rule} rule, {start} start"
 
 
-def compare_top(model, x, y, exact: float, repeats: int) -> None:
+def compare_top(model, x, y, exact: float, repeats: int) -> str:
+    """Section 1, printed; returns its markdown."""
     header(f"1. top eigenvalue, same tolerance (tol {TOL:g}, <= {MAX_ITER} products); exact = {exact:.8g} "
            f"(float64 Lanczos, residual 1e-10)")
     res = run_rows(model, x, y, exact, repeats, [("PyHessian power iteration", pyhessian_top)] + [
         (ours_name(rule, start), lambda m, a, b, r, rule=rule, start=start: ours_top(m, a, b, r, rule, start))
         for rule, start in OURS])
-    t_py, e_py = res["PyHessian power iteration"]
+    t_py, e_py, _ = res["PyHessian power iteration"]
     for name in list(res)[1:]:
-        t, e = res[name]
+        t, e, _ = res[name]
         print(f"  {name[6:]:<26}: speed-up {t_py / t:.2f}x (target >= 2x), median error ours / PyHessian "
               f"{np.median(e) / np.median(e_py):.2g}, max error ours / PyHessian {np.max(e) / np.max(e_py):.2g} "
               f"(target <= 1)")
     default = ours_name(*OURS[0])
-    t_us, e_us = res[default]
+    t_us, e_us, _ = res[default]
     print(f"\n  same error: PyHessian with tighter tolerances (<= 1000 products) vs {default[6:]} at tol {TOL:g}")
     tighter = run_rows(model, x, y, exact, repeats, [
         (f"PyHessian power, tol {t:g}", lambda m, a, b, r, t=t: pyhessian_top(m, a, b, r, t, 1000))
         for t in (1e-4, 1e-5, 1e-6)])
-    match = next(((n, t) for n, (t, e) in tighter.items() if np.median(e) <= np.median(e_us)), None)
+    match = next(((n, t) for n, (t, e, _) in tighter.items() if np.median(e) <= np.median(e_us)), None)
     if match:
         print(f"  first PyHessian setting with median error <= ours: {match[0]}; speed-up {match[1] / t_us:.2f}x")
+        same = (f"The first PyHessian setting whose median error is at most the default's: {match[0]}; the default "
+                f"is **{match[1] / t_us:.2f}x** faster.")
     else:
         print("  no PyHessian setting tried reached our median error")
+        same = "No PyHessian setting tried (tol down to 1e-6) reached the default's median error."
+    rows = []
+    for name, (t, e, n) in {**res, **tighter}.items():
+        label = name + (" (the metric's default without a density)" if name == default else "")
+        speed = f"**{t_py / t:.2f}x**" if name == default else f"{t_py / t:.2f}x"
+        rows.append([label, f"{t:.3f}", f"{n:.0f}", errors(e), speed])
+    return (f"Top eigenvalue at tol {TOL:g} (at most {MAX_ITER} products; PyHessian at tighter tolerances at most "
+            f"1000); exact value {exact:.6g} (float64 Lanczos):\n\n"
+            + report.table(["method", "time (s)", "products", "median / max relative error",
+                            f"speed vs PyHessian at tol {TOL:g}"], rows) + "\n\n" + same)
 
 
-def compare_trace(model, x, y, ref: tuple[float, float, str], repeats: int) -> None:
+def compare_trace(model, x, y, ref: tuple[float, float, str], repeats: int) -> str:
+    """Section 2, printed; returns its markdown."""
     value, stderr, how = ref
     header(f"2. trace (tol {TOL:g}, <= {MAX_ITER} probes); reference = {value:.6g} +- {stderr:.2g} ({how})")
     res = run_rows(model, x, y, value, repeats, (
         ("PyHessian Hutchinson", pyhessian_trace), ("ours: Hutchinson", ours_trace),
         ("ours: Hutch++ (sketch 10)", lambda m, a, b, r: ours_trace(m, a, b, r, sketch=10))))
-    t_py, e_py = res["PyHessian Hutchinson"]
+    t_py, e_py, _ = res["PyHessian Hutchinson"]
     for name in list(res)[1:]:
-        t, e = res[name]
+        t, e, _ = res[name]
         print(f"  {name[6:]}: speed-up {t_py / t:.2f}x, median error ours / PyHessian "
               f"{np.median(e) / np.median(e_py):.2g}")
+    rows = [[name, f"{t:.3f}", f"{n:.0f}", errors(e), f"{t_py / t:.2f}x", f"{np.median(e) / np.median(e_py):.2f}x"]
+            for name, (t, e, n) in res.items()]
+    return (f"Trace at tol {TOL:g} (at most {MAX_ITER} probes); reference {value:.6g} +- {stderr:.2g} ({how}):\n\n"
+            + report.table(["method", "time (s)", "products", "median / max relative error", "speed vs PyHessian",
+                            "median error / PyHessian's"], rows))
 
 
 def first_within(history: list[float], exact: float, target: float) -> int | None:
@@ -302,8 +327,10 @@ def certified_at(values: list[float], bounds: list[float], exact: float, target:
     return (np.inf, np.nan) if i is None else (i + 1, rel(values[i], exact) / target)
 
 
-def compare_counts(models_: dict, x, y, max_iter: int, seeds: int) -> None:
+def compare_counts(models_: dict, x, y, max_iter: int, seeds: int) -> str:
+    """Section 3, printed; returns its markdown."""
     targets = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    oracle, certified = [], []
     print(f"\n3. products to reach a relative error of the top eigenvalue (float64 copies of the models, so no float32 "
           f"floor; median over {seeds} random starts, the same for both; <= {max_iter} products)")
     runs = {}
@@ -318,15 +345,19 @@ def compare_counts(models_: dict, x, y, max_iter: int, seeds: int) -> None:
               "   (target ratio >= 3)")
         for label, run in runs.items():
             exact, hs = run[0], run[which]
+            cells = []
             for target in targets:
                 a = np.median([first_within(h["lz"], exact, target) or np.inf for h in hs])
                 b = np.median([first_within(h["pw"], exact, target) or np.inf for h in hs])
                 print(f"  {label:<18} {target:7.0e} {a:8.0f} {b:7.0f} {b / a:6.1f}")
+                cells.append(f"{a:.0f} / {b:.0f}: {b / a:.1f}x")
+            oracle.append([label, title.split(" ", 2)[2].removesuffix(" (as in PyHessian)"), *cells])
     print("  (c) products until the method's own bound certifies the target (random start; median over starts), "
           "and the worst true error there / target\n"
           f"  {'model':<18} {'target':>7} {'L gap':>6} {'err':>5} {'L res':>6} {'err':>5} {'P res':>6} {'err':>5} "
           f"{'P/Lgap':>7} {'P/Lres':>7}")
     for label, (exact, hs, _) in runs.items():
+        cells = []
         for target in targets:
             cols = []
             for vals, bnds in (("lz", "lz_gap"), ("lz", "lz_res"), ("pw", "pw_res")):
@@ -335,6 +366,16 @@ def compare_counts(models_: dict, x, y, max_iter: int, seeds: int) -> None:
             (lg, eg), (lr, er), (pr, ep) = cols
             print(f"  {label:<18} {target:7.0e} {lg:6.0f} {eg:5.2f} {lr:6.0f} {er:5.2f} {pr:6.0f} {ep:5.2f} "
                   f"{pr / lg:7.1f} {pr / lr:7.1f}")
+            cells.append(f"{lg:.0f} ({eg:.2f}) / {lr:.0f} ({er:.2f}) / {pr:.0f} ({ep:.2f})")
+        certified.append([label, *cells])
+    head = [f"{t:.0e}" for t in targets]
+    oracle.sort(key=lambda r: list(models_).index(r[0]))
+    return (f"Products until the top eigenvalue stays within a relative error (float64 copies, median of {seeds} "
+            "starts, the same for both): Lanczos / power iteration: ratio\n\n"
+            + report.table(["model", "start", *head], oracle)
+            + "\n\nProducts until each method's own bound certifies the target (random start): Lanczos gap rule / "
+            "Lanczos residual rule / power iteration's residual, each with its worst true error there in units of "
+            "the target (at most 1: the certificate held)\n\n" + report.table(["model", *head], certified))
 
 
 def exact_eigs(model, x, y, k: int) -> tuple[np.ndarray, float]:
@@ -387,9 +428,11 @@ def power_topk_histories(op, exact: np.ndarray, target: float, max_iter: int, se
     return stages
 
 
-def compare_topk(models_: dict, x, y, ks: tuple[int, ...], max_iter: int, seeds: int) -> None:
-    """Section 5: products for the top-k eigenvalues, Lanczos against power iteration with deflation."""
+def compare_topk(models_: dict, x, y, ks: tuple[int, ...], max_iter: int, seeds: int) -> str:
+    """Section 5: products for the top-k eigenvalues, Lanczos against power iteration with deflation; printed,
+    and returned as markdown."""
     targets = (1e-2, 1e-3, 1e-4)
+    rows, spectra = [], []
     k_max = max(ks)
     print(f"\n5. products until all of the k largest eigenvalues are within a relative error (float32, as the metric; "
           f"random starts; median over {seeds} starts; <= {max_iter} products per Lanczos run and per power stage)\n"
@@ -405,21 +448,33 @@ def compare_topk(models_: dict, x, y, ks: tuple[int, ...], max_iter: int, seeds:
         print(f"  {label}: lambda_1..{k_max} = " + ", ".join(f"{v:.4g}" for v in exact) + f"; lambda_min = {smallest:.4g}"
               + "".join(f"; k = {k} left out (lambda_{k} < |lambda_min|: power iteration finds another set)"
                         for k in ks if k not in comparable))
+        spectra.append(f"{label}: lambda_1..{k_max} = " + ", ".join(f"{v:.4g}" for v in exact)
+                       + f", lambda_min = {smallest:.4g}")
+        rows += [[label, k, "lambda_k < \\|lambda_min\\|: not comparable", "", ""] for k in ks if k not in comparable]
         if not comparable:
             continue
         exact = exact[:max(comparable)]
         lz = [lanczos_topk_history(op, len(exact), exact, targets[-1], max_iter, s) for s in range(seeds)]
         pw = [power_topk_histories(op, exact, targets[-1], max_iter, s) for s in range(seeds)]
         for k in comparable:
+            cells = []
             for target in targets:
                 a = np.median([first_within_k(h, exact[:k], target) for h in lz])
                 b = np.median([sum(first_within(st, lam, target) or np.inf for st, lam in zip(stages[:k], exact))
                                for stages in pw])
                 print(f"  {label:<18} {k:3d} {target:7.0e} {a:8.0f} {b:7.0f} {b / a:6.1f}")
+                cells.append(f"{a:.0f} / {b:.0f}: {b / a:.1f}x")
+            rows.append([label, k, *cells])
+    rows.sort(key=lambda r: (list(models_).index(r[0]), r[1]))
+    return (f"Products until all of the k largest eigenvalues stay within a relative error (float32, median of {seeds} "
+            "random starts): Lanczos / power iteration with deflation: ratio. " + "; ".join(spectra) + ".\n\n"
+            + report.table(["model", "k", *(f"{t:.0e}" for t in targets)], rows))
 
 
-def compare_hvp(model, x, y, repeats: int) -> None:
+def compare_hvp(model, x, y, repeats: int) -> str:
+    """Section 4, printed; returns its markdown."""
     print("\n4. one Hessian-vector product (median ms; graph build excluded for the cached method)")
+    rows = []
     torch.manual_seed(0)
     mlp = models.create("mlp", 32, (x.shape[1],), 10).eval()
     for label, net in (("resnet1d", model), ("mlp width 32", mlp)):
@@ -429,6 +484,11 @@ def compare_hvp(model, x, y, repeats: int) -> None:
                                                   max(repeats, 20)).items()}
         print(f"  {label:<14} double backward {ms['double_backward']:8.2f}   func jvp(grad) {ms['func']:8.2f}   "
               f"func / double backward {ms['func'] / ms['double_backward']:.2f}x")
+        rows.append([label, f"{ms['double_backward']:.2f}", f"{ms['func']:.2f}",
+                     f"{ms['func'] / ms['double_backward']:.2f}x"])
+    return ("One Hessian-vector product, median ms:\n\n"
+            + report.table(["model", "cached double backward (default)", "torch.func forward-over-reverse",
+                            "func / double backward"], rows))
 
 
 SWEEP = [("resnet1d", 4), ("resnet1d", 8), ("resnet1d", 32), ("mlp", 32), ("mlp", 128)]
@@ -489,6 +549,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default="/tmp/pd_data")
     ap.add_argument("--sweep", action="store_true", help="add section 6 (robustness over 20 Hessians)")
     ap.add_argument("--sweep-starts", type=int, default=10)
+    ap.add_argument("--write-docs", action="store_true", help="write the tables of sections 1-5 into docs/performance.md")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Using backward.. with create_graph=True")  # PyHessian's own call
     torch.set_num_threads(args.threads)
@@ -498,13 +559,18 @@ def main(argv=None) -> None:
     x, y = b.x, b.y
     print(f"resnet1d width {args.width}: {models.n_params(model)} parameters, {args.epochs} epochs of SGD; "
           f"batch {len(y)} of MNIST-1D; float32; {args.threads} thread(s)")
-    compare_top(model, x, y, exact_top(model, x, y), args.repeats)
-    compare_trace(model, x, y, reference_trace(model, x, y, args.ref_sketch, args.ref_probes), args.repeats)
-    compare_counts({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)}, x, y,
-                   args.power_iters, args.seeds)
-    compare_hvp(model, x, y, args.repeats)
-    compare_topk({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)}, x, y,
-                 tuple(args.top_k), args.power_iters, args.seeds)
+    parts = [f"resnet1d width {args.width} ({models.n_params(model)} parameters) trained {args.epochs} epochs, batch "
+             f"{len(y)} of MNIST-1D, float32, {args.threads} thread(s); times are medians of {args.repeats} repeats."]
+    parts.append(compare_top(model, x, y, exact_top(model, x, y), args.repeats))
+    parts.append(compare_trace(model, x, y, reference_trace(model, x, y, args.ref_sketch, args.ref_probes),
+                               args.repeats))
+    parts.append(compare_counts({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)},
+                                x, y, args.power_iters, args.seeds))
+    parts.append(compare_hvp(model, x, y, args.repeats))
+    parts.append(compare_topk({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)}, x, y,
+                              tuple(args.top_k), args.power_iters, args.seeds))
+    if args.write_docs:
+        report.write_section("hessian", report.command(__file__, argv), "\n\n".join(parts))
     if args.sweep:
         sweep(ds, x, y, args.sweep_starts)
 

@@ -18,8 +18,9 @@ SGD, and the Spearman rank correlation rho (scipy.stats.spearmanr) of each measu
 accuracy across that method's runs; finally the same correlations pooled over all runs. These
 are measurements on a few small models trained for a few epochs, not tests of a paper's claim.
 
-    python bench/bench_methods.py                      # the default grid, a few minutes on 2 cores
+    python bench/bench_methods.py                      # the default grid
     python bench/bench_methods.py --epochs 20 --arch resnet1d --widths 4 8 16 --out bench_out
+    python bench/bench_methods.py --write-docs         # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 import torch
 from scipy.stats import spearmanr
 
@@ -135,6 +137,25 @@ def summarise(df: pd.DataFrame, measures: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown(df: pd.DataFrame, measures: list[str], args) -> str:
+    """The summary as a markdown table: per method the means, time / SGD and each measure's rho with test accuracy."""
+    sgd_time = df[df.method == "sgd"].train_s.mean() if (df.method == "sgd").any() else math.nan
+    rows = []
+    for method, part in df.groupby("method", sort=False):
+        rows.append([method, f"{part.train_s.mean() / sgd_time:.2f}", f"{part.test_acc.mean():.2f}",
+                     *(f"{part[m].mean():.4g}" for m in measures),
+                     *(f"{spearman(part[m], part.test_acc)[0]:.3f}" for m in measures)])
+    rows.append(["all (pooled)", "", f"{df.test_acc.mean():.2f}", *(f"{df[m].mean():.4g}" for m in measures),
+                 *(f"{spearman(df[m], df.test_acc)[0]:.3f}" for m in measures)])
+    runs = len(args.widths) * len(args.batch_sizes) * len(args.seeds)
+    return (f"{args.arch} widths {' '.join(map(str, args.widths))} x batch sizes "
+            f"{' '.join(map(str, args.batch_sizes))} x seeds {' '.join(map(str, args.seeds))} ({runs} runs per "
+            f"method), {args.epochs} epochs, lr {args.lr}; means over the runs, rho: Spearman correlation with test "
+            "accuracy:\n\n"
+            + report.table(["method", "time / SGD", "test acc %", *measures, *(f"rho({m}, acc)" for m in measures)],
+                           rows))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="mlp")
@@ -150,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="folder for checkpoints and results.csv (default: a temporary folder); reruns reuse it")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,6 +207,8 @@ def main(argv=None) -> int:
     print(f"\nrho: Spearman rank correlation with test accuracy over a method's runs "
           f"({len(args.widths) * len(args.batch_sizes) * len(args.seeds)} each); time/SGD: mean training time "
           "per run relative to plain SGD.")
+    if args.write_docs:
+        report.write_section("methods", report.command(__file__, argv), markdown(df, measures, args))
     return 0
 
 

@@ -29,6 +29,7 @@ to the sequential form, with the largest difference between the values each form
 
     python bench/bench_metrics_batched.py
     python bench/bench_metrics_batched.py --widths 8 32 --seeds 5 --repeats 5
+    python bench/bench_metrics_batched.py --write-docs   # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import dataclasses
 import statistics
 import time
 
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 import torch
 from torch.nn import functional as F
 
@@ -157,6 +159,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=20, help="local-energy Monte Carlo samples M")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cell_data = data(4000, 1000)
@@ -165,6 +168,7 @@ def main(argv=None) -> None:
           f"sigmas 0.025-0.1, 1000 + 1000 examples; medians of {args.repeats}")
     print(f"{'width':>5} | {'loss_acc: seq':>13} {'cell':>7} {'ratio':>6} {'diff':>8} | {'local energy: loop':>18} "
           f"{'vmap':>7} {'ensemble':>8} {'loop/vmap':>9} {'loop/ens':>8} {'diff':>8}")
+    rows = []
     for width in args.widths:
         nets = []
         for seed in range(args.seeds):
@@ -195,6 +199,20 @@ def main(argv=None) -> None:
         print(f"      | curve bends (demo options) of {n_pairs} pairs: {bt['seq']:.3f}s pair after pair, "
               f"{bt['together']:.3f}s together ({bt['seq'] / bt['together']:.2f}x, rel. diff {bdiff:.1e}), "
               f"{bt['alone']:.3f}s one at a time in the ensemble form ({bt['seq'] / bt['alone']:.2f}x)", flush=True)
+        ratios = [la_t["seq"] / la_t["cell"], le_t["loop"] / le_t["ensemble"], le_t["loop"] / le_t["vmap"],
+                  hv["vec seq"] / hv["vec batched"], hv["seed seq"] / hv["seed ensemble"], ht["seq"] / ht["together"],
+                  ht["seq"] / ht["alone"], bt["seq"] / bt["together"], bt["seq"] / bt["alone"]]
+        rows.append([width, *(f"{r:.2f}x" for r in ratios)])
+    if args.write_docs:
+        k = args.seeds
+        report.write_section("metrics_batched", report.command(__file__, argv), (
+            f"resnet1d, one thread, {k} seeds, local energy M = {args.samples}; sequential / together, medians of "
+            f"{args.repeats}:\n\n"
+            + report.table(["width", f"loss_acc of {k} seeds as one ensemble", "local energy, samples as one ensemble",
+                            "samples by vmap", "8 Hessian-vector products by vmap",
+                            f"{k} seeds' products as one ensemble", f"`hessian` of {k} seeds in lockstep",
+                            "`hessian` one seed at a time, alone", f"`curve` bends of {k * (k - 1) // 2} pairs together",
+                            "`curve` one pair at a time, alone"], rows)))
 
 
 if __name__ == "__main__":

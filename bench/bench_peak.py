@@ -17,6 +17,7 @@
    freed memory for reuse (`runtime.keep_freed_memory`), as the pool's workers do.
 
     python bench/bench_peak.py
+    python bench/bench_peak.py --write-docs   # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import statistics
 import time
 
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 import torch
 from torch import nn
 
@@ -92,6 +94,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     runtime.keep_freed_memory()  # as the pool's workers run
@@ -115,6 +118,7 @@ def main(argv=None) -> None:
     opt = ensemble.sgd(ens.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     method = build_method(spec, ms[0], lr=0.01, weight_decay=5e-4, seed=0)
     best = (0.0, 0)
+    rows = []
     for batch in spec.batch_sizes:
         _, flops = step_flops(ms[0], torch.randn(batch, *input_shape))
         x, y = torch.randn(members, batch, *input_shape), torch.randint(0, 10, (members, batch))
@@ -133,7 +137,17 @@ def main(argv=None) -> None:
         best = max(best, (r_ens / peak, batch))
         print(f"{batch:5d} {members * flops / 1e9:10.3f} {t_ens * 1e3:8.2f} {r_ens:11.1f} {100 * r_ens / peak:7.1f}% "
               f"{t_seq * 1e3:8.2f} {r_seq:11.1f} {100 * r_seq / peak:7.1f}%", flush=True)
+        rows.append([batch, f"{t_ens * 1e3:.2f}", f"{r_ens:.1f}", f"{100 * r_ens / peak:.1f} %", f"{t_seq * 1e3:.2f}",
+                     f"{r_seq:.1f}", f"{100 * r_seq / peak:.1f} %"])
     print(f"best: ensemble at batch {best[1]}: {100 * best[0]:.1f}% of peak (target >= 30%)")
+    if args.write_docs:
+        report.write_section("peak", report.command(__file__, argv),
+                             f"fp32 matmul peak, one thread: **{peak:.1f} GFLOP/s** (n = {peak_n}). Model: {spec.arch} "
+                             f"width {width} ({models.n_params(ms[0])} parameters), S = {members} seeds; per training "
+                             "step:\n\n" + report.table(
+                                 ["batch", "ensemble ms", "GFLOP/s", "of peak", "one seed ms", "GFLOP/s", "of peak"],
+                                 rows) + f"\n\nBest: the ensemble at batch {best[1]}, **{100 * best[0]:.1f} %** of "
+                             "the peak.")
 
 
 if __name__ == "__main__":

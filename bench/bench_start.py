@@ -11,6 +11,7 @@ per arm, alternating, in fresh interpreters: "spawn" is this code with the fork 
 runs. Medians, and their ratio.
 
     python bench/bench_start.py
+    python bench/bench_start.py --write-docs   # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 
 STUDY = ["--preset", "demo", "--widths", "2", "4", "--batch-sizes", "256", "--epochs", "1", "--metrics", "train",
          "loss_acc", "--run"]
@@ -45,6 +48,7 @@ def run_time(code: str) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args(argv)
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for _ in range(args.repeats):
@@ -54,6 +58,13 @@ def main(argv=None) -> None:
         print(f"{arm:12s} {' / '.join(f'{t:.2f}' for t in ts)} s, median {statistics.median(ts):.2f} s", flush=True)
     a, b = (statistics.median(times[arm]) for arm in ARMS)
     print(f"fork server: {a / b:.2f}x faster ({a - b:.2f} s saved)")
+    if args.write_docs:
+        rows = [[arm, " / ".join(f"{t:.2f}" for t in ts), f"{statistics.median(ts):.2f} s"]
+                for arm, ts in times.items()]
+        report.write_section("start", report.command(__file__, argv), report.table(
+            ["workers", "whole command (s)", "median"], rows)
+            + f"\n\nFork server **{a / b:.2f}x** faster: {a - b:.2f} s saved per run ({args.repeats} runs per arm, "
+            "alternating).")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ metric call (time.perf_counter medians over `--repeats`, the two interleaved, af
 
     python bench/bench_trace.py
     python bench/bench_trace.py --repeats 20
+    python bench/bench_trace.py --write-docs   # also writes its table into docs/performance.md
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import math
 
 import numpy as np
+import report  # bench/report.py: bench/ is the script's folder, so on sys.path
 import torch
 from bench_hessian import reference_trace, timed, trained_model
 
@@ -44,6 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ref-sketch", type=int, default=50)
     ap.add_argument("--ref-probes", type=int, default=200)
     ap.add_argument("--cache-dir", default="/tmp/pd_data")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     ds = data.load("mnist1d", cache_dir=args.cache_dir)
@@ -60,14 +63,27 @@ def main(argv=None) -> None:
     print(f"demo settings {DEMO}, {args.repeats} repeats; errors relative to the reference")
     print(f"  {'Hutch++ basis':<14} {'time (s)':>9} {'trace HVPs':>10} {'Hutchinson med/RMS err':>23} "
           f"{'Hutch++ med/RMS err':>20}")
+    rows = []
     for basis, (seconds, outs) in res.items():
         made = [o["train/hvp_traces"] for o in outs]
         errs = {q: np.array([abs(o[f"train/{q}"] - ref) / abs(ref) for o in outs]) for q in ("trace", "trace_hutchpp")}
         cols = [f"{np.median(e):.2e} / {math.sqrt(np.mean(e ** 2)):.2e}" for e in errs.values()]
         print(f"  {basis:<14} {seconds:9.3f} {np.median(made):10.0f} {cols[0]:>23} {cols[1]:>20}")
+        default = " (default)" if basis == metric.options().hutchpp_basis else ""
+        rows.append([basis + default, f"{seconds:.3f}", f"{np.median(made):.0f}", *cols])
     ts, tk = res["sketch"][0], res["krylov"][0]
     rms = {b: math.sqrt(np.mean([(o["train/trace_hutchpp"] - ref) ** 2 for o in outs])) for b, (_, outs) in res.items()}
     print(f"krylov vs sketch: metric call {ts / tk:.2f}x faster, Hutch++ RMS error {rms['krylov'] / rms['sketch']:.2f}x")
+    if args.write_docs:
+        settings = ", ".join(f"{k} {v}" for k, v in DEMO.items())
+        report.write_section("trace", report.command(__file__, argv), (
+            f"resnet1d width {args.width} ({models.n_params(model)} parameters) trained {args.epochs} epochs, batch "
+            f"{args.batch}, {settings}; reference trace {ref:.5g} +- {ref_err:.2g} ({how}); relative errors over "
+            f"{args.repeats} repeats:\n\n"
+            + report.table(["Hutch++ basis", "metric call (s)", "trace products", "Hutchinson median / RMS error",
+                            "Hutch++ median / RMS error"], rows)
+            + f"\n\nKrylov against sketch: the metric call **{ts / tk:.2f}x** faster, Hutch++ RMS error "
+            f"**{rms['krylov'] / rms['sketch']:.2f}x**."))
 
 
 if __name__ == "__main__":
