@@ -48,3 +48,13 @@ def tiny(root):
     layout.spec_path.parent.mkdir(parents=True, exist_ok=True)
     layout.spec_path.write_text(spec.to_json())
     return spec, layout
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the job pool's workers run so), then as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

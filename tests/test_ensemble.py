@@ -32,12 +32,7 @@ ARCHS = [("mlp", 8, "torch"), ("resnet1d", 4, "torch"), ("resnet1d", 4, "sums")]
 TOL = {"float64": 1e-6, "float32": 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def make_dataset(dtype: str, n: int = 192) -> Dataset:

@@ -27,12 +27,7 @@ EPOCHS = 4
 QUIET = {"log": lambda *_: None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def make_dataset(n: int = 192) -> Dataset:

@@ -19,6 +19,7 @@ import pytest
 from phasediagram import cli
 from phasediagram.execution import cluster, jobs
 from phasediagram.execution.executors import InProcess
+from phasediagram.execution.runtime import process_alive
 from phasediagram.storage import checkpoints
 from phasediagram.study import Study, remove_stale_temporaries
 
@@ -219,9 +220,4 @@ def test_a_kill_while_drawing_leaves_no_partial_figure(study):
 
 
 def _alive_writer(path: Path) -> bool:
-    host, pid = checkpoints.temp_writer(path)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return process_alive(checkpoints.temp_writer(path)[1])

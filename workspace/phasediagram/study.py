@@ -24,6 +24,7 @@ from phasediagram.analysis import correlations, phases, plots, table
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, default_executor
 from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
+from phasediagram.execution.runtime import process_alive
 from phasediagram.resolve import check, load_spec
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage.checkpoints import HOST, TEMP_SUFFIX, atomic_write_bytes, temp_writer
@@ -83,17 +84,6 @@ def remove_stale_temporaries(layout: Layout, older_than_s: float = STALE_AFTER_S
             except FileNotFoundError:
                 continue
     return removed
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Study:

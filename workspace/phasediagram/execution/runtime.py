@@ -82,7 +82,7 @@ def exit_with(pid: int, poll_seconds: float = 1.0) -> None:
         try:
             fd = os.pidfd_open(pid)
         except (AttributeError, OSError):  # no pidfd here: poll
-            while _alive(pid):
+            while process_alive(pid):
                 time.sleep(poll_seconds)
         else:
             select.select([fd], [], [])
@@ -91,7 +91,7 @@ def exit_with(pid: int, poll_seconds: float = 1.0) -> None:
     threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process `pid` exists (signal 0 checks without sending; another user's process exists too)."""
     try:
         os.kill(pid, 0)
