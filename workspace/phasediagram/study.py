@@ -137,7 +137,9 @@ class Study:
         `sacct`: its jobs; done (a valid, current result); failed (a failure record of the job's last
         attempt, `failures()`); missing (neither); and the array's running and pending tasks (empty
         where there is no submitted array or no sacct)."""
-        submitted = self._submitted()
+        from phasediagram.execution.cluster import array_tasks, submitted_arrays
+
+        submitted = submitted_arrays(self.layout)
         rows = []
         for stage in self.stages:
             jobs = stage_jobs(self.spec, stage)
@@ -145,8 +147,6 @@ class Study:
             failed = sum(not d and self.layout.failure_path(stage, job.cell).exists() for d, job in zip(done, jobs))
             tasks = None
             if stage in submitted:
-                from phasediagram.execution.cluster import array_tasks
-
                 tasks = array_tasks(submitted[stage])
             rows.append({"stage": stage, "jobs": len(jobs), "done": sum(done), "failed": failed,
                          "missing": len(jobs) - sum(done) - failed,
@@ -167,13 +167,6 @@ class Study:
                     except ValueError:
                         out.append({"job": job.id, "error": f"unreadable failure record {path}", "trace": []})
         return out
-
-    def _submitted(self) -> dict[str, str]:
-        try:
-            known = json.loads(self.layout.submitted_path.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return {k: str(v) for k, v in known.items()} if isinstance(known, dict) else {}
 
     def verify(self, log: Callable[[str], None] = print) -> list[str]:
         """Check every file the study keeps: checkpoints (final, best, last, prev), curve states and

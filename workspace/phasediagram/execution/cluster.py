@@ -403,14 +403,18 @@ def submit_chain(layout: Layout, stages: list[str], sbatch: str = "sbatch") -> d
     return ids
 
 
-def record_submitted(layout: Layout, stage: str, job_id: str) -> None:
-    """Add {stage: job id} to the study's record of submitted arrays (`Layout.submitted_path`)."""
+def submitted_arrays(layout: Layout) -> dict[str, str]:
+    """{stage: Slurm job id} of the arrays `--submit` sent for the study (empty if none, or unreadable)."""
     try:
         known = json.loads(layout.submitted_path.read_text())
     except (FileNotFoundError, ValueError):
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    checkpoints.atomic_write_json(layout.submitted_path, {**known, stage: job_id})
+        return {}
+    return {str(k): str(v) for k, v in known.items()} if isinstance(known, dict) else {}
+
+
+def record_submitted(layout: Layout, stage: str, job_id: str) -> None:
+    """Add {stage: job id} to the study's record of submitted arrays (`Layout.submitted_path`)."""
+    checkpoints.atomic_write_json(layout.submitted_path, {**submitted_arrays(layout), stage: job_id})
 
 
 def array_tasks(job_id: str, sacct: str = "sacct") -> dict[str, int] | None:

@@ -364,12 +364,6 @@ def remove_states(layout: Layout, cell: Cell, seed: int) -> None:
             layout.checkpoint(cell, seed, kind).unlink(missing_ok=True)
 
 
-def train_cell(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Dataset,
-               device: str | torch.device = "cpu", log=print, on_epoch=None) -> dict[int, str]:
-    """Train every seed of `cell`; return {seed: status}."""
-    return {seed: train_seed(spec, cell, seed, layout, dataset, device, log, on_epoch) for seed in spec.seeds}
-
-
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model stored in checkpoint `path`; return (model in eval mode, checkpoint dict)."""
     ckpt = checkpoints.load(path, map_location=device)
