@@ -22,7 +22,7 @@ import phasediagram
 
 PACKAGE = Path(phasediagram.__file__).parent
 LAYERS = (
-    ("errors", "seeding", "options"),
+    ("errors", "seeding", "options", "plugins"),
     ("spec",),
     ("storage",),
     ("data", "models"),

@@ -3,7 +3,11 @@
 `ExperimentSpec` checks only its own structure; this module, above the model, dataset, metric and
 method registries, checks what needs them:
 
-- `arch`, `dataset`, `optimizer`, `regularizer` and every metric name are registered;
+- `arch` and `dataset` are registered or import paths (a plugged-in dataset is loaded and checked,
+  and a plugged-in family, or a family on a plugged-in dataset, is built at the smallest width and
+  must map the dataset's inputs to logits of its class count);
+- `optimizer`, `regularizer` and every metric name are registered, and each metric can measure
+  the family;
 - every batch size fits the training set at every train fraction;
 - optimizer, regularizer and metric options build their option objects (`SpecError` otherwise);
 - pairwise metrics have at least two seeds.
@@ -15,11 +19,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from phasediagram.data.datasets import DATASETS, max_train_size
+from phasediagram.data import datasets
+from phasediagram.data.datasets import DATASETS
 from phasediagram.errors import SpecError
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS, method_options
 from phasediagram.metrics import METRICS
+from phasediagram.models import families
 from phasediagram.models.families import MODELS
+from phasediagram.plugins import is_import_path
 from phasediagram.spec.experiment import ExperimentSpec
 
 
@@ -28,12 +35,20 @@ def _registered(field_name: str, value: str, registry: Mapping) -> None:
         raise SpecError(field_name, f"{value!r} is not one of {', '.join(registry)}")
 
 
+def _registered_or_plugged(field_name: str, value: str, registry: Mapping) -> None:
+    if not is_import_path(value):
+        _registered(field_name, value, registry)
+
+
 def check(spec: ExperimentSpec) -> ExperimentSpec:
     """`spec` itself once every name it holds is registered and every option it sets is valid."""
-    _registered("arch", spec.arch, MODELS)
-    _registered("dataset", spec.dataset, DATASETS)
+    _registered_or_plugged("arch", spec.arch, MODELS)
+    _registered_or_plugged("dataset", spec.dataset, DATASETS)
+    facts = datasets.info(spec.dataset, spec.data_root)
+    if is_import_path(spec.arch) or is_import_path(spec.dataset):
+        families.check_outputs(spec.arch, min(spec.widths), facts.input_shape, facts.n_classes)
     for fraction in spec.train_fractions:
-        n_train = max_train_size(spec.dataset, fraction)
+        n_train = int(facts.train_size * fraction)
         too_big = [b for b in spec.batch_sizes if b > n_train]
         if too_big:
             raise SpecError("batch_sizes", f"{too_big} exceed the training set ({n_train} examples of "
@@ -44,6 +59,10 @@ def check(spec: ExperimentSpec) -> ExperimentSpec:
         _registered("metrics", name, METRICS)
     for name in spec.metric_options:
         _registered("metric_options", name, METRICS)
+    for name in spec.metrics:
+        measured = METRICS[name].families
+        if measured is not None and spec.arch not in measured:
+            raise SpecError("metrics", f"{name} measures only {', '.join(measured)} models, not arch {spec.arch}")
     method_options(spec)
     for name in dict.fromkeys([*spec.metrics, *spec.metric_options]):
         metric_options(spec, name)

@@ -7,6 +7,7 @@ labels `fine_labels`), unpickled through an allow-list; SVHN from the cropped-di
 (`train_32x32.mat`, `test_32x32.mat`: X of shape (32, 32, 3, N), y of shape (N, 1) with the digit 0
 labelled 10), read with `scipy.io.loadmat`. Images are scaled to [0, 1] and normalised per channel
 by the dataset's usual mean and standard deviation.
+Any other dataset is named by import path (`dataset: "mypkg.data:load"`, see `load_plugged`).
 Training subsets (by fraction) and random labels (by fraction) are seeded independently of the
 training seed, so every cell and seed of a study sees the same data.
 """
@@ -14,6 +15,7 @@ training seed, so every cell and seed of a study sees the same data.
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import os
 import zipfile
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from phasediagram.errors import SpecError
+from phasediagram.plugins import is_import_path, load_object
 from phasediagram.seeding import stable_seed
 from phasediagram.storage.checkpoints import atomic_write_bytes
 from phasediagram.storage.safepickle import NUMPY_ARRAY_GLOBALS, load_allowed
@@ -97,8 +100,14 @@ class Dataset:
         return Dataset(self.name, self.train.to(device, dtype), self.test.to(device, dtype), self.n_classes)
 
 
-def max_train_size(dataset: str, train_fraction: float) -> int:
-    return int(DATASETS[dataset].train_size * train_fraction)
+def info(name: str, data_root: str | os.PathLike | None = None) -> DatasetInfo:
+    """The facts of a registered dataset, or of a plugged-in one (loaded to know them)."""
+    if name in DATASETS:
+        return DATASETS[name]
+    if not is_import_path(name):
+        raise SpecError("dataset", f"{name!r} is not one of {', '.join(DATASETS)}, nor an import path module:function")
+    ds = load_plugged(name, None if data_root is None else str(data_root))
+    return DatasetInfo(len(ds.train), len(ds.test), ds.input_shape, ds.n_classes)
 
 
 def load(name: str, *, data_root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
@@ -107,13 +116,15 @@ def load(name: str, *, data_root: str | os.PathLike | None = None, cache_dir: st
     `label_noise` fraction of its labels by uniformly random ones."""
     if name == "mnist1d":
         full = _mnist1d(cache_dir)
+    elif is_import_path(name):
+        full = load_plugged(name, None if data_root is None else str(data_root))
     elif name in READERS:
         if data_root is None:
             raise SpecError("data_root", f"{name} needs data_root: a folder holding {FOLDERS[name]} or those "
                             "files themselves")
         full = READERS[name](data_root)
     else:
-        raise SpecError("dataset", f"{name!r} is not one of {', '.join(DATASETS)}")
+        raise SpecError("dataset", f"{name!r} is not one of {', '.join(DATASETS)}, nor an import path module:function")
     train = subset(full.train, train_fraction, stable_seed("subset", name, train_fraction))
     train = noisy_labels(train, label_noise, full.n_classes, stable_seed("labels", name, train_fraction, label_noise))
     return Dataset(name, train.to("cpu", dtype), full.test.to("cpu", dtype), full.n_classes)
@@ -282,3 +293,81 @@ def read_svhn(root: str | os.PathLike) -> Dataset:
 
 
 READERS = {"cifar10": read_cifar10, "cifar100": read_cifar100, "svhn": read_svhn}
+
+
+# ----------------------------------------------------------------------------- plugged-in datasets
+def _tensors(path: str, part: str, split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of one split a loader returned: a pair of tensors or arrays, or a torch Dataset of (x, y) items."""
+    if isinstance(split, (tuple, list)) and len(split) == 2:
+        x, y = split
+    elif hasattr(split, "__getitem__") and hasattr(split, "__len__") and not isinstance(split, (str, bytes)):
+        try:
+            items = [split[i] for i in range(len(split))]
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            y = torch.as_tensor([int(item[1]) for item in items])
+        except Exception as exc:  # the Dataset is the user's code
+            raise SpecError("dataset", f"{path}: the {part} Dataset's items are not (x, label) pairs "
+                                       f"({type(exc).__name__}: {exc})") from None
+    else:
+        raise SpecError("dataset", f"{path}: the {part} split is a {type(split).__name__}; expected (x, y) or a "
+                                   "torch Dataset of (x, label) items")
+    try:
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+    except Exception as exc:  # e.g. ragged lists
+        raise SpecError("dataset", f"{path}: the {part} split is not tensors ({type(exc).__name__}: {exc})") from None
+    return x, y
+
+
+def _checked_split(path: str, part: str, split, n_classes: int) -> Split:
+    x, y = _tensors(path, part, split)
+    if not x.is_floating_point():
+        raise SpecError("dataset", f"{path}: {part} inputs are {x.dtype}; expected floating point (scale and "
+                                   "normalise them in the loader)")
+    if x.dim() < 2 or len(x) == 0:
+        raise SpecError("dataset", f"{path}: {part} inputs of shape {tuple(x.shape)}; expected (N, *input_shape) "
+                                   "with N >= 1")
+    if y.dim() != 1 or len(y) != len(x):
+        raise SpecError("dataset", f"{path}: {part} labels of shape {tuple(y.shape)} for {len(x)} inputs; expected "
+                                   f"({len(x)},)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise SpecError("dataset", f"{path}: {part} labels are {y.dtype}; expected integer classes")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise SpecError("dataset", f"{path}: {part} labels span {int(y.min())}..{int(y.max())}; expected "
+                                   f"0..{n_classes - 1}")
+    if not torch.isfinite(x).all():
+        raise SpecError("dataset", f"{path}: {part} inputs hold NaN or infinite values")
+    return Split(x.detach().cpu(), y.detach().cpu().long())
+
+
+@functools.lru_cache(maxsize=2)
+def load_plugged(path: str, data_root: str | None = None) -> Dataset:
+    """The dataset a user's loader returns, checked.
+
+    `path` ("module:function") names a loader called as `function(data_root)` (or `function()` if
+    it takes no argument) that returns `(train, test, n_classes)`: each split a pair `(x, y)` of
+    tensors or arrays (x floating point of shape (N, *input_shape), y integer classes in
+    0..n_classes - 1, of shape (N,)) or a torch Dataset of `(x, label)` items; the two splits share
+    the input shape. Loaded once per process for each (path, data_root).
+    """
+    loader = load_object("dataset", path)
+    try:
+        takes_root = bool(inspect.signature(loader).parameters)
+    except (TypeError, ValueError):
+        takes_root = True
+    try:
+        returned = loader(data_root) if takes_root else loader()
+    except SpecError:
+        raise
+    except Exception as exc:  # the loader is the user's code
+        raise SpecError("dataset", f"{path}({data_root!r}) raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(returned, (tuple, list)) or len(returned) != 3:
+        raise SpecError("dataset", f"{path} returned a {type(returned).__name__}; expected (train, test, n_classes)")
+    train, test, n_classes = returned
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
+        raise SpecError("dataset", f"{path}: n_classes is {n_classes!r}; expected an integer >= 2")
+    n_classes = int(n_classes)
+    tr, te = _checked_split(path, "train", train, n_classes), _checked_split(path, "test", test, n_classes)
+    if tr.x.shape[1:] != te.x.shape[1:]:
+        raise SpecError("dataset", f"{path}: train inputs of shape {tuple(tr.x.shape[1:])} but test inputs of "
+                                   f"{tuple(te.x.shape[1:])}")
+    return Dataset(path, tr, te, n_classes)

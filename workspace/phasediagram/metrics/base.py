@@ -75,6 +75,9 @@ class Metric:
     # counts, convergence flags, coordinates of an extremum); figures, phases and correlations skip them
     stderrs: tuple[str, ...] = ()
     diagnostics: tuple[str, ...] = ()
+    # the model families the metric can measure (None: any nn.Module, plugged-in families included);
+    # a spec naming another family with this metric is refused when it is checked
+    families: tuple[str, ...] | None = None
     # options that keep the registry-wide tests fast on a tiny model (tests/test_metric_contract.py)
     test_options: Mapping[str, Any] = field(default_factory=dict)
 

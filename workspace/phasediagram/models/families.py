@@ -7,7 +7,9 @@
 - `resnet18`: CIFAR-style ResNet18: 3x3 stem, BasicBlocks [2, 2, 2, 2] with k, 2k, 4k, 8k
   channels; k = 64 is the standard ResNet18.
 
-A checkpoint stores `model_args` (the keyword arguments of `create`) so it rebuilds its model.
+Any other family is named by import path (`arch: "mypkg.nets:make_vit"`, see `create`).
+A checkpoint stores `model_args` (the keyword arguments of `create`, the import path included) so it
+rebuilds its model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from phasediagram.errors import SpecError
+from phasediagram.plugins import is_import_path, load_object
 
 
 class MLP(nn.Module):
@@ -117,10 +122,52 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def create(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    """A freshly initialised model of `arch` at `width` (initialisation draws from torch's global RNG)."""
-    if arch not in MODELS:
-        raise KeyError(f"unknown arch {arch!r}; known: {', '.join(MODELS)}")
-    return MODELS[arch](width, tuple(input_shape), n_classes)
+    """A freshly initialised model of `arch` at `width` (initialisation draws from torch's global RNG).
+
+    `arch` is a registered family or an import path `module:function` naming a builder called as
+    `function(width=width, n_classes=n_classes, input_shape=input_shape)` that returns an
+    `nn.Module` with trainable parameters mapping a batch (N, *input_shape) to logits (N, n_classes).
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if arch in MODELS:
+        return MODELS[arch](width, input_shape, n_classes)
+    if not is_import_path(arch):
+        raise KeyError(f"unknown arch {arch!r}; known: {', '.join(MODELS)}, or an import path module:function")
+    try:
+        model = load_object("arch", arch)(width=width, n_classes=n_classes, input_shape=input_shape)
+    except SpecError:
+        raise
+    except Exception as exc:  # the builder is the user's code
+        raise SpecError("arch", f"{arch}(width={width}, n_classes={n_classes}, input_shape={input_shape}) raised "
+                                f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError("arch", f"{arch} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SpecError("arch", f"{arch} returned a model with no trainable parameters")
+    return model
+
+
+def check_outputs(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int) -> None:
+    """Build `arch` at `width` and check that two inputs of `input_shape` (eval mode, no gradient)
+    give floating-point logits of shape (2, n_classes); `SpecError("arch", ...)` saying what came
+    back otherwise. Torch's global RNG is left as it was."""
+    input_shape = tuple(int(s) for s in input_shape)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = create(arch, width, input_shape, n_classes).eval()
+        except ValueError as exc:
+            raise SpecError("arch", str(exc)) from None
+        p = next(model.parameters())
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device))
+        except Exception as exc:  # a user's forward may raise anything on a wrong shape
+            raise SpecError("arch", f"{arch} at width {width} cannot take inputs of shape (N, {input_shape}): "
+                                    f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (2, n_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SpecError("arch", f"{arch} at width {width} maps inputs (2, {input_shape}) to {got}; expected "
+                                f"floating-point logits of shape (2, {n_classes})")
 
 
 def model_args(arch: str, width: int, input_shape, n_classes: int) -> dict:

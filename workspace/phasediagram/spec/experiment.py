@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from phasediagram.errors import SpecError
+from phasediagram.plugins import is_import_path
 from phasediagram.spec.files import read_spec_file
 from phasediagram.spec.presets import PRESET_BATCH_SIZES, PRESET_WIDTHS, PRESETS, preset
 
@@ -45,6 +46,16 @@ def _name(field_name: str, value: Any) -> str:
     """A registry name (arch, dataset, metric, method): its spelling here, its existence in `resolve`."""
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
         raise SpecError(field_name, f"{value!r} is not a name (letters, digits, '_', '.', '-')")
+    return value
+
+
+def _name_or_import_path(field_name: str, value: Any) -> str:
+    """A registered name, or an import path `module:function` of a user's builder or loader."""
+    if is_import_path(value):
+        return value
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise SpecError(field_name, f"{value!r} is neither a name (letters, digits, '_', '.', '-') nor an import "
+                                    "path (module:function)")
     return value
 
 
@@ -171,8 +182,8 @@ class ExperimentSpec:
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
             raise SpecError("name", f"{self.name!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
                             "starting with a letter or digit")
-        _name("arch", self.arch)
-        _name("dataset", self.dataset)
+        _name_or_import_path("arch", self.arch)
+        _name_or_import_path("dataset", self.dataset)
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise SpecError("data_root", f"expected a folder path, got {self.data_root!r}")
         set_("widths", _int_tuple("widths", self.widths, 1, 4096))
