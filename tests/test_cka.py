@@ -1,16 +1,18 @@
-"""Linear CKA: exact identities in float64, the two formulas, batch accumulation, and the metric."""
+"""Linear CKA: exact identities in float64, the two formulas, the HSIC_1 and minibatch estimators against numpy
+references and Kornblith et al.'s demo, batch accumulation, and the metric."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from phasediagram.data.datasets import Split, mixup
 from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData, key
-from phasediagram.metrics.cka import CKAAccumulator, CKAOptions, cka, linear_cka, linear_cka_gram
+from phasediagram.metrics.cka import CKAAccumulator, CKAOptions, cka, linear_cka, linear_cka_feature, linear_cka_gram
 from phasediagram.models import families as models
 from phasediagram.resolve import check, metric_options
 from phasediagram.spec.experiment import ExperimentSpec
@@ -45,7 +47,7 @@ def orthogonal(p, seed):
     return q * torch.sign(torch.diagonal(r))
 
 
-FORMS = [linear_cka, linear_cka_gram]
+FORMS = [linear_cka, linear_cka_feature, linear_cka_gram]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -92,10 +94,102 @@ def test_symmetric(form, shape):
     assert form(x, y) == pytest.approx(form(y, x), abs=TOL)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_feature_and_gram_forms_agree(shape):
+def test_feature_and_gram_forms_agree(shape, debiased):
     x, y = pair(*shape, seed=5)
-    assert linear_cka(x, y) == pytest.approx(linear_cka_gram(x, y), abs=TOL)
+    assert linear_cka_feature(x, y, debiased) == pytest.approx(linear_cka_gram(x, y, debiased), abs=TOL)
+
+
+# ------------------------------------------------------------------ numpy references of the estimators
+def numpy_hsic0(k, l_):
+    """tr(H K H L) / (n - 1)^2 with the explicit centring matrix."""
+    n = len(k)
+    h = np.eye(n) - np.ones((n, n)) / n
+    return np.trace(h @ k @ h @ l_) / (n - 1) ** 2
+
+
+def numpy_hsic1(k, l_):
+    """Song et al. (2012), Eq. 5, term by term: K', L' the Gram matrices with zeroed diagonals."""
+    n = len(k)
+    k, l_, one = k - np.diag(np.diag(k)), l_ - np.diag(np.diag(l_)), np.ones(len(k))
+    return (np.trace(k @ l_) + (one @ k @ one) * (one @ l_ @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ k @ l_ @ one)) / (n * (n - 3))
+
+
+def numpy_cka(x, y, hsic):
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    k, l_ = x @ x.T, y @ y.T
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def numpy_minibatch_cka(xs, ys):
+    """Nguyen et al. (2021): HSIC_1 averaged over minibatches, then the ratio."""
+    grams = [(np.asarray(x) @ np.asarray(x).T, np.asarray(y) @ np.asarray(y).T) for x, y in zip(xs, ys)]
+    kl, kk, ll = (np.mean([numpy_hsic1(a, b) for a, b in pairs]) for pairs in
+                  ([(k, l_) for k, l_ in grams], [(k, k) for k, _ in grams], [(l_, l_) for _, l_ in grams]))
+    return kl / np.sqrt(kk * ll)
+
+
+def test_kornblith_demo_values():
+    """The demo of google-research/representation_similarity (Demo.ipynb): np.random.seed(1337),
+    X = randn(100, 10), Y = randn(100, 10) + X; it prints 0.55761 (linear CKA) and 0.51346 (debiased)."""
+    np.random.seed(1337)
+    x = np.random.randn(100, 10)
+    y = np.random.randn(100, 10) + x
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    for form in FORMS:
+        assert round(form(x, y), 5) == 0.55761
+        assert round(form(x, y, debiased=True), 5) == 0.51346
+
+
+# feature form (max(p, q) <= n) and Gram form (n < max(p, q)) as `linear_cka` chooses them
+REGIMES = [(80, 6, 9), (12, 30, 20)]
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", REGIMES)
+def test_linear_cka_matches_numpy_references_in_both_regimes(shape, debiased):
+    x, y = pair(*shape, seed=3)
+    expected = numpy_cka(x, y, numpy_hsic1 if debiased else numpy_hsic0)
+    x = x + 50.0  # an offset the estimators must be blind to (the dense reference, uncentred, is not exact there)
+    assert linear_cka(x, y, debiased) == pytest.approx(expected, abs=TOL)
+    acc = CKAAccumulator("auto", n_hint=len(x), estimator="debiased" if debiased else "biased")
+    acc.update(x[:5], y[:5])
+    acc.update(x[5:], y[5:])
+    assert acc.form == ("feature" if max(shape[1:]) <= shape[0] else "gram")
+    assert acc.value() == pytest.approx(expected, abs=TOL)
+
+
+def test_debiased_estimator_differs_from_the_biased_one_and_removes_its_bias():
+    """Independent representations: the biased CKA of n = 20 examples in 50 dimensions is far from 0, HSIC_1's near it."""
+    x, y = rand(20, 50, seed=1), rand(20, 50, seed=2)
+    assert linear_cka(x, y) > 0.5
+    assert abs(linear_cka(x, y, debiased=True)) < 0.1
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_cka(x[:3], y[:3], debiased=True)
+
+
+@pytest.mark.parametrize("method", ["feature", "gram", "auto"])
+def test_minibatch_cka_matches_numpy_reference(method):
+    x, y = pair(60, 8, 40, seed=9)
+    cuts = [0, 15, 30, 60]  # unequal minibatches: each HSIC_1 carries its own 1 / (n (n - 3))
+    acc = CKAAccumulator(method, estimator="minibatch")
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        acc.update(x[lo:hi] + 3.0, y[lo:hi])
+    expected = numpy_minibatch_cka([x[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])],
+                                   [y[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])])
+    assert acc.batches == 3 and acc.value() == pytest.approx(expected, abs=TOL)
+    assert acc.value() != pytest.approx(linear_cka(x, y, debiased=True), abs=1e-6)
+
+
+def test_linear_cka_uses_the_gram_form_when_features_outnumber_examples():
+    """A wide representation: the Gram form's n x n matrices, the feature form's p x p, the same value."""
+    x, y = pair(24, 300, 200, seed=4)
+    acc = CKAAccumulator("auto", n_hint=24)
+    acc.update(x, y)
+    assert acc.form == "gram"
+    assert linear_cka(x, y) == pytest.approx(linear_cka_feature(x, y), abs=TOL)
 
 
 @pytest.mark.parametrize("method", ["feature", "gram", "auto"])
@@ -149,6 +243,7 @@ SMALL = CKAOptions(batches=3, batch_size=32)
 def test_defaults_are_the_reference_setting():
     o = CKAOptions()
     assert (o.mixup_alpha, o.batches, o.batch_size, o.pairs, o.layers) == (16.0, 6, 128, "all", ())
+    assert (o.method, o.estimator) == ("auto", "biased")
 
 
 def test_metric_equals_one_shot_cka_over_all_mixed_batches():
@@ -160,6 +255,21 @@ def test_metric_equals_one_shot_cka_over_all_mixed_batches():
         za, zb = a(torch.cat(xs)), b(torch.cat(xs))
     assert out[key("train", "cka_logits")] == pytest.approx(reference_cka(za, zb), abs=TOL)
     assert out[key("train", "cka_softmax")] == pytest.approx(reference_cka(za.softmax(1), zb.softmax(1)), abs=TOL)
+
+
+@pytest.mark.parametrize("estimator", ["debiased", "minibatch"])
+def test_metric_estimators_equal_numpy_references_over_the_mixed_batches(estimator):
+    data, a, b = make_data(), make_model("mlp", 0), make_model("mlp", 1)
+    out = cka(a, b, data, CKAOptions(batches=3, batch_size=32, estimator=estimator), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    xs = [mixup(data.train.batch(32, g).x, 16.0, g) for _ in range(3)]
+    with torch.no_grad():
+        zs = [(a(x), b(x)) for x in xs]
+    for name, f in (("logits", lambda z: z), ("softmax", lambda z: z.softmax(1))):
+        za, zb = [f(z[0]) for z in zs], [f(z[1]) for z in zs]
+        expected = (numpy_cka(torch.cat(za), torch.cat(zb), numpy_hsic1) if estimator == "debiased"
+                    else numpy_minibatch_cka(za, zb))
+        assert out[key("train", f"cka_{name}")] == pytest.approx(expected, abs=TOL)
 
 
 def test_identical_models_give_one():
@@ -210,7 +320,8 @@ def test_registry_contract(arch):
 @pytest.mark.parametrize("bad", [
     dict(mixup_alpha=0.0), dict(mixup_alpha=-1.0), dict(mixup_alpha="16"), dict(batches=0), dict(batches=1.5),
     dict(batch_size=1), dict(batch_size=True), dict(layers=[3]), dict(layers=[""]), dict(method="exact"),
-    dict(pairs="some"),
+    dict(pairs="some"), dict(estimator="unbiased"), dict(estimator=None),
+    dict(batch_size=3, estimator="minibatch"), dict(batch_size=3, batches=1, estimator="debiased"),
 ])
 def test_out_of_range_options_raise(bad):
     with pytest.raises(SpecError, match="metric_options.CKA." + next(iter(bad))):

@@ -33,7 +33,7 @@ LAYERS = (
     ("training",),
     ("execution",),
     ("analysis",),
-    ("study",),
+    ("study", "diagnosis"),
     ("cli", "__main__"),
 )
 LAYER_OF = {part: level for level, parts in enumerate(LAYERS) for part in parts}

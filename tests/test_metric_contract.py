@@ -99,7 +99,7 @@ def test_every_value_is_finite_at_the_default_options(name, arch, tmp_path):
     for q in quantities:
         if q.endswith(("_stderr", "_se")):
             assert metric.quantity_kind(q) == STDERR, q
-        elif q.startswith("hvp_") or q.endswith(("_t", "_converged", "_floored")):
+        elif q.startswith("hvp_") or q.endswith(("_t", "_converged", "_floored", "_skipped")):
             assert metric.quantity_kind(q) == DIAGNOSTIC, q
         else:
             assert metric.quantity_kind(q) == VALUE, q

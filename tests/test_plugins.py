@@ -129,7 +129,7 @@ def test_a_failed_import_says_which_module_and_why(path, message):
 def test_the_spec_accepts_import_paths_and_records_them():
     spec = spec_for()
     assert ExperimentSpec.from_dict(json.loads(spec.to_json())) == spec
-    with pytest.raises(SpecError, match="neither a name"):
+    with pytest.raises(SpecError, match="is not a name .* nor an import path"):
         ExperimentSpec(name="x", arch="mypkg nets:make")
 
 

@@ -29,6 +29,8 @@ from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
 
+# one pytest-xdist worker runs this file: the tests share one Slurm, started once
+pytestmark = pytest.mark.xdist_group("slurm")
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_localhost.sh"
 # the 2x2 grid of tests/conftest.py's tiny_spec, as CLI flags
 GRID = ["--arch", "mlp", "--widths", "4", "8", "--batch-sizes", "256", "512", "--seeds", "0", "1", "--epochs", "2",

@@ -39,6 +39,8 @@ _HOMES = {
     "phase_map": "phasediagram.analysis.plots",
     "save_figure": "phasediagram.analysis.plots",
     "Study": "phasediagram.study",
+    "diagnose": "phasediagram.diagnosis",
+    "top_eigenvectors": "phasediagram.metrics.hessian",
     "Executor": "phasediagram.execution.executors",
     "InProcess": "phasediagram.execution.executors",
     "LocalPool": "phasediagram.execution.executors",

@@ -20,10 +20,17 @@ import time
 from pathlib import Path
 
 from phasediagram.catalog import method_table, metric_table
+from phasediagram.diagnosis import diagnose
 from phasediagram.errors import CorruptFile, SpecError
-from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit
+from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit, pool_size
 from phasediagram.execution.jobs import TRAIN, dataset_for, stage_jobs, start_pool
-from phasediagram.execution.runtime import check_device, freeze_alive, in_forked_process, keep_freed_memory
+from phasediagram.execution.runtime import (
+    check_device,
+    freeze_alive,
+    in_forked_process,
+    keep_freed_memory,
+    parse_device,
+)
 from phasediagram.execution.scripts import SlurmOptions, bash_script, slurm_script
 from phasediagram.resolve import check
 from phasediagram.spec.experiment import ExperimentSpec
@@ -83,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ensemble", help="auto | on | off: train the seeds of a cell, and compute their Hessians, "
                                       "as ensemble models (auto: in groups where faster; on: all in one)")
     s.add_argument("--dtype", help="float32 | float64")
+    s.add_argument("--autocast", help="off | bf16: the training forward and loss under bfloat16 autocast (float32)")
+    s.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic torch algorithms in every job (bit-reproducible on one GPU; docs/gpu.md)")
     s.add_argument("--max-runs", help="the most (cell, seed) runs the grid may have (default 100000)")
     s.add_argument("--metric-checkpoint", help="final | best: the checkpoint the metrics read (best: lowest "
                                                "training loss, as the reference study)")
@@ -94,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="inprocess | local (a pool of one-thread worker processes, default) | slurm (submitit) | "
                         "submitit-local")
-    w.add_argument("--workers", type=int, default=None, help="local pool size (default: number of cores)")
-    w.add_argument("--device", default="cpu", help="torch device for --executor inprocess (default cpu)")
+    w.add_argument("--workers", type=int, default=None, help="local pool size on the CPU (default: number of cores)")
+    w.add_argument("--device", default=None,
+                   help="torch device of the jobs, every executor: cpu (default; cuda for Slurm tasks with --gpus), "
+                        "cuda (the local pool: every visible GPU), cuda:N")
+    w.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="with --device cuda: local pool workers per GPU, each with its share of the cores (default 1)")
     w.add_argument("--plot", action="store_true", help="collect the results table and draw the phase plot")
     w.add_argument("--root", default=".", help="folder holding checkpoint/ and bash_scripts/ (default .)")
     w.add_argument("--table", help="draw the figures from this results table (of this experiment) instead of "
@@ -167,11 +181,13 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         data.update(ExperimentSpec.from_file(args.spec).to_dict())
     scalar = {"name": str, "arch": str, "dataset": str, "data_root": str, "load_axis": str,
               "temperature_axis": str, "schedule": str, "optimizer": str, "regularizer": str, "ensemble": str,
-              "dtype": str, "metric_checkpoint": str}
+              "dtype": str, "metric_checkpoint": str, "autocast": str}
     for field in scalar:
         value = getattr(args, field)
         if value is not None:
             data[field] = value
+    if args.deterministic:
+        data["deterministic"] = True
     if args.epochs is not None:
         data["epochs"] = _number("epochs", args.epochs, int)
     if args.max_runs is not None:
@@ -212,11 +228,12 @@ def slurm_options(args, root: Path) -> SlurmOptions:
     """The cluster options of the command line, each checked (`SlurmOptions`). The tasks' python is
     --python, else the env-setup's `python` when --env-setup is given, else this interpreter's
     absolute path; a file --env-setup sources by a relative path must exist under the study root,
-    where the tasks run."""
+    where the tasks run. Their device is --device where jobs run as tasks (`uses_tasks`)."""
     python = args.python or ("python" if args.env_setup else sys.executable)
     options = SlurmOptions(jobs_per_task=args.jobs_per_task, parallelism=args.array_parallelism, time=args.time,
                            cpus_per_task=args.cpus_per_task, mem=args.mem, gpus=args.gpus, partition=args.partition,
-                           account=args.account, qos=args.qos, env_setup=args.env_setup, python=python)
+                           account=args.account, qos=args.qos, env_setup=args.env_setup, python=python,
+                           device=args.device if uses_tasks(args) else None)
     if args.env_setup:
         try:
             words = shlex.split(args.env_setup)
@@ -234,7 +251,7 @@ def write_scripts(spec, layout, stages, args, options: SlurmOptions) -> list[Pat
     for stage in stages:
         n = len(stage_jobs(spec, stage))
         path = layout.script_path(stage, ".sh")
-        atomic_write_bytes(path, bash_script(layout, stage, n, options.python).encode())
+        atomic_write_bytes(path, bash_script(layout, stage, n, options.python, args.device or "cpu").encode())
         path.chmod(0o777 & ~current_umask())
         written.append(path)
         if args.generate_slurm_scripts or args.submit:
@@ -246,16 +263,37 @@ def write_scripts(spec, layout, stages, args, options: SlurmOptions) -> list[Pat
 
 
 def uses_pool(args) -> bool:
-    """Whether `--run` runs the jobs in a local pool of worker processes (`jobs.run_pool`)."""
-    return args.executor == "local" and (args.workers or os.cpu_count() or 1) > 1
+    """Whether `--run` runs the jobs in a local pool of worker processes (`jobs.run_pool`): one of
+    several workers (cores, or GPUs x --workers-per-gpu)."""
+    return args.executor == "local" and pool_size(args.workers, args.device or "cpu", args.workers_per_gpu) > 1
+
+
+def uses_tasks(args) -> bool:
+    """Whether jobs may run as array or submitit tasks (`SlurmOptions`): Slurm scripts, --submit, or a
+    submitit executor."""
+    return args.executor in ("slurm", "submitit-local") or args.submit or args.generate_slurm_scripts
+
+
+def check_devices(args) -> None:
+    """--device and --workers-per-gpu, before anything is written: the device's spelling, and that this
+    machine has it unless the jobs run on a cluster only (Slurm scripts, --submit, --executor slurm),
+    whose nodes have the GPUs a login node may lack (`SlurmOptions` checks --gpus there)."""
+    if args.workers_per_gpu < 1:
+        raise SpecError("workers_per_gpu", f"{args.workers_per_gpu} must be an integer >= 1")
+    device = args.device or "cpu"
+    on_cluster = args.executor == "slurm" or args.submit or args.generate_slurm_scripts
+    if (args.run and args.executor != "slurm") or not on_cluster:
+        check_device(device)
+    else:
+        parse_device(device)
 
 
 def executor_for(args, pool=None) -> Executor:
     """The executor `--executor` names (`pool`: the worker pool started for `uses_pool`)."""
     if uses_pool(args):
-        return LocalPool(args.workers, pool)
+        return LocalPool(args.workers, pool, args.device or "cpu", args.workers_per_gpu)
     if args.executor in ("inprocess", "local"):
-        return InProcess(args.device)
+        return InProcess(args.device or "cpu")
     return Submitit(args.executor, slurm_options(args, Path(args.root)))
 
 
@@ -289,6 +327,9 @@ def draw(study: Study, df) -> None:
 
 
 def main(argv=None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["diagnose"]:
+        return diagnose_command(words[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.list_metrics or args.list_methods:
@@ -296,10 +337,11 @@ def main(argv=None) -> int:
             return 0
         if not args.root:
             raise SpecError("root", "must not be empty (use . for the current folder)")
-        check_device(args.device)
+        check_devices(args)
         study = Study(spec_from_args(args), args.root)
         study.layout.check_writable_tree()
-        with start_pool(args.workers) if args.run and uses_pool(args) else contextlib.nullcontext() as pool:
+        with (start_pool(args.workers, args.device or "cpu", args.workers_per_gpu) if args.run and uses_pool(args)
+              else contextlib.nullcontext()) as pool:
             return _check_write_run_draw(args, study, pool)
     except (SpecError, CorruptFile) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -311,6 +353,48 @@ def main(argv=None) -> int:
                   "are intact, rerun the same command once there is room", file=sys.stderr)
         else:
             print(f"error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def build_diagnose_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="phasediagram diagnose", description="Place trained models (seeds of one setting) on a finished "
+               "study's phase map: their phase metrics, phase, and what the phase suggests.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoints (.pt) of one setting, one per seed")
+    p.add_argument("--study", help="the study's folder, <root>/checkpoint/<name>")
+    p.add_argument("--root", default=".", help="with --name: the folder holding checkpoint/ (default .)")
+    p.add_argument("--name", help="with --root: the study's experiment name")
+    p.add_argument("--device", default="cpu", help="torch device the metrics run on (default cpu)")
+    p.add_argument("--figure", help="write the phase map with the models' marker here (.png, .pdf or .svg)")
+    return p
+
+
+def diagnose_command(argv) -> int:
+    """`phasediagram diagnose CHECKPOINT ... --study DIR`: print the models' metrics, phase and advice;
+    bad input gives one line and exit status 2, with nothing written."""
+    try:
+        args = build_diagnose_parser().parse_args(argv)
+        if (args.study is None) == (args.name is None):
+            raise SpecError("study", "give the study as --study <root>/checkpoint/<name> or as --root R --name N")
+        if args.figure and Path(args.figure).suffix.lower().lstrip(".") not in FIGURE_FORMATS:
+            raise SpecError("figure", f"{args.figure!r} must end in one of .{', .'.join(FIGURE_FORMATS)}")
+        study = Path(args.study) if args.study else Path(args.root) / "checkpoint" / args.name
+        result = diagnose(args.checkpoints, study, device=check_device(args.device))
+        print(result.summary())
+        if args.figure:
+            from phasediagram.analysis.plots import save_figure
+
+            fmt = Path(args.figure).suffix.lower().lstrip(".")
+            for path in save_figure(result.figure(), args.figure, formats=(fmt,)):
+                print(f"figure: {os.path.relpath(path)}")
+        return 0
+    except (SpecError, CorruptFile) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or 'diagnose'}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from phasediagram.analysis import correlations, phases, plots, table
+from phasediagram.analysis import correlations, phases, plots, slice_plots, table
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, default_executor
 from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
@@ -226,12 +226,27 @@ class Study:
 
         return density_figure(df, self.spec.load_axis, self.spec.temperature_axis)
 
+    def slice_figures(self, df: pd.DataFrame | None = None) -> dict:
+        """{"loss_slice": 1D slices per cell, "loss_slice_plane": the 2D planes} for the slices the
+        table holds (`analysis.slice_plots`); empty when `loss_slice` did not run."""
+        df = self._table(df)
+        rows = df[df["source"] == "loss_slice"]
+        out = {}
+        if rows["metric"].isin([f"slice_{k}" for k in slice_plots.LINES]).any():
+            out["loss_slice"] = slice_plots.slice_figure(df, load=self.spec.load_axis,
+                                                         temperature=self.spec.temperature_axis)
+        if rows["metric"].str.startswith("slice_random2d(").any():
+            out["loss_slice_plane"] = slice_plots.plane_figure(df, load=self.spec.load_axis,
+                                                               temperature=self.spec.temperature_axis)
+        return out
+
     def save_figures(self, df: pd.DataFrame | None = None, log: Callable[[str], None] = print,
                      side: Callable[[Callable, Any], Callable[[], list[Path]]] | None = None) -> list[Path]:
         """Write the study's figures and tables into its folder; return the paths.
 
         phase_plot.png|pdf, phases.csv, phase_map.png|pdf (when a cell has a phase), the
-        correlations (csv, md, png, pdf) and hessian_density.png (when the Hessian ran). `side(fn,
+        correlations (csv, md, png, pdf), hessian_density.png (when the Hessian ran) and
+        loss_slice.png, loss_slice_plane.png (when the loss slices ran). `side(fn,
         df)` may run the correlations and densities elsewhere (e.g. `runtime.in_forked_process`)
         and return a callable giving their paths; by default they are drawn here. `log` gets one
         line naming the figure, one per note, and one naming the rest.
@@ -261,4 +276,6 @@ class Study:
         density = self.density_figure(df)
         if density is not None:
             written += plots.save_figure(density, self.layout.figure_path("hessian_density", ".png"), ("png",), 120)
+        for name, fig in self.slice_figures(df).items():
+            written += plots.save_figure(fig, self.layout.figure_path(name, ".png"), ("png",), 120)
         return written

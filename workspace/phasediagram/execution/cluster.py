@@ -177,7 +177,7 @@ def make_executor(layout: Layout, stage: str, executor_name: str, options: Slurm
 
 def tasks_of(layout: Layout, jobs: list[Job], options: SlurmOptions) -> list[StageTask]:
     """Jobs packed `jobs_per_task` to a task, one stage per task, largest models first."""
-    device = "cuda" if options.gpus else "cpu"
+    device = options.run_device
     threads = options.cpus_per_task or 1
     out = []
     for stage in dict.fromkeys(j.stage for j in jobs):

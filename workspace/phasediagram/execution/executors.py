@@ -4,8 +4,13 @@ Every backend runs the jobs of each stage (`jobs.stage_jobs`), skips those whose
 disk, and returns one `RunReport` per stage (done, skipped, failed with the exception):
 
 - `InProcess`: here, one job after another; the debug backend (breakpoints and tracebacks work).
-- `LocalPool`: worker processes on this machine (`jobs.run_pool`), a cell's stages on one worker.
-- `Submitit`: Slurm arrays ("slurm") or local submitit processes ("submitit-local"), waited for.
+- `LocalPool`: worker processes on this machine (`jobs.run_pool`), a cell's stages on one worker:
+  one-thread CPU workers, or `workers_per_gpu` workers pinned to each GPU (`runtime.pool_slots`).
+- `Submitit`: Slurm arrays ("slurm") or local submitit processes ("submitit-local"), waited for;
+  their device is `SlurmOptions.device`.
+
+Every job of every backend runs on the device it is given (cpu, cuda, cuda:N): models, data and
+batches move there once.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from phasediagram.execution.jobs import RunReport, run_inprocess, run_pool, stage_jobs
+from phasediagram.execution.runtime import check_device, pool_slots
 from phasediagram.execution.scripts import SlurmOptions
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage.layout import Layout
@@ -30,19 +38,26 @@ class InProcess:
     device: str = "cpu"
 
     def run(self, spec: ExperimentSpec, layout: Layout, stages: list[str]) -> dict[str, RunReport]:
-        return {stage: run_inprocess(spec, layout, stage_jobs(spec, stage), self.device, desc=stage)
+        device = check_device(self.device)
+        return {stage: run_inprocess(spec, layout, stage_jobs(spec, stage), device, desc=stage)
                 for stage in stages}
 
 
 @dataclass
 class LocalPool:
-    """`workers` processes (None: one per CPU core); `pool`: a pool already started (`jobs.start_pool`)."""
+    """On "cpu", `workers` one-thread processes (None: one per CPU core); on "cuda", `workers_per_gpu`
+    processes per visible GPU, on "cuda:N" that many on GPU N; `pool`: a pool already started
+    (`jobs.start_pool`), whose devices apply."""
 
     workers: int | None = None
     pool: object | None = None
+    device: str = "cpu"
+    workers_per_gpu: int = 1
 
     def run(self, spec: ExperimentSpec, layout: Layout, stages: list[str]) -> dict[str, RunReport]:
-        return run_pool(spec, layout, stages, self.workers, self.pool)
+        if self.pool is None:
+            check_device(self.device)
+        return run_pool(spec, layout, stages, self.workers, self.pool, self.device, self.workers_per_gpu)
 
 
 @dataclass
@@ -57,8 +72,14 @@ class Submitit:
                 for stage in stages}
 
 
-def default_executor(workers: int | None = None, device: str = "cpu") -> Executor:
-    """A local pool where there are several cores (and a CPU device), else the in-process backend."""
-    if device == "cpu" and (workers or os.cpu_count() or 1) > 1:
-        return LocalPool(workers)
+def default_executor(workers: int | None = None, device: str = "cpu", workers_per_gpu: int = 1) -> Executor:
+    """A local pool where it has several workers (`pool_size`), else the in-process backend on `device`."""
+    if pool_size(workers, device, workers_per_gpu) > 1:
+        return LocalPool(workers, None, device, workers_per_gpu)
     return InProcess(device)
+
+
+def pool_size(workers: int | None = None, device: str = "cpu", workers_per_gpu: int = 1) -> int:
+    """The number of workers of `LocalPool(workers, None, device, workers_per_gpu)` on this machine."""
+    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+    return len(pool_slots(device, workers, workers_per_gpu, os.cpu_count() or 1, gpus))

@@ -3,7 +3,8 @@
 A stage is "train" or a metric name; it has one job per cell, in `spec.cells()` order, so array
 index i always means the same job. A job whose valid result exists is skipped, so every job is
 idempotent and rerunning a stage resumes it. Executors run a job list in this process, in a
-local pool of one-thread worker processes, or through submitit (see `cluster`).
+local pool of worker processes (one-thread CPU workers, or workers pinned to GPUs), or through
+submitit (see `cluster`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from tqdm.auto import tqdm
 from phasediagram.data import datasets as data_mod
 from phasediagram.errors import MissingCheckpoint, SpecError
 from phasediagram.execution.failures import FATAL, JobFailure, attempt
-from phasediagram.execution.runtime import configure_worker, exit_with, freeze_alive
+from phasediagram.execution.runtime import (
+    configure_worker,
+    deterministic_algorithms,
+    exit_with,
+    freeze_alive,
+    pool_slots,
+)
 from phasediagram.metrics import METRICS, MetricData, parse_key
 from phasediagram.resolve import metric_options
 from phasediagram.seeding import stable_seed
@@ -79,6 +86,18 @@ def dataset_for(spec: ExperimentSpec, cell: Cell, layout: Layout) -> data_mod.Da
                     spec.dtype)
 
 
+@functools.lru_cache(maxsize=1)
+def _dataset_on(device: str, *key) -> data_mod.Dataset:
+    return _dataset(*key).to(device)
+
+
+def dataset_on(spec: ExperimentSpec, cell: Cell, layout: Layout, device: str | torch.device) -> data_mod.Dataset:
+    """`dataset_for` on `device`, copied there once and kept for the jobs that follow on the same data
+    (one dataset at a time; on the CPU the same tensors)."""
+    return _dataset_on(str(torch.device(device)), spec.dataset, spec.data_root, str(layout.data_dir),
+                       cell.train_fraction, cell.label_noise, spec.dtype)
+
+
 # --------------------------------------------------------------------------- one job
 def job_options(spec: ExperimentSpec, stage: str) -> dict:
     """What a stage's result was made with: a metric's options and the checkpoint it read."""
@@ -120,18 +139,20 @@ def run_job(spec: ExperimentSpec, layout: Layout, job: Job, device: str | torch.
 
     `on_epoch(cell, seed, epoch)` is called after each training epoch's checkpoint is written.
     `models`, for a metric job, shares the cell's loaded checkpoints with other metric jobs.
+    With `spec.deterministic` the job runs under `runtime.deterministic_algorithms`.
     """
     if is_done(spec, layout, job, log):
         layout.failure_path(job.stage, job.cell).unlink(missing_ok=True)
         return "skipped"
     try:
-        if job.stage == TRAIN:
-            rows = _train_job(spec, layout, job.cell, device, log, on_epoch)
-            made_from = checkpoint_digests(spec, layout, job)
-        else:
-            models = models if models is not None else CellModels(spec, layout, job.cell, device, log)
-            made_from = models.digests(job)
-            rows = _metric_job(spec, layout, job.stage, job.cell, device, models)
+        with deterministic_algorithms(spec.deterministic, device):
+            if job.stage == TRAIN:
+                rows = _train_job(spec, layout, job.cell, device, log, on_epoch)
+                made_from = checkpoint_digests(spec, layout, job)
+            else:
+                models = models if models is not None else CellModels(spec, layout, job.cell, device, log)
+                made_from = models.digests(job)
+                rows = _metric_job(spec, layout, job.stage, job.cell, device, models)
     except FATAL:
         raise
     except Exception as exc:
@@ -169,7 +190,7 @@ def run_cell_metrics(spec: ExperimentSpec, layout: Layout, stages: list[str], ce
 
 
 def _train_job(spec, layout, cell, device, log, on_epoch=None) -> list[dict]:
-    dataset = dataset_for(spec, cell, layout)
+    dataset = dataset_on(spec, cell, layout, device)
     statuses = train_cell_auto(spec, cell, layout, dataset, device, log, on_epoch)
     rows = []
     for seed, status in statuses.items():
@@ -240,22 +261,28 @@ class CellModels:
 
 
 def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[dict]:
-    """Per-seed (single) or per-pair (pair) values of metric `stage`; runs that diverged give a
-    row with value NaN and status 'diverged' (metrics not available)."""
+    """Per-seed (single) or per-pair (pair) values of metric `stage` on the cell's checkpoints (`metric_rows`)."""
+    loaded = {seed: models.get(seed) for seed in spec.seeds}
+    return metric_rows(spec, stage, cell, loaded, dataset_on(spec, cell, layout, device),
+                       lambda unit: layout.state_dir(stage, cell, unit))
+
+
+def metric_rows(spec: ExperimentSpec, stage: str, cell: Cell, loaded: dict[int, tuple[torch.nn.Module | None, str]],
+                ds: data_mod.Dataset, state_dir) -> list[dict]:
+    """Per-seed (single) or per-pair (pair) values of metric `stage` with the spec's options, on the
+    models `loaded` ({seed: (model, status)}, seeds in order) and dataset `ds` (on their device); unit
+    u's generator is seeded with stable_seed(stage, cell.id, *u) and its state folder is `state_dir(u)`
+    (None: no state kept). Runs that diverged give a row with value NaN and status 'diverged'."""
     metric = METRICS[stage]
     options = metric_options(spec, stage)
-    ds = dataset_for(spec, cell, layout).to(device)
     mdata = MetricData(ds.train, ds.test, ds.n_classes)
-    loaded = {seed: models.get(seed) for seed in spec.seeds}
+    seeds = tuple(loaded)
     row = functools.partial(results.make_row, spec.name, cell)
-    units = ([(s,) for s in spec.seeds] if metric.kind == "single"
-             else pairs_of(spec.seeds, options.pairs if metric.selects_pairs else "all"))
+    units = ([(s,) for s in seeds] if metric.kind == "single"
+             else pairs_of(seeds, options.pairs if metric.selects_pairs else "all"))
 
     def generator(unit):
         return torch.Generator().manual_seed(stable_seed(stage, cell.id, *unit))
-
-    def state_dir(unit):
-        return layout.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in unit)
 
     together: dict[tuple, dict[str, float]] = {}
     ok = [u for u in units if all(loaded[s][1] == "ok" for s in u)]
@@ -352,10 +379,22 @@ def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device=
     return report
 
 
-def _pool_init(owner: int) -> None:
-    """A pool worker: one torch thread; torch and this package, imported by now, frozen (`freeze_alive`);
-    it ends when the pool's owner, process `owner`, ends (`exit_with`), even if the owner was SIGKILLed."""
-    configure_worker(1)
+_worker_device = "cpu"  # in a pool worker: the device its jobs run on (`_pool_init`)
+
+
+def _pool_init(owner: int, slots: list[tuple[str, int]], started) -> None:
+    """A pool worker: the next entry (device, threads) of `slots` (`started`: a shared count of the
+    workers started so far), its torch threads and, on a GPU, that GPU made the current device; torch
+    and this package, imported by now, frozen (`freeze_alive`); it ends when the pool's owner, process
+    `owner`, ends (`exit_with`), even if the owner was SIGKILLed."""
+    global _worker_device
+    with started.get_lock():
+        index = started.value
+        started.value += 1
+    _worker_device, threads = slots[index % len(slots)]
+    configure_worker(threads)
+    if _worker_device != "cpu":
+        torch.cuda.set_device(_worker_device)
     exit_with(owner)
     freeze_alive()
 
@@ -364,25 +403,33 @@ def _pool_ready() -> None:
     """A task that does nothing: submitting it makes the pool start a worker process."""
 
 
-def start_pool(workers: int | None = None) -> ProcessPoolExecutor:
-    """A pool of `workers` one-thread worker processes (default: one per core), whose imports start now,
-    while the caller goes on (the CLI checks the dataset meanwhile). Shut it down with `shutdown` (or use
+def start_pool(workers: int | None = None, device: str = "cpu", workers_per_gpu: int = 1) -> ProcessPoolExecutor:
+    """A pool of worker processes whose imports start now, while the caller goes on (the CLI checks the
+    dataset meanwhile): on the CPU `workers` one-thread workers (default: one per core); on CUDA
+    `workers_per_gpu` workers per GPU ("cuda": every visible one; "cuda:N": that one), each pinned to
+    its GPU with its share of the cores (`runtime.pool_slots`). Shut it down with `shutdown` (or use
     it as a context manager).
 
-    Where the platform has a fork server, that one process imports torch, this package and
+    CPU pools: where the platform has a fork server, that one process imports torch, this package and
     torch._dynamo (`pool_preload`) once, and the workers are forks of it, made at the first submits;
     else each worker is spawned now and imports torch and this package itself, side by side with the
-    caller's own work, and torch._dynamo at its first optimizer (bench/bench_start.py compares them). The fork server serves every pool of this process and ends with it; it starts
-    with this process's environment and standard streams at its first pool."""
-    workers = workers or os.cpu_count() or 1
-    forks = "forkserver" in multiprocessing.get_all_start_methods()
+    caller's own work, and torch._dynamo at its first optimizer (bench/bench_start.py compares them).
+    The fork server serves every pool of this process and ends with it; it starts with this process's
+    environment and standard streams at its first pool. CUDA pools are always spawned: a fresh
+    interpreter has initialised no CUDA whatever its parent did (a fork of a process that has is
+    unusable for CUDA), and the import time is small beside GPU jobs. Each worker takes the device
+    named by its start order and makes it its current CUDA device before it runs a job."""
+    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+    slots = pool_slots(device, workers, workers_per_gpu, os.cpu_count() or 1, gpus)
+    forks = gpus == 0 and "forkserver" in multiprocessing.get_all_start_methods()
     context = get_context("forkserver" if forks else "spawn")
     if forks:
         context.set_forkserver_preload([f"{__package__}.pool_preload"])
         multiprocessing.forkserver.ensure_running()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pool_init,
+                               initargs=(os.getpid(), slots, context.Value("i", 0)))
     if not forks:
-        for _ in range(workers):  # each submit with no idle worker starts one
+        for _ in slots:  # each submit with no idle worker starts one
             pool.submit(_pool_ready)
     return pool
 
@@ -394,14 +441,16 @@ def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: di
     spec = ExperimentSpec.from_dict(json.loads(spec_json))
     layout, cell_ = Layout(Path(root), name), Cell(**cell)
     if stages == [TRAIN]:
-        return {TRAIN: run_job(spec, layout, Job(TRAIN, cell_), "cpu", log=print)}
-    return run_cell_metrics(spec, layout, stages, cell_, "cpu", log=print)
+        return {TRAIN: run_job(spec, layout, Job(TRAIN, cell_), _worker_device, log=print)}
+    return run_cell_metrics(spec, layout, stages, cell_, _worker_device, log=print)
 
 
 def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: int | None = None,
-             pool: ProcessPoolExecutor | None = None) -> dict[str, RunReport]:
-    """Run the jobs of `stages` in `workers` one-thread processes (default: one per core), those of
-    `pool` (from `start_pool`; the caller shuts it down) when given.
+             pool: ProcessPoolExecutor | None = None, device: str = "cpu",
+             workers_per_gpu: int = 1) -> dict[str, RunReport]:
+    """Run the jobs of `stages` in the workers of `start_pool(workers, device, workers_per_gpu)`
+    (default: one one-thread process per core), those of `pool` (from `start_pool`; the caller shuts
+    it down, and its devices apply) when given.
 
     Training jobs go first, largest models first; as soon as a cell's training job ends, one task
     runs all that cell's metric jobs (its checkpoints loaded once for all of them), so metrics
@@ -412,7 +461,7 @@ def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: i
     metric_stages = [s for s in stages if s != TRAIN]
     spec_json = spec.to_json()
     total = sum(len(stage_jobs(spec, s)) for s in stages)
-    with (start_pool(workers) if pool is None else contextlib.nullcontext(pool)) as pool, \
+    with (start_pool(workers, device, workers_per_gpu) if pool is None else contextlib.nullcontext(pool)) as pool, \
             _progress(total, "jobs") as bar:
         def submit(task_stages: list[str], cell: Cell):
             return pool.submit(_pool_task, spec_json, str(layout.root), layout.name, task_stages, cell.as_dict())

@@ -17,6 +17,7 @@ collector's permanent generation (`gc.freeze`), which collections skip (bench/be
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -145,18 +146,77 @@ def _send_result(writer, fn: Callable, args: tuple) -> None:
     writer.close()
 
 
-def check_device(text: str) -> torch.device:
-    """The torch device `text` names, if this machine has it; `SpecError` naming what is available otherwise."""
+def parse_device(text: str) -> torch.device:
+    """The torch device `text` names (cpu, cuda, cuda:N), whether or not this machine has it: for jobs
+    that run elsewhere (a Slurm node has GPUs its login node lacks); `SpecError` for any other text."""
     try:
         device = torch.device(text)
     except (RuntimeError, TypeError):
         raise SpecError("device", f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SpecError("device", f"{text!r}: only cpu and cuda devices are supported")
+    return device
+
+
+def check_device(text: str) -> torch.device:
+    """The torch device `text` names, if this machine has it; `SpecError` naming what is available otherwise."""
+    device = parse_device(text)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError("device", f"{text!r}: this torch has no usable CUDA (built for CPU only, or no GPU "
                                       "visible); use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SpecError("device", f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif device.type != "cpu":
-        raise SpecError("device", f"{text!r}: only cpu and cuda devices are supported")
     return device
+
+
+def pool_slots(device: str, workers: int | None, workers_per_gpu: int, cpus: int, gpus: int) -> list[tuple[str, int]]:
+    """(device, torch threads) of each worker of a local pool, worker i taking entry i.
+
+    cpu: `workers` (default `cpus`) one-thread workers, all on "cpu". cuda (every visible GPU):
+    `workers_per_gpu` = K workers per GPU, worker i on "cuda:{i // K}", `gpus` * K workers; cuda:N:
+    K workers on "cuda:N". The `cpus` cores are split among the n GPU workers: worker i gets
+    floor(cpus / n) threads, one more for i < cpus mod n, at least 1. `SpecError` for K < 1, a cuda
+    pool with no GPU, or `workers` other than the pool's size.
+    """
+    if isinstance(workers_per_gpu, bool) or not isinstance(workers_per_gpu, int) or workers_per_gpu < 1:
+        raise SpecError("workers_per_gpu", f"{workers_per_gpu!r} must be an integer >= 1")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SpecError("workers", f"{workers!r} must be an integer >= 1")
+    target = parse_device(device)
+    if target.type == "cpu":
+        return [("cpu", 1)] * (workers or max(1, cpus))
+    if gpus < 1:
+        raise SpecError("device", f"{device!r}: no CUDA device is visible")
+    indices = range(gpus) if target.index is None else [target.index]
+    devices = [f"cuda:{i}" for i in indices for _ in range(workers_per_gpu)]
+    if workers is not None and workers != len(devices):
+        raise SpecError("workers", f"{workers} workers, but a pool on {device} has {workers_per_gpu} worker(s) per GPU "
+                                   f"x {len(indices)} GPU(s) = {len(devices)}; set --workers-per-gpu instead")
+    base, extra = divmod(max(1, cpus), len(devices))
+    return [(d, max(1, base + (i < extra))) for i, d in enumerate(devices)]
+
+
+CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's workspace setting that makes its kernels deterministic
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: str | torch.device = "cpu"):
+    """Within the block, with `enabled`: `torch.use_deterministic_algorithms(True)` (an operation with no
+    deterministic implementation raises instead of running) and cuDNN's autotuner off; on a CUDA device
+    also CUBLAS_WORKSPACE_CONFIG=:4096:8 unless already set, which cuBLAS reads when this process makes
+    its first cuBLAS call, so before that. Afterwards the previous settings are back (not the variable).
+    Without `enabled` nothing changes."""
+    if not enabled:
+        yield
+        return
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]

@@ -1,7 +1,8 @@
 """Generated job scripts: a bash script (one line per job) and a Slurm job-array script per stage.
 
 `bash_script` writes one `python -m phasediagram.execution.worker ...` line per job; it runs from the study's
-root folder wherever it is started from. `slurm_script` writes a job array whose task i runs jobs
+root folder wherever it is started from. Both pass the jobs' device to the worker (`--device`) unless it is
+the CPU: a script's given device, else for an array with `--gpus` "cuda" (the GPUs Slurm gives the task). `slurm_script` writes a job array whose task i runs jobs
 [i*K, (i+1)*K) of the stage (K = `SlurmOptions.jobs_per_task`):
 
     #SBATCH --job-name=<experiment>-<stage>
@@ -25,6 +26,7 @@ import shlex
 from dataclasses import dataclass
 
 from phasediagram.errors import SpecError
+from phasediagram.execution.runtime import parse_device
 from phasediagram.storage.layout import Layout
 
 WORKER = "phasediagram.execution.worker"
@@ -48,6 +50,7 @@ class SlurmOptions:
     qos: str | None = None
     env_setup: str | None = None  # a line run before the worker, e.g. "source .venv/bin/activate"
     python: str = "python"
+    device: str | None = None  # the tasks' torch device (cpu, cuda, cuda:N); None: cuda with gpus, else cpu
 
     def __post_init__(self):
         for name in ("jobs_per_task", "parallelism", "cpus_per_task", "gpus"):
@@ -65,6 +68,19 @@ class SlurmOptions:
             raise SpecError("mem", f"{self.mem!r} is not a Slurm memory size (e.g. 8G, 500M, 16000)")
         if not self.python:
             raise SpecError("python", "must not be empty")
+        if self.device is not None:
+            device = parse_device(check_text("device", self.device))
+            if device.type == "cuda" and not self.gpus:
+                raise SpecError("device", f"{self.device!r} needs GPUs in each task: give --gpus N (the tasks see "
+                                          "only the GPUs they are given)")
+            if device.index is not None and device.index >= (self.gpus or 0):
+                raise SpecError("device", f"{self.device!r}: each task is given {self.gpus} GPU(s), visible to it "
+                                          f"as cuda:0 .. cuda:{self.gpus - 1}")
+
+    @property
+    def run_device(self) -> str:
+        """The device the tasks run their jobs on: `device`, else cuda where they have GPUs, else cpu."""
+        return self.device or ("cuda" if self.gpus else "cpu")
 
 
 def check_text(field: str, value: str) -> str:
@@ -98,11 +114,15 @@ def time_minutes(text: str) -> int:
     return math.ceil(seconds / 60)
 
 
-def worker_argv(layout: Layout, stage: str, index: int | str, jobs_per_task: int = 1, python: str = "python") -> list[str]:
+def worker_argv(layout: Layout, stage: str, index: int | str, jobs_per_task: int = 1, python: str = "python",
+                device: str = "cpu") -> list[str]:
+    """The worker's command line for array task `index`; `--device` only for a device other than the CPU."""
     argv = [python, "-m", WORKER, "--experiment-dir", f"checkpoint/{layout.name}", "--stage", stage,
             "--index", str(index)]
     if jobs_per_task != 1:
         argv += ["--jobs-per-task", str(jobs_per_task)]
+    if parse_device(check_text("device", device)).type != "cpu":
+        argv += ["--device", device]
     return argv
 
 
@@ -112,8 +132,8 @@ def _check_layout(layout: Layout, stage: str) -> None:
     check_text("root", str(layout.root))
 
 
-def bash_script(layout: Layout, stage: str, n_jobs: int, python: str = "python") -> str:
-    """One line per job, run from the study's root folder (two levels above this script)."""
+def bash_script(layout: Layout, stage: str, n_jobs: int, python: str = "python", device: str = "cpu") -> str:
+    """One line per job, run from the study's root folder (two levels above this script), on `device`."""
     _check_layout(layout, stage)
     check_text("python", python)
     lines = [
@@ -122,7 +142,7 @@ def bash_script(layout: Layout, stage: str, n_jobs: int, python: str = "python")
         "set -euo pipefail",
         'cd "$(dirname "$0")/../.."',
     ]
-    lines += [shlex.join(worker_argv(layout, stage, i, python=python)) for i in range(n_jobs)]
+    lines += [shlex.join(worker_argv(layout, stage, i, python=python, device=device)) for i in range(n_jobs)]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +197,8 @@ def slurm_script(layout: Layout, stage: str, n_jobs: int, options: SlurmOptions 
     expansions = {_TASK_ID: '"$SLURM_ARRAY_TASK_ID"', _THREADS: '"$OMP_NUM_THREADS"'}
     argv: list = worker_argv(layout, stage, 0, options.jobs_per_task, options.python) + ["--threads", _THREADS]
     argv[argv.index("--index") + 1] = _TASK_ID
-    if options.gpus:
-        argv += ["--device", "cuda"]
+    if options.run_device != "cpu":
+        argv += ["--device", options.run_device]
     lines.append(" ".join(expansions[a] if a in expansions else shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ import sys
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.failures import JobFailure, attempt
 from phasediagram.execution.jobs import run_job, stage_jobs
-from phasediagram.execution.runtime import configure_worker, freeze_alive
+from phasediagram.execution.runtime import check_device, configure_worker, freeze_alive
 from phasediagram.resolve import load_spec
 from phasediagram.storage.layout import Layout
 
@@ -24,7 +24,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", required=True, help="'train' or a metric name")
     p.add_argument("--index", required=True, type=int, help="array task index (0-based)")
     p.add_argument("--jobs-per-task", type=int, default=1, help="jobs run by each array task (default 1)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return p.parse_args(argv)
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     configure_worker(args.threads)
     freeze_alive()  # torch and this package live until this process exits
     try:
+        device = check_device(args.device)
         layout = Layout.from_experiment_dir(args.experiment_dir)
         if not layout.spec_path.is_file():
             raise SpecError("experiment_dir", f"{layout.spec_path} does not exist; generate the jobs first")
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
                             f"{args.jobs_per_task} per task")
         failed = 0
         for job in jobs[first:first + args.jobs_per_task]:
-            outcome = attempt(job.id, lambda job=job: run_job(spec, layout, job, args.device))
+            outcome = attempt(job.id, lambda job=job: run_job(spec, layout, job, device))
             if isinstance(outcome, JobFailure):  # report it and go on with the task's other jobs
                 failed += 1
                 print(f"{job.id}: FAILED: {type(outcome.cause).__name__}: {outcome.cause}", file=sys.stderr,

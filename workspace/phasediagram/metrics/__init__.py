@@ -7,15 +7,18 @@ add one entry here. The registry-wide contract tests then cover it.
 from __future__ import annotations
 
 from phasediagram.accel import policy
+from phasediagram.metrics.aligned_barrier import AlignedBarrierOptions, aligned_barrier
 from phasediagram.metrics.base import DIAGNOSTIC, ROW_KINDS, STDERR, VALUE, Metric, MetricData, Panel, key, parse_key
 from phasediagram.metrics.cka import CKAOptions, cka
 from phasediagram.metrics.curve import CurveOptions, curve, curve_pairs
 from phasediagram.metrics.dist import DistOptions, dist
+from phasediagram.metrics.esd_alpha import ESDAlphaOptions, esd_alpha
 from phasediagram.metrics.fisher import FisherOptions, fisher
 from phasediagram.metrics.grad_norm import GradNormOptions, grad_norm
 from phasediagram.metrics.hessian import HessianOptions, hessian, hessian_seeds
 from phasediagram.metrics.local_energy import LocalEnergyOptions, local_energy
 from phasediagram.metrics.loss_acc import LossAccOptions, loss_acc
+from phasediagram.metrics.loss_slice import LossSliceOptions, loss_slice
 from phasediagram.metrics.nrs import NRSOptions, nrs
 
 METRICS: dict[str, Metric] = {
@@ -48,6 +51,18 @@ METRICS: dict[str, Metric] = {
         selects_pairs=True,
         diagnostics=("mc_t", "mc_linear_t"),
         test_options={"epochs": 1, "max_batches_per_epoch": 2, "eval_examples": 64, "batch_size": 32},
+    ),
+    "aligned_barrier": Metric(
+        "aligned_barrier", "pair", aligned_barrier, AlignedBarrierOptions,
+        panels=(Panel("aligned_barrier", "train", "linear barrier after weight matching (train error %)",
+                      cmap="RdBu_r", center=0.0),
+                Panel("linear_barrier", "train", "linear barrier (train error %)", cmap="RdBu_r", center=0.0)),
+        description="linear-path barrier (train error %) after permuting one seed's units to the other's "
+                    "(weight matching, Git Re-Basin), and without; mlp and ResNet families",
+        selects_pairs=True,
+        families=("mlp", "resnet1d", "resnet18"),
+        diagnostics=("aligned_barrier_t", "linear_barrier_t", "wm_converged"),
+        test_options={"points": 3, "eval_examples": 64, "batch_size": 32},
     ),
     "hessian": Metric(
         "hessian", "single", hessian, HessianOptions,
@@ -91,6 +106,26 @@ METRICS: dict[str, Metric] = {
         panels=(Panel("grad_norm", "train", "gradient norm of the training loss", log=True, cmap="magma"),),
         description="norm of the training-loss gradient at the checkpoint (0 at a minimum), and relative to the weights",
         test_options={"n_examples": 64},
+    ),
+    "loss_slice": Metric(
+        "loss_slice", "single", loss_slice, LossSliceOptions,
+        panels=(Panel("slice_eigen_rise", "train", "loss rise at t = +-eigen_radius along the top Hessian eigenvector",
+                      cmap="magma"),
+                Panel("slice_random_rise", "train", "loss rise at t = +-random_radius along a filter-normalised direction",
+                      cmap="magma")),
+        description="loss slices L(w + t d) - L(w) along the top Hessian eigenvector and filter-normalised random "
+                    "directions (1D, 2D), with the rise at the radius and the curvature at 0",
+        diagnostics=("slice_eig_converged", "hvp_slice"),
+        test_options={"slices": ("eigen", "eigen_bottom", "random", "random2d"), "steps": 2, "steps_2d": 1,
+                      "n_examples": 64, "hessian_batch_size": 64, "lanczos_iters": 10},
+    ),
+    "esd_alpha": Metric(
+        "esd_alpha", "single", esd_alpha, ESDAlphaOptions,
+        panels=(Panel("esd_alpha", "-", "weight-spectrum power-law alpha (layer mean)", cmap="viridis"),
+                Panel("esd_alpha_weighted", "-", "weighted alpha sum alpha log10 lambda_max / L", cmap="viridis")),
+        description="WeightWatcher's data-free alpha: power-law exponent of each layer's W^T W spectrum (KS-chosen tail)",
+        diagnostics=("esd_layers_skipped",),
+        test_options={"min_eigenvalues": 8, "min_tail": 4},
     ),
 }
 

@@ -10,15 +10,30 @@ same n inputs, with Xc = X - 1 mean(X)^T and Yc = Y - 1 mean(Y)^T the column-cen
 The two forms are equal because <K~, L~>_F = tr(Xc Xc^T Yc Yc^T) = ||Yc^T Xc||_F^2 and
 ||K~||_F = ||Xc Xc^T||_F = ||Xc^T Xc||_F. CKA lies in [0, 1], equals 1 for X = Y, and is invariant
 to orthogonal transforms and isotropic scalings of either representation, but not to general
-invertible linear maps.
+invertible linear maps. Both forms cost memory for one side only: the feature form
+O((p + q)^2), accumulated over batches of rows, the Gram form O(n^2) plus the rows; the one with
+the smaller side is chosen (feature form when max(p, q) <= n).
+
+Estimators (`estimator` option), all ratios HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)):
+
+- "biased": the plug-in HSIC_0(K, L) = tr(K~ L~) / (n - 1)^2 above.
+- "debiased": the unbiased HSIC of Song et al. (2012), with K' = K - diag(K), L' = L - diag(L),
+
+      HSIC_1(K, L) = [tr(K' L') + 1^T K' 1 1^T L' 1 / ((n - 1)(n - 2)) - 2/(n - 2) 1^T K' L' 1] / (n (n - 3)),
+
+  as in Kornblith et al.'s `cka(gram_linear(X), gram_linear(Y), debiased=True)` (Gram form: the
+  U-centred Gram matrices of Szekely & Rizzo 2014, whose inner product is HSIC_1; feature form: the
+  same sums written with X^T X, X^T Y, the row norms a_i = ||x_i||^2, b_i = ||y_i||^2 and the column
+  sums). HSIC_1 is unchanged when a constant row is subtracted from X or Y, so the feature form
+  accumulates rows shifted by the first batch's column means. It needs n >= 4 and may be negative.
+- "minibatch" (Nguyen et al., ICLR 2021): HSIC_1 of each minibatch b (each `update` call), averaged
+  over the k minibatches before the ratio is formed:
+  sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) sum_b HSIC_1(L_b, L_b)).
 
 The metric (reference setting of Yang et al. 2021) feeds the same mixup batches of training
 inputs (lambda ~ Beta(16, 16), 6 batches of 128) to both models in eval mode and computes CKA over
-all 6 * 128 mixed examples at once, on the logits, on the softmax outputs and optionally on the
-(flattened) outputs of named hidden modules. Memory stays bounded: the feature-space form
-accumulates X^T X, Y^T Y, Y^T X and the column sums batch by batch (O((p + q)^2) memory,
-independent of n); when features outnumber examples the Gram-space form is used instead
-(O(n (p + q) + n^2) memory).
+all 6 * 128 mixed examples (each batch a minibatch for "minibatch"), on the logits, on the softmax
+outputs and optionally on the (flattened) outputs of named hidden modules.
 """
 
 from __future__ import annotations
@@ -33,107 +48,209 @@ from phasediagram.data.datasets import mixup
 from phasediagram.errors import SpecError
 from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, key
 from phasediagram.models.modes import eval_mode
-from phasediagram.options import choice, integer, real, rule, validate
+from phasediagram.options import choice, integer, out_of_range, real, rule, validate
 
 PAIRS = PAIR_SELECTIONS
 METHODS = ("auto", "feature", "gram")
-_GRAM_CHUNK = 4096  # feature columns per chunk when forming an n x n Gram matrix in float64
+ESTIMATORS = ("biased", "debiased", "minibatch")
+UNBIASED_MIN_EXAMPLES = 4  # HSIC_1 divides by n (n - 3)
+_GRAM_CHUNK = 512  # feature columns per chunk when forming an n x n Gram matrix in float64
+_ROW_CHUNK = 4096  # rows per batch when `linear_cka` accumulates the feature form
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) by the feature-space formula.
+def choose_form(p: int, q: int, n: int) -> str:
+    """"feature" when max(p, q) <= n (a (p + q)^2 accumulator is no larger than an n x n Gram matrix), else "gram"."""
+    return "feature" if max(p, q) <= n else "gram"
 
-    Args:
-        x: (n, p) representation, rows are examples (extra dimensions are flattened).
-        y: (n, q) representation of the same n examples.
 
-    Returns:
-        The CKA value in float64 arithmetic; NaN when either centred representation is zero.
+def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False, method: str = "auto") -> float:
+    """Linear CKA of x (n, p) and y (n, q) (extra dimensions flattened), biased or with HSIC_1 (module docstring).
+
+    `method="auto"` takes the feature form when max(p, q) <= n, accumulated over batches of rows, and
+    the Gram form otherwise; both give the same value. Returns a float64 value; NaN when a
+    denominator HSIC is not positive (e.g. a constant representation).
     """
-    acc = CKAAccumulator("feature")
-    acc.update(x, y)
+    x, y = x.detach().flatten(1), y.detach().flatten(1)
+    form = choose_form(x.shape[1], y.shape[1], len(x)) if method == "auto" else method
+    acc = CKAAccumulator(form, estimator="debiased" if debiased else "biased")
+    step = _ROW_CHUNK if form == "feature" else max(len(x), 1)
+    for start in range(0, len(x), step):
+        acc.update(x[start:start + step], y[start:start + step])
     return acc.value()
 
 
-def linear_cka_gram(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA <H K H, H L H>_F / (||H K H||_F ||H L H||_F) with K = X X^T, L = Y Y^T (Gram space)."""
-    acc = CKAAccumulator("gram")
-    acc.update(x, y)
-    return acc.value()
+def linear_cka_feature(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> float:
+    """Linear CKA ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) in feature space (or its HSIC_1 form)."""
+    return linear_cka(x, y, debiased, method="feature")
+
+
+def linear_cka_gram(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> float:
+    """Linear CKA <H K H, H L H>_F / (||H K H||_F ||H L H||_F) with K = X X^T, L = Y Y^T (or its HSIC_1 form)."""
+    return linear_cka(x, y, debiased, method="gram")
 
 
 class CKAAccumulator:
-    """Linear CKA over examples that arrive in batches; `value()` equals the one-shot CKA of all rows.
+    """Linear CKA over examples that arrive in batches; `value()` equals the one-shot CKA of all rows
+    ("biased", "debiased") or the minibatch CKA of the batches ("minibatch", one minibatch per `update`).
 
-    Feature form: accumulates n, s_x = X^T 1, s_y = Y^T 1, X^T X, Y^T Y and Y^T X in float64, then
-    centres by Xc^T Xc = X^T X - s_x s_x^T / n (likewise for the others). Gram form: keeps the rows
-    and centres K = X X^T, L = Y Y^T with H at the end. `method="auto"` chooses the feature form
-    when max(p, q) <= the expected number of examples `n_hint` (or when no hint is given and
-    max(p, q) <= 1024), else the Gram form.
+    Feature form: accumulates, in float64 over rows shifted by the first batch's column means c,
+    n, s_x = X^T 1, s_y = Y^T 1, X^T X, Y^T Y, Y^T X and (for HSIC_1) the sums of a_i, b_i, a_i^2,
+    b_i^2, a_i b_i and X^T a, X^T b, Y^T a, Y^T b. Gram form: keeps the rows and centres K = X X^T,
+    L = Y Y^T at the end. `method="auto"` chooses the feature form when max(p, q) <= the expected
+    number of examples `n_hint` (or when no hint is given and max(p, q) <= 1024), else the Gram form;
+    for "minibatch" each minibatch chooses by its own size.
     """
 
-    def __init__(self, method: str = "auto", n_hint: int | None = None):
+    def __init__(self, method: str = "auto", n_hint: int | None = None, estimator: str = "biased"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.method, self.n_hint = method, n_hint
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.method, self.n_hint, self.estimator = method, n_hint, estimator
         self.n = 0
+        self.batches = 0
         self._xs: list[torch.Tensor] = []
         self._ys: list[torch.Tensor] = []
+        self._sums = [0.0, 0.0, 0.0]  # minibatch: sum_b HSIC_1(K_b, L_b), (K_b, K_b), (L_b, L_b)
 
-    def _choose(self, p: int, q: int) -> str:
+    def _choose(self, p: int, q: int, n: int) -> str:
         if self.method != "auto":
             return self.method
-        return "feature" if max(p, q) <= (self.n_hint if self.n_hint is not None else 1024) else "gram"
+        if self.estimator == "minibatch":
+            return choose_form(p, q, n)
+        return choose_form(p, q, self.n_hint if self.n_hint is not None else 1024)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add the rows of x (b, p) and y (b, q), the representations of the same b examples."""
         x, y = x.detach().flatten(1), y.detach().flatten(1)
         if len(x) != len(y):
             raise ValueError(f"x and y hold {len(x)} and {len(y)} examples")
+        if self.estimator == "minibatch":
+            part = CKAAccumulator(self._choose(x.shape[1], y.shape[1], len(x)), estimator="debiased")
+            part.update(x, y)
+            self._sums = [s + t for s, t in zip(self._sums, part.hsic())]
+            self.n += len(x)
+            self.batches += 1
+            self.form = part.form
+            return
         if self.n == 0:
-            self.form = self._choose(x.shape[1], y.shape[1])
+            self.form = self._choose(x.shape[1], y.shape[1], len(x))
             if self.form == "feature":
-                z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
-                p, q = x.shape[1], y.shape[1]
-                self.sx, self.sy, self.xx, self.yy, self.yx = z(p), z(q), z(p, p), z(q, q), z(q, p)
+                self._start_moments(x, y)
         self.n += len(x)
+        self.batches += 1
         if self.form == "feature":
-            xd, yd = x.double(), y.double()
-            self.sx += xd.sum(0)
-            self.sy += yd.sum(0)
-            self.xx += xd.T @ xd
-            self.yy += yd.T @ yd
-            self.yx += yd.T @ xd
+            self._add_moments(x, y)
         else:
             self._xs.append(x)
             self._ys.append(y)
 
-    def value(self) -> float:
+    def _start_moments(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
+        p, q = x.shape[1], y.shape[1]
+        self.cx, self.cy = x.double().mean(0), y.double().mean(0)
+        self.sx, self.sy, self.xx, self.yy, self.yx = z(p), z(q), z(p, p), z(q, q), z(q, p)
+        if self.estimator != "biased":
+            self.xa, self.xb, self.ya, self.yb = z(p), z(p), z(q), z(q)
+            self.sa = self.sb = self.saa = self.sbb = self.sab = 0.0
+
+    def _add_moments(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        xd, yd = x.double() - self.cx, y.double() - self.cy
+        self.sx += xd.sum(0)
+        self.sy += yd.sum(0)
+        self.xx.addmm_(xd.T, xd)
+        self.yy.addmm_(yd.T, yd)
+        self.yx.addmm_(yd.T, xd)
+        if self.estimator != "biased":
+            a, b = (xd * xd).sum(1), (yd * yd).sum(1)
+            self.xa += xd.T @ a
+            self.xb += xd.T @ b
+            self.ya += yd.T @ a
+            self.yb += yd.T @ b
+            self.sa, self.sb = self.sa + float(a.sum()), self.sb + float(b.sum())
+            self.saa, self.sbb, self.sab = (self.saa + float(a @ a), self.sbb + float(b @ b),
+                                            self.sab + float(a @ b))
+
+    def hsic(self) -> tuple[float, float, float]:
+        """(HSIC(K, L), HSIC(K, K), HSIC(L, L)) of the rows added: HSIC_0 for "biased", HSIC_1 otherwise
+        (for "minibatch", the sums over the minibatches)."""
         if self.n == 0:
             raise ValueError("no examples were added")
-        if self.form == "feature":
-            n = self.n
-            cxx = self.xx - torch.outer(self.sx, self.sx) / n
-            cyy = self.yy - torch.outer(self.sy, self.sy) / n
-            cyx = self.yx - torch.outer(self.sy, self.sx) / n
-            num = (cyx ** 2).sum()
-            den = torch.linalg.matrix_norm(cxx) * torch.linalg.matrix_norm(cyy)
-        else:
-            k = _centred_gram(torch.cat(self._xs))
-            l_ = _centred_gram(torch.cat(self._ys))
-            num = (k * l_).sum()
-            den = torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l_)
-        return float(num / den) if float(den) > 0 else float("nan")
+        if self.estimator == "minibatch":
+            return tuple(self._sums)
+        if self.estimator != "biased" and self.n < UNBIASED_MIN_EXAMPLES:
+            raise ValueError(f"the unbiased HSIC needs at least {UNBIASED_MIN_EXAMPLES} examples, got {self.n}")
+        if self.form == "gram":
+            return _gram_hsic(_cat(self._xs), _cat(self._ys), unbiased=self.estimator != "biased")
+        return self._feature_hsic_biased() if self.estimator == "biased" else self._feature_hsic_unbiased()
+
+    def _feature_hsic_biased(self) -> tuple[float, float, float]:
+        n = self.n
+
+        def centred_sq_norm(m, u, v):  # ||M - u v^T / n||_F^2, one temporary at a time
+            return float(torch.addr(m, u, v, alpha=-1.0 / n).square_().sum())
+
+        scale = (n - 1) ** 2 if n > 1 else 1
+        return (centred_sq_norm(self.yx, self.sy, self.sx) / scale, centred_sq_norm(self.xx, self.sx, self.sx) / scale,
+                centred_sq_norm(self.yy, self.sy, self.sy) / scale)
+
+    def _feature_hsic_unbiased(self) -> tuple[float, float, float]:
+        n = self.n
+        sx, sy = self.sx, self.sy
+
+        def u_stat(trace_kl, one_k_one, one_l_one, k1_dot_l1):
+            return float(trace_kl + one_k_one * one_l_one / ((n - 1) * (n - 2))
+                         - 2.0 / (n - 2) * k1_dot_l1) / (n * (n - 3))
+
+        k1k = float(sx @ sx) - self.sa  # 1^T K' 1
+        l1l = float(sy @ sy) - self.sb
+        kl = u_stat(float((self.yx ** 2).sum()) - self.sab, k1k, l1l,
+                    float(sy @ self.yx @ sx) - float(sx @ self.xb) - float(sy @ self.ya) + self.sab)
+        kk = u_stat(float((self.xx ** 2).sum()) - self.saa, k1k, k1k,
+                    float(sx @ self.xx @ sx) - 2.0 * float(sx @ self.xa) + self.saa)
+        ll = u_stat(float((self.yy ** 2).sum()) - self.sbb, l1l, l1l,
+                    float(sy @ self.yy @ sy) - 2.0 * float(sy @ self.yb) + self.sbb)
+        return kl, kk, ll
+
+    def value(self) -> float:
+        """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); NaN when the denominator is not positive."""
+        kl, kk, ll = self.hsic()
+        return kl / (kk * ll) ** 0.5 if kk > 0 and ll > 0 else float("nan")
 
 
-def _centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """H (X X^T) H in float64, formed from column chunks of X so that only one chunk is copied to float64."""
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X X^T in float64, formed from column chunks of X so that only one chunk is copied to float64."""
     k = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], _GRAM_CHUNK):
         c = x[:, start:start + _GRAM_CHUNK].double()
-        k += c @ c.T
-    row = k.mean(0, keepdim=True)
-    return k - row - row.T + k.mean()
+        k.addmm_(c, c.T)
+    return k
+
+
+def _centre(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """H K H (biased), or the U-centred K^ of Szekely & Rizzo (2014) with <K^, L^> = n (n - 3) HSIC_1(K, L):
+    K' = K - diag(K), m = K' 1 / (n - 2) - 1^T K' 1 / (2 (n - 1)(n - 2)), K^ = K' - m 1^T - 1 m^T, diag(K^) = 0."""
+    if not unbiased:
+        row = k.mean(0, keepdim=True)
+        return k.sub_(row).sub_(row.T).add_(row.mean())
+    n = len(k)
+    k.fill_diagonal_(0.0)
+    m = k.sum(0) / (n - 2)
+    m -= m.sum() / (2 * (n - 1))
+    return k.sub_(m[None, :]).sub_(m[:, None]).fill_diagonal_(0.0)
+
+
+def _gram_hsic(x: torch.Tensor, y: torch.Tensor, unbiased: bool) -> tuple[float, float, float]:
+    """(HSIC(K, L), HSIC(K, K), HSIC(L, L)) of K = X X^T, L = Y Y^T in Gram space."""
+    n = len(x)
+    scale = n * (n - 3) if unbiased else max(n - 1, 1) ** 2
+    k, l_ = _centre(_gram(x), unbiased), _centre(_gram(y), unbiased)
+    k, l_ = k.reshape(-1), l_.reshape(-1)
+    return float(k @ l_) / scale, float(k @ k) / scale, float(l_ @ l_) / scale
 
 
 def _module_names(value) -> tuple[str, ...] | None:
@@ -149,7 +266,9 @@ class CKAOptions:
 
     `layers` names hidden modules (as in `model.named_modules()`) whose flattened outputs are also
     compared, as quantity `cka_<name>`; `method` picks the CKA form ("auto": feature space unless
-    features outnumber examples); `pairs` which seed pairs of a cell are compared.
+    features outnumber examples); `estimator` the HSIC estimator ("biased", "debiased": HSIC_1 over
+    all examples, "minibatch": HSIC_1 per mixup batch averaged over the batches; module docstring);
+    `pairs` which seed pairs of a cell are compared.
     """
 
     mixup_alpha: float = real(16.0, low=0, open_low=True)
@@ -158,10 +277,17 @@ class CKAOptions:
     layers: tuple[str, ...] = rule((), lambda v: _module_names(v) is not None, "a list of module names")
     method: str = choice("auto", METHODS)
     pairs: str = choice("all", PAIRS)
+    estimator: str = choice("biased", ESTIMATORS)
 
     def __post_init__(self):
         validate(self, "metric_options.CKA")
         object.__setattr__(self, "layers", _module_names(self.layers))
+        unbiased_examples = {"debiased": self.batches * self.batch_size, "minibatch": self.batch_size}
+        if unbiased_examples.get(self.estimator, UNBIASED_MIN_EXAMPLES) < UNBIASED_MIN_EXAMPLES:
+            raise out_of_range("metric_options.CKA.batch_size", self.batch_size,
+                               f"at least {UNBIASED_MIN_EXAMPLES} examples per "
+                               f"{'batch' if self.estimator == 'minibatch' else 'measurement'} "
+                               f"with estimator {self.estimator!r}")
 
 
 def _hooks(model: nn.Module, layers: tuple[str, ...], store: dict):
@@ -182,11 +308,12 @@ def cka(model_a: nn.Module, model_b: nn.Module, data: MetricData, options: CKAOp
 
     For b = 1..batches: draw `batch_size` training inputs without replacement, mix them
     (x~ = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha)), feed x~ to both models in eval
-    mode and accumulate the CKA statistics; report CKA over all batches * batch_size examples.
+    mode and accumulate the CKA statistics; report CKA over all batches * batch_size examples
+    (`estimator` "biased" or "debiased"), or the minibatch CKA of the batches ("minibatch").
     """
     n = options.batches * min(options.batch_size, len(data.train))
     names = ("logits", "softmax") + options.layers
-    accs = {name: CKAAccumulator(options.method, n_hint=n) for name in names}
+    accs = {name: CKAAccumulator(options.method, n_hint=n, estimator=options.estimator) for name in names}
     acts_a, acts_b = {}, {}
     handles = _hooks(model_a, options.layers, acts_a) + _hooks(model_b, options.layers, acts_b)
     try:

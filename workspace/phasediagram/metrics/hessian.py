@@ -32,6 +32,10 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
   "krylov", the default when the density is computed: density_iters vectors at no extra product,
   `linalg.Deflation.krylov`) or by a random sketch of `hutchpp_sketch` columns ("sketch", or when
   density_probes is 0).
+- `trace_xtrace`, `trace_xtrace_stderr`, `hvp_trace_xtrace` (only with `xtrace_vectors` k > 0): XTrace
+  (`numerics.xtrace`: 2 k products of its own, every test vector serving both its low-rank part and
+  its residual estimate), after the other traces; at equal products as accurate as Krylov Hutch++
+  on the benchmark Hessians (bench/bench_trace.py), whose Krylov basis the density pays for.
 - `density@t`: the SLQ spectral density phi(t) on a grid of eigenvalues t, smoothed by a
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
   parameter count for eigenvalues per unit). `density_figure` draws it.
@@ -43,6 +47,9 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
 
 Hessian-vector products are in the model's dtype, and so are the Krylov and probe vectors
 (float32 for a float16 or bfloat16 model; see `vector_dtype`).
+
+The eigenvectors themselves are not rows: `top_eigenvectors` returns the top (or bottom) k eigenpairs
+of the same H through the Python API (`EigenPairs`), and the `loss_slice` metric slices along them.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from phasediagram.accel.hvp_lockstep import LockstepHessians
 from phasediagram.data.datasets import Split
 from phasediagram.metrics.base import MetricData, key, parse_key
 from phasediagram.models.modes import eval_mode
-from phasediagram.numerics import linalg
+from phasediagram.numerics import linalg, xtrace
 from phasediagram.numerics.hvp import METHODS, HessianOperator
 from phasediagram.options import choice, integer, out_of_range, real, validate
 
@@ -95,6 +102,8 @@ class HessianOptions:
     hutchpp_basis: str = choice("krylov", HUTCHPP_BASES)
     # sketch size s ("sketch", or no density): 2 s products, then residual probes
     hutchpp_sketch: int = integer(10, low=0)
+    # XTrace test vectors k (2 k products of its own, keys trace_xtrace*); 0: no XTrace
+    xtrace_vectors: int = integer(0, low=0)
     density_iters: int = integer(100, low=1)  # Lanczos steps per SLQ probe
     density_probes: int = integer(1, low=0)  # SLQ probes; 0 skips the density
     density_points: int = integer(100, low=2)  # grid points of the stored density curve
@@ -193,6 +202,15 @@ def _trace_values(op: HessianOperator, options: HessianOptions, generator,
             key("train", "hvp_traces"): float(op.n_products - before)}
 
 
+def _xtrace_values(op: HessianOperator, options: HessianOptions, generator) -> dict[str, float]:
+    """XTrace with `xtrace_vectors` normalized test vectors (`xtrace.xtrace`, 2 k products), if asked for."""
+    if options.xtrace_vectors == 0:
+        return {}
+    res = xtrace.xtrace(op, op.dim, 2 * options.xtrace_vectors, generator, op.device, vector_dtype(op))
+    return {key("train", "trace_xtrace"): res.value, key("train", "trace_xtrace_stderr"): res.stderr,
+            key("train", "hvp_trace_xtrace"): float(res.n_products)}
+
+
 def _density_values(op: HessianOperator, options: HessianOptions, generator
                     ) -> tuple[dict[str, float], linalg.Lanczos | None]:
     """The SLQ density entries, and the first probe's Lanczos run (None without density)."""
@@ -262,6 +280,7 @@ def _estimates(op, options: HessianOptions, generator) -> dict[str, float]:
     density, run = _density_values(op, options, generator)
     out = _eig_values(op, options, generator, run)
     out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
+    out.update(_xtrace_values(op, options, generator))
     out.update(density)
     return out
 
@@ -272,6 +291,83 @@ def _finite_loss(model, split: Split) -> bool:
     with torch.no_grad():
         return all(bool(torch.isfinite(F.cross_entropy(model(b.x.to(p.device, p.dtype)), b.y.to(p.device))))
                    for b in split.batches(1000))
+
+
+# --------------------------------------------------------------------------- eigenvectors
+@dataclass(frozen=True)
+class EigenPairs:
+    """Eigenpairs of H from `top_eigenvectors`, the most extreme first.
+
+    `values`: (k,) float64 array of Ritz values theta_i, descending (the top end) or ascending (the
+    bottom end). `vectors`: (k, P) tensor, row i the Ritz vector y_i over the trainable parameters
+    flattened in `model.parameters()` order: unit norm and mutually orthogonal to rounding (Ritz
+    vectors of a fully reorthogonalised Lanczos run), in `vector_dtype` (float64 for a float64 model,
+    else float32), on the model's device, the sign fixed so that its entry of largest magnitude is
+    positive. `residuals`: r_i = ||H y_i - theta_i y_i||, so some eigenvalue lambda of H has
+    |theta_i - lambda| <= r_i, and its eigenvector u_i has sin angle(y_i, u_i) <= r_i / gap_i (Davis-Kahan),
+    gap_i the distance from theta_i to the rest of the spectrum. `converged`: whether the stopping test
+    passed within `lanczos_iters` products; `n_products`: Hessian-vector products used. `names`,
+    `shapes`: the parameters a row splits into (`tensors`).
+    """
+
+    values: np.ndarray
+    vectors: torch.Tensor
+    residuals: np.ndarray
+    converged: bool
+    n_products: int
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Row i as {parameter name: tensor shaped like that parameter} (views of the row)."""
+        pieces = torch.split(self.vectors[i], [math.prod(s) for s in self.shapes])
+        return {n: t.view(s) for n, t, s in zip(self.names, pieces, self.shapes)}
+
+
+# the eigenvector defaults: `hessian`'s, with the residual rule (it bounds the vectors' errors)
+EIGENVECTOR_OPTIONS = HessianOptions(eig_rule="residual", eig_start="gradient", density_probes=0)
+
+
+def top_eigenvectors(model, data: MetricData, k: int = 1, options: HessianOptions | None = None,
+                     generator: torch.Generator | None = None, *, bottom: bool = False) -> EigenPairs:
+    """The k largest algebraic eigenpairs of H (with `bottom`, the k smallest), by Lanczos.
+
+    H is the `hessian` metric's: the mean training cross-entropy on the fixed batch
+    `hessian_batch(data.train, options, generator)` (drawn first from `generator`), eval mode, over
+    the trainable parameters. Lanczos (`linalg.lanczos_eigs`, full reorthogonalisation) runs on
+    v -> H v, or on v -> -H v for the bottom end (its top eigenpairs are H's bottom ones, negated
+    back), from the gradient-mixed start (`eig_start` "slq" or "gradient"; "random": Gaussian),
+    until the k wanted Ritz values pass `options.eig_rule` at `options.tol` (relative to the largest
+    |Ritz value|) or `lanczos_iters` products are spent. The default options (`EIGENVECTOR_OPTIONS`)
+    are `hessian`'s with the residual rule, r_i <= tol max|theta|, which bounds the vectors' errors
+    (see `EigenPairs`); the gap rule bounds the eigenvalues' errors by r_i^2 / gap_i and lets
+    r_i, and so the vector error, stay near sqrt(tol |theta| gap_i).
+
+    Returns `EigenPairs` (values float64, vectors as one (k, P) tensor and per parameter via `tensors`).
+    Raises ValueError for k outside [1, min(lanczos_iters, P)] or a loss on the batch that is not finite.
+    """
+    options = options if options is not None else EIGENVECTOR_OPTIONS
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_params = sum(p.numel() for _, p in named)
+    if not 1 <= k <= min(options.lanczos_iters, n_params):
+        raise ValueError(f"k must be in [1, {min(options.lanczos_iters, n_params)}] (lanczos_iters "
+                         f"{options.lanczos_iters}, {n_params} parameters), got {k}")
+    batch = hessian_batch(data.train, options, generator)
+    sign = -1.0 if bottom else 1.0
+    with eval_mode(model):
+        if not _finite_loss(model, batch):
+            raise ValueError("the training loss on the Hessian batch is not finite")
+        op = operator(model, batch, options)
+        hint = op.gradient() if options.eig_start in ("slq", "gradient") else None
+        eigs = linalg.lanczos_eigs(lambda v: sign * op(v), op.dim, k, options.lanczos_iters, options.tol, generator,
+                                   op.device, options.eig_rule, vector_dtype(op), hint, magnitude=False)
+    vectors = eigs.vectors / torch.linalg.vector_norm(eigs.vectors, dim=1, keepdim=True)
+    biggest = vectors.abs().argmax(dim=1, keepdim=True)
+    vectors = vectors * torch.sign(vectors.gather(1, biggest))
+    return EigenPairs(sign * np.asarray(eigs.top, dtype=np.float64), vectors, np.asarray(eigs.residuals, np.float64),
+                      bool(eigs.converged), int(eigs.n_products), tuple(n for n, _ in named),
+                      tuple(tuple(p.shape) for _, p in named))
 
 
 # --------------------------------------------------------------------------- density plots

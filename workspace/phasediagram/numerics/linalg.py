@@ -12,7 +12,7 @@ depends only on the generator state, whatever the device.
 - `lanczos_eigs`: extreme eigenvalues from the Ritz values of T_m, stopped by an a-posteriori
   error bound (`ritz_bounds`: the residual bound, sharpened to r^2 / gap once a gap is seen).
 - `power_iteration`: the reference code's method, for comparison.
-- `hutchinson`, `hutchpp`: trace estimators with Rademacher probes.
+- `hutchinson`, `hutchpp`: trace estimators with Rademacher probes (XTrace: `numerics.xtrace`).
 - `slq`, `SLQ.density`: the spectral density by stochastic Lanczos quadrature.
 """
 
@@ -42,45 +42,73 @@ def rademacher(n: int, generator: torch.Generator, device="cpu", columns: int | 
                dtype: torch.dtype = DTYPE) -> torch.Tensor:
     """z with i.i.d. entries +-1 (probability 1/2 each), so E[z z^T] = I; shape (n,) or (n, columns)."""
     shape = (n,) if columns is None else (n, columns)
-    return (torch.randint(0, 2, shape, generator=generator, dtype=DTYPE) * 2 - 1).to(device, dtype)
+    return torch.randint(0, 2, shape, generator=generator, dtype=DTYPE).mul_(2).sub_(1).to(device, dtype)
 
 
 # --------------------------------------------------------------------------- Lanczos
-class Basis:
-    """Orthonormal vectors q_0..q_{m-1} (rows), stored in blocks of `block` rows as they come.
+def _times(m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """m^T w for m of shape (n, r) and w of shape (n,) or (n, k), as (w^T m)^T when w is a matrix: that
+    order is one pass over m for a w whose columns are contiguous (w = stack(vectors).T)."""
+    return m.T @ w if w.dim() == 1 else (w.T @ m).T
 
-    Nothing is allocated for steps that are never taken: memory is about m * n * itemsize.
+
+class Basis:
+    """Orthonormal vectors q_0..q_{m-1}, the rows of Q (m x n), stored in blocks of doubling size.
+
+    The blocks hold `block`, `block`, 2 `block`, 4 `block`, ... rows (each as many as all before
+    it), the last one cut so that no more than `capacity` rows are ever allocated (when given): a
+    vector is never copied as the basis grows, Q w and Q^T c take one matrix product per block,
+    about log2(m / block) + 2 of them, and at most max(2 m, block) rows are allocated, never more
+    than `capacity` while m <= capacity. With block >= capacity the basis is one block of
+    `capacity` rows (`lanczos` without a stopping test, which takes all its steps).
     """
 
-    def __init__(self, n: int, dtype: torch.dtype, device, block: int = 16):
-        self.n, self.dtype, self.device, self.block = n, dtype, device, block
+    def __init__(self, n: int, dtype: torch.dtype, device, block: int = 16, capacity: int | None = None):
+        self.n, self.dtype, self.device, self.block, self.capacity = n, dtype, device, block, capacity
         self.blocks: list[torch.Tensor] = []
         self.size = 0
+        self._allocated = 0
 
     def __len__(self) -> int:
         return self.size
 
     def append(self, q: torch.Tensor) -> None:
-        if self.size == len(self.blocks) * self.block:
-            self.blocks.append(torch.empty(self.block, self.n, dtype=self.dtype, device=self.device))
-        self.blocks[-1][self.size % self.block] = q
+        if self.size == self._allocated:
+            rows = max(self.block, self._allocated)
+            if self.capacity is not None and self._allocated < self.capacity:
+                rows = min(rows, self.capacity - self._allocated)
+            self.blocks.append(torch.empty(rows, self.n, dtype=self.dtype, device=self.device))
+            self._allocated += rows
+        last = self.blocks[-1]
+        last[self.size - (self._allocated - len(last))] = q
         self.size += 1
 
     def _filled(self):
-        for i, b in enumerate(self.blocks):
-            yield b[:min(self.block, self.size - i * self.block)]
+        start = 0
+        for b in self.blocks:
+            yield b[:min(len(b), self.size - start)]
+            start += len(b)
 
     def coefficients(self, w: torch.Tensor) -> torch.Tensor:
-        """Q w (length m)."""
-        return torch.cat([b @ w for b in self._filled()])
+        """Q w for w of shape (n,) or (n, k): shape (m,) or (m, k)."""
+        parts = [_times(b.T, w) for b in self._filled()]
+        if not parts:
+            return w.new_zeros((0,) + tuple(w.shape[1:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
-        """Q^T c for c of shape (m,) or (m, k)."""
-        out, start = 0, 0
+        """Q^T c for c of shape (m,) or (m, k): shape (n,) or (n, k)."""
+        out, start = None, 0
         for b in self._filled():
-            out = out + b.T @ c[start:start + len(b)]
+            part = c[start:start + len(b)]
+            if out is None:
+                out = b.T @ part
+            elif part.dim() == 1:
+                out.addmv_(b.T, part)
+            else:
+                out.addmm_(b.T, part)
             start += len(b)
-        return out
+        return out if out is not None else c.new_zeros((self.n,) + tuple(c.shape[1:]))
 
     def project_out(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """w - Q^T Q w by classical Gram-Schmidt, repeated once when needed; returns (w, total Q w, ||w||).
@@ -151,7 +179,7 @@ def lanczos(matvec: Matvec, v0: torch.Tensor, max_iter: int, *, stop: Callable[[
     """
     n = v0.numel()
     steps = min(max_iter, n)
-    basis = Basis(n, dtype, v0.device)
+    basis = Basis(n, dtype, v0.device, block=16 if stop is not None else steps, capacity=steps)
     alpha, beta, scale = [], [], 0.0
     q = v0.to(dtype) / torch.linalg.vector_norm(v0.to(dtype))
     previous = None
@@ -502,8 +530,9 @@ class Deflation:
     """An orthonormal basis Q (n x s) with the means to apply A Q, for Hutch++'s split
     tr(A) = tr(Q^T A Q) + tr(P A P), P = I - Q Q^T.
 
-    `low` = tr(Q^T A Q); `q_t(z)` = Q^T z; `q(c)` = Q c; `aq(c)` = (A Q) c; `n_products`: the
-    products spent on it; `full`: whether Q spans all of R^n (then P = 0).
+    `low` = tr(Q^T A Q); `q_t(z)` = Q^T z (z of shape (n,) or (n, k)); `q(c)` = Q c; `aq(c)` = (A Q) c;
+    `n_products`: the products spent on it; `full`: whether Q spans all of R^n (then P = 0);
+    `gram` = Q^T A Q (s x s, float64, on the CPU).
     """
 
     low: float
@@ -512,6 +541,18 @@ class Deflation:
     aq: Callable[[torch.Tensor], torch.Tensor]
     n_products: int
     full: bool
+    gram: torch.Tensor
+
+    def residual_sample(self, z: torch.Tensor, az: torch.Tensor) -> float:
+        """(P z)^T A (P z) for P = I - Q Q^T, given az = A z, from one pass over Q.
+
+        With [c, d] = Q^T [z, A z] (one product of Q^T with an n x 2 matrix) and A symmetric, so
+        that (A Q)^T z = Q^T A z = d:
+            (z - Q c)^T (A z - A Q c) = z^T A z - 2 c^T d + c^T (Q^T A Q) c.
+        """
+        cd = self.q_t(torch.stack([z, az]).T).to("cpu", DTYPE)
+        c, d = cd[:, 0], cd[:, 1]
+        return float(z @ az) - 2.0 * float(c @ d) + float(c @ (self.gram @ c))
 
     @classmethod
     def sketch(cls, matvec: Matvec, n: int, s: int, generator: torch.Generator, device="cpu",
@@ -524,7 +565,9 @@ class Deflation:
             sketch_m = rademacher(n, generator, device, columns=s, dtype=dtype)
             q = torch.linalg.qr(torch.stack([matvec(c).to(dtype) for c in sketch_m.T], dim=1))[0]
             aq = torch.stack([matvec(c).to(dtype) for c in q.T], dim=1)
-        return cls(float((q * aq).sum()), lambda z: q.T @ z, lambda c: q @ c, lambda c: aq @ c, 2 * s, s >= n)
+        gram = (q.T @ aq).to("cpu", DTYPE)
+        return cls(float((q * aq).sum()), lambda z: _times(q, z), lambda c: q @ c, lambda c: aq @ c, 2 * s, s >= n,
+                   (gram + gram.T) / 2)
 
     @classmethod
     def krylov(cls, run: Lanczos) -> "Deflation":
@@ -540,7 +583,7 @@ class Deflation:
             return run.basis.combine(t @ c) + c[-1] * r
 
         return cls(float(np.sum(run.alpha)), run.basis.coefficients, run.basis.combine, aq, 0,
-                   len(run.basis) >= run.basis.n)
+                   len(run.basis) >= run.basis.n, torch.as_tensor(run.tridiagonal(), dtype=DTYPE))
 
 
 def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol: float = 1e-3,
@@ -552,9 +595,9 @@ def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol:
     Hutch++ deflates by `deflation` when given (e.g. `Deflation.krylov` of an SLQ run, no product
     spent here), else by a sketch of `sketch` columns (`Deflation.sketch`, 2 s products). Each
     probe z costs one product A z, which serves both estimators: the plain sample is z^T A z,
-    and with P = I - Q Q^T the Hutch++ residual sample is (P z)^T A (P z) where, by linearity,
-    A P z = A z - (A Q)(Q^T z) reuses the deflation's A Q. Each estimator takes probes until its
-    own stopping rule holds (or `max_probes`), so each equals what it would be run alone on the
+    and with P = I - Q Q^T the Hutch++ residual sample is (P z)^T A (P z), which by linearity and
+    the symmetry of A needs only Q^T z and Q^T A z (`Deflation.residual_sample`: one pass over
+    Q). Each estimator takes probes until its own stopping rule holds (or `max_probes`), so each equals what it would be run alone on the
     same probes; together they cost the deflation's products + max(m_plain, m_plus) instead of
     that + m_plain + m_plus. `n_products` of each counts the products its estimate rests on
     (the deflation's included). With `sketch = 0` and no deflation both are plain Hutchinson;
@@ -578,8 +621,7 @@ def traces(matvec: Matvec, n: int, sketch: int = 10, max_probes: int = 100, tol:
             plain_samples.append(float(z @ az))
             plain_on = not _should_stop(rule, tol, 0.0, plain_samples)
         if plus_on:
-            c = defl.q_t(z)
-            plus_samples.append(float((z - defl.q(c)) @ (az - defl.aq(c))))
+            plus_samples.append(defl.residual_sample(z, az))
             plus_on = not _should_stop(rule, tol, defl.low, plus_samples)
             plain_on = plain_on and (plus_on or not plain_follows)
     plus = _trace(defl.low, plus_samples, defl.n_products + (0 if defl.full else len(plus_samples)))

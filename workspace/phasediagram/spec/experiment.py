@@ -38,6 +38,8 @@ SCHEDULES = ("constant", "step")
 METRIC_CHECKPOINTS = ("final", "best")
 DTYPES = ("float32", "float64")
 ENSEMBLE_CHOICES = ("auto", "on", "off")
+AUTOCAST_CHOICES = ("off", "bf16")
+IDENTITY_DEFAULTS = {"autocast": "off", "deterministic": False}  # training fields that joined the spec later
 MAX_SEED = 2**31 - 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -54,7 +56,7 @@ def _name_or_import_path(field_name: str, value: Any) -> str:
     if is_import_path(value):
         return value
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
-        raise SpecError(field_name, f"{value!r} is neither a name (letters, digits, '_', '.', '-') nor an import "
+        raise SpecError(field_name, f"{value!r} is not a name (letters, digits, '_', '.', '-') nor an import "
                                     "path (module:function)")
     return value
 
@@ -176,6 +178,8 @@ class ExperimentSpec:
     ensemble: str = "auto"
     dtype: str = "float32"
     max_runs: int = 100_000  # the most (cell, seed) runs the grid may have: a guard against a typo's huge grid
+    autocast: str = "off"  # "bf16": the training forward and loss under torch.autocast to bfloat16 (dtype float32)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) in every job (docs/gpu.md)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -223,6 +227,12 @@ class ExperimentSpec:
             raise SpecError("max_runs", f"the grid has {n_cells} cells x {len(self.seeds)} seeds = "
                             f"{n_cells * len(self.seeds)} runs, more than max_runs = {self.max_runs}; "
                             "raise max_runs (--max-runs) if that is what you mean")
+        _choice("autocast", self.autocast, AUTOCAST_CHOICES)
+        if self.autocast != "off" and self.dtype != "float32":
+            raise SpecError("autocast", f"{self.autocast} autocasts float32 operations; it needs dtype float32, "
+                                        f"not {self.dtype}")
+        if not isinstance(self.deterministic, bool):
+            raise SpecError("deterministic", f"expected true or false, got {self.deterministic!r}")
 
     # ------------------------------------------------------------------ the grid
     def cells(self) -> list[Cell]:
@@ -252,10 +262,15 @@ class ExperimentSpec:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def training_identity(self) -> dict[str, Any]:
-        """The fields that determine the trained checkpoints (everything but the metrics and max_runs)."""
+        """The fields that determine the trained checkpoints (everything but the metrics and max_runs);
+        a field of `IDENTITY_DEFAULTS` only where it differs from its default there, so the specs written
+        before it existed keep their `training_hash`."""
         d = self.to_dict()
         for name in ("metrics", "metric_options", "metric_checkpoint", "max_runs"):
             d.pop(name)
+        for name, default in IDENTITY_DEFAULTS.items():
+            if d[name] == default:
+                d.pop(name)
         return d
 
     def training_hash(self) -> str:

@@ -5,6 +5,7 @@
                             runs/<cell>/seed<s>/{last,final,best}.pt
                             results/<stage>/<cell>.json    one small file per job
                             results.csv                    the collected table
+                            state/<stage>/<cell>/seed<s>/  a metric's own files (curve state, slice directions)
                             phase_plot.png|pdf             figures
     <root>/bash_scripts/<name>/<stage>.sh, <stage>.sbatch, slurm_logs/
 
@@ -21,6 +22,7 @@ from phasediagram.errors import SpecError
 from phasediagram.spec.experiment import Cell
 
 CHECKPOINT_KINDS = ("last", "prev", "final", "best")
+DIRECTIONS_FILE = "directions.npz"  # the `loss_slice` metric's saved directions, in its state folder
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,14 @@ class Layout:
 
     def result_path(self, stage: str, cell: Cell) -> Path:
         return self.exp_dir / "results" / stage / f"{cell.id}.json"
+
+    def state_dir(self, stage: str, cell: Cell, seeds: tuple[int, ...]) -> Path:
+        """The folder private to metric `stage` on `seeds` (one seed, or a pair) of `cell` (`MetricData.state_dir`)."""
+        return self.exp_dir / "state" / stage / cell.id / "_".join(f"seed{s}" for s in seeds)
+
+    def directions_path(self, cell: Cell, seed: int) -> Path:
+        """The directions the `loss_slice` metric saved for one seed of `cell` (numpy .npz, no pickle)."""
+        return self.state_dir("loss_slice", cell, (seed,)) / DIRECTIONS_FILE
 
     def failure_path(self, stage: str, cell: Cell) -> Path:
         """The record of the last failed attempt of job (stage, cell), removed when the job succeeds."""

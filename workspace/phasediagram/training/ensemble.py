@@ -33,7 +33,7 @@ final checkpoint was lost is retrained with its group, the others replayed witho
 `spec.ensemble`: "on" trains all seeds of a cell as one ensemble wherever the arch and the
 training method allow (`methods.ensemble_supported`), "off" never, "auto" in groups of
 `accel.policy.group_size` seeds, possibly of one: a one-member ensemble is still the faster form
-of some models.
+of some models. With `spec.autocast` other than "off" the runs train one by one.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from phasediagram.methods.sgd import SGD
 from phasediagram.numerics.sgd import set_lr, sgd
 from phasediagram.spec.experiment import Cell, ExperimentSpec
 from phasediagram.storage.layout import Layout
-from phasediagram.training.train import Run, train_group, train_seed
+from phasediagram.training.train import Run, read_later, train_group, train_seed
 
 
 def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
@@ -59,6 +59,9 @@ def ensemble_choice(spec: ExperimentSpec, cell: Cell) -> tuple[int, str]:
         return 0, f"optimizer {spec.optimizer} with regularizer {spec.regularizer} has no ensemble form"
     if not ensemble_models.supports(spec.arch):
         return 0, f"arch {spec.arch} has no ensemble form"
+    if spec.autocast != "off":
+        return 0, f"autocast {spec.autocast} trains runs one by one (the ensemble layers' own kernels are float32 " \
+                  "and float64 only)"
     if spec.ensemble == "on":
         return len(spec.seeds), "ensemble on"
     g = policy.group_size(spec.arch, cell.width, cell.batch_size, len(spec.seeds))
@@ -99,6 +102,8 @@ class EnsembleSteps:
     def __init__(self, runs: list[Run]):
         if not all(type(run.method) is SGD and run.method.regularizer is None for run in runs):
             raise ValueError("the ensemble form steps plain SGD without a regularizer only")
+        if any(run.autocast is not None for run in runs):
+            raise ValueError("the ensemble form steps runs without autocast only")
         self.runs = runs
         self.ens, self.opt = assemble(runs)
         self.ens.train()
@@ -119,15 +124,17 @@ def ensemble_step(ens: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     """One SGD step of every member on its own batch x[s], y[s]; returns [L_s] (before the step).
 
     L_s = (1/B) sum_b CE(f_s(x[s, b]), y[s, b]); the step descends sum_s L_s, whose gradient with
-    respect to member s's parameters is dL_s/dtheta_s.
+    respect to member s's parameters is dL_s/dtheta_s. The losses are copied to the host as soon as
+    they are computed (`train.read_later`), so the backward and the update are queued before the host waits.
     """
     opt.zero_grad(set_to_none=True)
     logits = ens(x)
     s, b, k = logits.shape
     per_member = F.cross_entropy(logits.reshape(s * b, k), y.reshape(s * b), reduction="none").view(s, b).mean(1)
+    read = read_later(per_member)
     per_member.sum().backward()
     opt.step()
-    return per_member.detach().tolist()
+    return read()
 
 
 def assemble(members: list[Run]) -> tuple[torch.nn.Module, torch.optim.SGD]:

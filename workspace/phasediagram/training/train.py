@@ -12,6 +12,13 @@ After every epoch `last.pt` holds the whole training state (model, optimizer, hi
 killed run resumes at the next epoch and no finished epoch is trained twice; `best.pt` holds the
 model of the epoch with the lowest mean training loss; `final.pt` (status "ok" or "diverged")
 marks the run done. A non-finite loss stops the run with status "diverged" and its epoch and step.
+
+On a GPU the data, the orders and the models stay on the device; a step's only host transfer is
+its losses (the divergence rule needs them at every step), copied as soon as the forward has
+computed them, so the backward and the update are queued before the host waits (`read_later`).
+`spec.autocast` "bf16" runs every forward of the models in training under `torch.autocast` to
+bfloat16, its logits cast back to float32 for the loss (`autocast_forward`); the parameters, the
+gradients' updates and the checkpoints stay float32, and the metrics read them without autocast.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from phasediagram.data.datasets import Dataset
 from phasediagram.errors import CorruptFile
 from phasediagram.methods import build_method
+from phasediagram.methods.sgd import SGD
 from phasediagram.models import families as models
 from phasediagram.seeding import stable_seed
 from phasediagram.spec.experiment import Cell, ExperimentSpec
@@ -33,6 +42,7 @@ from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCAST = {"off": None, "bf16": torch.bfloat16}
 RESUMABLE = ("prev", "last")  # the training states a run keeps, older first
 
 
@@ -164,6 +174,7 @@ class Run:
     method: object
     state: RunState
     recorded: bool = True
+    autocast: torch.dtype | None = None  # the dtype its forwards are autocast to (`autocast_forward`), if any
 
 
 def start_run(spec: ExperimentSpec, cell: Cell, seed: int, dataset: Dataset, saved: dict | None = None,
@@ -171,18 +182,72 @@ def start_run(spec: ExperimentSpec, cell: Cell, seed: int, dataset: Dataset, sav
     """Run (cell, seed): its model initialised from `seed`, then, given a `saved` training state
     (`saved_states`), continued from it."""
     model = init_model(spec, cell, seed, dataset).to(device)
+    autocast = AUTOCAST[spec.autocast]
+    if autocast is not None:
+        autocast_forward(model, autocast)
     method = build_method(spec, model, lr=cell.lr, weight_decay=cell.weight_decay, seed=seed)
     state = RunState()
     if saved is not None:
         model.load_state_dict(saved["model"])
         method.load_state_dict(saved["trainer"])
         state = RunState(int(saved["epoch"]), list(saved["history"]), float(saved["best_loss"]))
-    return Run(seed, model, method, state, recorded)
+    return Run(seed, model, method, state, recorded, autocast)
+
+
+def autocast_forward(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Make every call of `model` run under `torch.autocast(<its input's device type>, dtype)` and
+    return its output as float32: the forward's matrix products and convolutions in `dtype`, the loss
+    on float32 logits, the backward and the update outside autocast (forward hooks, so the state dict,
+    copies of the model and `torch.func` calls are unchanged). Returns `model`."""
+    entered: list = []
+
+    def enter(module, args):
+        context = torch.autocast(args[0].device.type, dtype=dtype)
+        context.__enter__()
+        entered.append(context)
+
+    def leave(module, args, output):
+        entered.pop().__exit__(None, None, None)
+        return None if output is None else output.float()
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+    return model
+
+
+def read_later(values: torch.Tensor) -> Callable[[], list[float]]:
+    """Start copying `values` to the host; the returned function waits for that copy (not for what the
+    device was given to do after it) and returns the values as floats, flattened. On a CUDA device the
+    copy goes to pinned memory behind the operations queued so far; elsewhere the values are read when asked."""
+    values = values.detach()
+    if values.device.type != "cuda":
+        return lambda: values.reshape(-1).tolist()
+    host = values.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(values.device))
+
+    def read() -> list[float]:
+        copied.synchronize()
+        return host.reshape(-1).tolist()
+
+    return read
+
+
+def sgd_step(method: SGD, x: torch.Tensor, y: torch.Tensor, epoch: int) -> Callable[[], list[float]]:
+    """`SGD.step` of `method` on the batch (x, y), the same operations in the same order, its loss read
+    back later (`read_later`): the host need not wait for the update before it queues the next step."""
+    method.opt.zero_grad(set_to_none=True)
+    loss, total = method.objective(x, y, epoch)
+    read = read_later(loss)
+    total.backward()
+    method.opt.step()
+    return read
 
 
 class MethodSteps:
     """Steps of runs taken one by one, each by its own method (any optimizer and regularizer):
-    run i's step on its batch (x[i], y[i]) is `method.step`, and its model is always current."""
+    run i's step on its batch (x[i], y[i]) is `method.step` (for plain `SGD`, the same step as
+    `sgd_step`), and its model is always current."""
 
     def __init__(self, runs: list[Run]):
         self.runs = runs
@@ -192,7 +257,14 @@ class MethodSteps:
             run.method.set_lr(lr)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> list[float]:
-        return [run.method.step(x[i], y[i], epoch) for i, run in enumerate(self.runs)]
+        reads = []
+        for i, run in enumerate(self.runs):
+            if type(run.method) is SGD:
+                reads.append(sgd_step(run.method, x[i], y[i], epoch))
+            else:
+                loss = run.method.step(x[i], y[i], epoch)
+                reads.append(lambda loss=loss: [loss])
+        return [loss for read in reads for loss in read()]
 
     def sync(self) -> None:
         """Make every run's own model and method hold its current state (they already do)."""
@@ -278,8 +350,7 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
             run.model.train()
         totals = [0.0] * len(alive)
         for step in range(steps):
-            idx = orders[:, step * bs:(step + 1) * bs]
-            losses = stepper.step(x[idx], y[idx], epoch)
+            losses = batch_step(stepper, x, y, orders, step, bs, epoch)
             totals = [t + loss for t, loss in zip(totals, losses)]
             bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
             if bad:
@@ -311,6 +382,14 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
             save_final(spec, cell, run.seed, layout, dataset, run.method, run.state)
         statuses[run.seed] = "ok"
     return statuses
+
+
+def batch_step(stepper, x: torch.Tensor, y: torch.Tensor, orders: torch.Tensor, step: int, batch_size: int,
+               epoch: int) -> list[float]:
+    """Step `step` of every run of `stepper`: run i on the examples orders[i, step*B:(step+1)*B] of
+    (x, y), B = `batch_size`; returns each run's loss before its step."""
+    idx = orders[:, step * batch_size:(step + 1) * batch_size]
+    return stepper.step(x[idx], y[idx], epoch)
 
 
 def train_seed(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, dataset: Dataset,

@@ -1,0 +1,204 @@
+"""Weight matching and the aligned linear barrier: exact recovery of a hidden permutation, the
+permuted copy's function, brute-force optimality of one assignment, agreement with `curve`'s
+mc_linear, trained seeds, and models without a permutation spec."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import phasediagram
+from phasediagram.data.datasets import Split
+from phasediagram.errors import SpecError
+from phasediagram.metrics import METRICS, MetricData, key
+from phasediagram.metrics.aligned_barrier import AlignedBarrierOptions, aligned_barrier
+from phasediagram.metrics.curve import CurveOptions, curve
+from phasediagram.models import families as models
+from phasediagram.numerics.weight_matching import (
+    UnsupportedModel,
+    align,
+    objective,
+    permutation_spec,
+    permute,
+    weight_matching,
+)
+from phasediagram.resolve import check
+from phasediagram.spec.experiment import ExperimentSpec
+
+LENGTH, CLASSES = 24, 5
+OPTIONS = AlignedBarrierOptions(points=5, batch_size=32, eval_batch_size=64)
+
+
+def make_data() -> MetricData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, LENGTH, generator=g, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (160,), generator=g)
+    return MetricData(Split(x[:96], y[:96]), Split(x[96:], y[96:]), CLASSES)
+
+
+def make_model(arch: str, seed: int, width: int = 6) -> nn.Module:
+    torch.manual_seed(seed)
+    model = models.create(arch, width, (LENGTH,), CLASSES).double()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # running statistics unlike the initial ones, so that permuting them matters
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+    return model
+
+
+def permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of `model` whose units are permuted by random permutations (returned too)."""
+    spec = permutation_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    perms = {name: torch.randperm(n, generator=g) for name, n in spec.sizes.items()}
+    twin = models.create(*_args(model)).double()
+    twin.load_state_dict(permute(model.state_dict(), spec, perms))
+    return twin, perms
+
+
+def _args(model):
+    arch = "mlp" if isinstance(model, models.MLP) else "resnet1d"
+    width = model.net[1].out_features if arch == "mlp" else model.stem[0].out_channels
+    return arch, width, (LENGTH,), CLASSES
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet1d"])
+def test_a_permuted_copy_computes_the_same_function_and_aligns_back_exactly(arch):
+    a = make_model(arch, 0)
+    b, perms = permuted_copy(a, 1)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    assert any(not torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    x = make_data().train.x
+    for mode in ("eval", "train"):  # running statistics, then batch statistics (on copies: they update them)
+        a_, b_ = copy.deepcopy(a).train(mode == "train"), copy.deepcopy(b).train(mode == "train")
+        with torch.no_grad():
+            assert torch.allclose(a_(x), b_(x), rtol=0, atol=1e-10), mode
+    aligned, matching = align(a, b, torch.Generator().manual_seed(2))
+    assert matching.converged
+    assert all(torch.equal(aligned[k], v) for k, v in a.state_dict().items())  # running statistics too
+    for name, found in matching.perms.items():  # found = the inverse of the permutation applied
+        assert torch.equal(perms[name][found], torch.arange(len(found))), name
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet1d"])
+def test_the_barrier_to_a_permuted_copy_is_zero_after_alignment_only(arch):
+    a = make_model(arch, 0)
+    b, _ = permuted_copy(a, 1)
+    out = aligned_barrier(a, b, make_data(), OPTIONS, torch.Generator().manual_seed(0))
+    assert out[key("train", "aligned_barrier")] == 0.0
+    for t in OPTIONS.ts:
+        for split in ("train", "test"):
+            assert out[key(split, "err_aligned", t)] == out[key(split, "err_aligned", 0.0)]
+            assert out[key(split, "loss_aligned", t)] == pytest.approx(out[key(split, "loss_aligned", 0.0)],
+                                                                       abs=1e-10, rel=0)
+    # without alignment the midpoint is another model: its loss moves off the endpoints'
+    assert abs(out[key("train", "loss_linear", 0.5)] - out[key("train", "loss_linear", 0.0)]) > 1e-3
+    assert out[key("-", "wm_converged")] == 1.0
+
+
+def test_one_assignment_is_the_brute_force_optimum():
+    """One hidden layer: one permutation, so weight matching must reach the best of all n! of them."""
+    torch.manual_seed(0)
+    a, b = (models.MLP(5, (LENGTH,), CLASSES, depth=1).double() for _ in range(2))
+    spec = permutation_spec(a)
+    assert dict(spec.sizes) == {"hidden0": 5}
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    best = max(objective(params_a, permute(params_b, spec, {"hidden0": torch.tensor(p)}))
+               for p in itertools.permutations(range(5)))
+    matching = weight_matching(params_a, params_b, spec, torch.Generator().manual_seed(0))
+    assert matching.objective == pytest.approx(best, rel=1e-12)
+    assert objective(params_a, permute(params_b, spec, matching.perms)) == matching.objective
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet1d"])
+def test_coordinate_descent_only_raises_the_objective_and_is_seeded(arch):
+    a, b = make_model(arch, 0), make_model(arch, 1)
+    spec = permutation_spec(a)
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    first = weight_matching(params_a, params_b, spec, torch.Generator().manual_seed(3))
+    again = weight_matching(params_a, params_b, spec, torch.Generator().manual_seed(3))
+    assert first.objective > objective(params_a, params_b)  # the identity, where the descent starts
+    assert all(torch.equal(first.perms[n], again.perms[n]) for n in first.perms)
+    capped = weight_matching(params_a, params_b, spec, torch.Generator().manual_seed(3), max_sweeps=1)
+    assert capped.sweeps == 1 and not capped.converged
+
+
+def test_resnet_spec_shares_the_residual_stream_of_a_stage():
+    torch.manual_seed(0)
+    net = models.create("resnet18", 2, (3, 8, 8), CLASSES)
+    axes = permutation_spec(net).axes
+    assert axes["stem.0.weight"][0] == axes["stages.0.bn2.weight"][0] == axes["stages.1.conv2.weight"][0] \
+        == axes["stages.2.conv1.weight"][1] == axes["stages.2.shortcut.0.weight"][1] == "residual0"
+    assert axes["stages.2.shortcut.0.weight"][0] == axes["stages.3.bn2.running_mean"][0] == "residual1"
+    assert axes["stages.0.conv1.weight"][0] != axes["stages.1.conv1.weight"][0]
+    assert axes["head.weight"] == (None, "residual3") and axes["stages.0.bn1.num_batches_tracked"] == ()
+
+
+def test_the_unaligned_barrier_is_minus_the_mc_linear_of_curve():
+    a, b = make_model("resnet1d", 0), make_model("resnet1d", 1)
+    data = make_data()
+    mine = aligned_barrier(a, b, data, OPTIONS, torch.Generator().manual_seed(0))
+    theirs = curve(a, b, data, CurveOptions(epochs=0, batch_size=32, eval_batch_size=64),
+                   torch.Generator().manual_seed(0))
+    assert mine[key("train", "linear_barrier")] == -theirs[key("train", "mc_linear")]
+    for t in OPTIONS.ts:
+        assert mine[key("train", "err_linear", t)] == theirs[key("train", "err_linear", t)]
+        assert mine[key("test", "loss_linear", t)] == pytest.approx(theirs[key("test", "loss_linear", t)], rel=1e-12)
+
+
+class Plugged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(LENGTH, 4), nn.Tanh(), nn.Linear(4, CLASSES))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_model_without_a_permutation_spec_records_the_unaligned_barrier_only():
+    torch.manual_seed(0)
+    a, b = Plugged().double(), Plugged().double()
+    with pytest.raises(SpecError, match=r"^arch: weight matching supports the families mlp, resnet1d, resnet18.*"
+                                        r"tests\.test_aligned_barrier\.Plugged"):
+        permutation_spec(a)
+    with pytest.warns(UserWarning, match="aligned_barrier: arch: .*Plugged.*unaligned linear barrier only"):
+        out = aligned_barrier(a, b, make_data(), OPTIONS, torch.Generator().manual_seed(0))
+    assert key("train", "linear_barrier") in out
+    assert not any("aligned" in k or "wm_" in k for k in out)
+    deeper = models.MLP(4, (LENGTH,), CLASSES)
+    deeper.net.append(nn.Tanh())  # an MLP whose units are no longer those of the family
+    with pytest.raises(UnsupportedModel, match="other than nn.Flatten, nn.Linear and nn.ReLU"):
+        permutation_spec(deeper)
+
+
+def test_bad_options_are_refused_by_the_spec():
+    with pytest.raises(SpecError, match=r"metric_options\.aligned_barrier\.points: 2 is out of range"):
+        check(ExperimentSpec(metrics=("aligned_barrier",), metric_options={"aligned_barrier": {"points": 2}}))
+    with pytest.raises(SpecError, match=r"metric_options\.aligned_barrier\.pairs"):
+        AlignedBarrierOptions(pairs="every")
+    assert METRICS["aligned_barrier"].selects_pairs
+
+
+@pytest.mark.parametrize("arch, width", [("mlp", 32), ("resnet1d", 8)])
+def test_alignment_lowers_the_barrier_between_trained_seeds(root, arch, width):
+    """Two seeds trained on MNIST-1D by the study: the aligned barrier is at most the unaligned one."""
+    spec = check(ExperimentSpec(name=arch, arch=arch, widths=(width,), batch_sizes=(64,), seeds=(0, 1), epochs=4,
+                                train_fractions=(0.25,), metrics=("aligned_barrier",),
+                                metric_options={"aligned_barrier": {"eval_examples": 500}}))
+    study = phasediagram.Study(spec, root)
+    assert not any(r.failed for r in study.run(executor=phasediagram.InProcess()).values())
+    df = study.table()
+    rows = df[(df.source == "aligned_barrier") & (df.split == "train")]
+    value = {m: float(rows[rows.metric == m].value.iloc[0]) for m in ("aligned_barrier", "linear_barrier")}
+    assert value["linear_barrier"] > 0
+    assert value["aligned_barrier"] <= value["linear_barrier"], value
+    ends = rows[rows.coord.isin([0.0, 1.0]) & rows.metric.isin(["err_aligned", "err_linear"])]
+    assert ends.groupby("coord").value.nunique().eq(1).all()  # both lines share their endpoints

@@ -1,0 +1,111 @@
+"""`aligned_barrier`: the linear-path barrier between two seeds after aligning their hidden units
+(Ainsworth et al. 2023, "Git Re-Basin", weight matching), beside the barrier without alignment.
+
+Model B's hidden units are permuted to match model A's (`numerics.weight_matching`: coordinate
+descent over linear assignment problems, its order drawn from the metric's generator), which leaves
+B's function unchanged. Along the straight line theta(t) = (1 - t) theta_A + t theta_B at
+t_k = k / (points - 1), each point's BatchNorm running statistics are reset and recomputed on the
+training examples (`curve.model_at`: cumulative average over one in-order pass, batches of
+`batch_size`), then loss and error (percent) are measured on train and test in eval mode. No
+REPAIR rescaling of the channels is applied. With e(t) the training error, as `curve`'s mc,
+
+    barrier = e(t*) - (e(0) + e(1)) / 2,   t* = argmax_{t_k} |e(t_k) - (e(0) + e(1)) / 2|,
+
+in percentage points of training error: barrier = -mc, so barrier > 0 is a barrier (poorly
+connected), ~0 well connected, < 0 endpoints that are not minima. `linear_barrier` is this on the
+line to B itself (with the same grid and examples it equals -`mc_linear` of `curve`),
+`aligned_barrier` on the line to the permuted B. The permuted B computes B's function, so both
+lines share the endpoint evaluations (those of the unaligned line).
+
+Only the families `mlp`, `resnet1d` and `resnet18` have a permutation spec. For any other model
+(a plugged-in architecture) weight matching is refused: the metric records no `aligned_*` rows and
+no `wm_converged`, warns with the reason (`weight_matching.UnsupportedModel`'s message, naming the
+model's class), and records the unaligned `linear_barrier` rows, which need no alignment.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from phasediagram.data.datasets import Split
+from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, evaluate, key
+from phasediagram.metrics.curve import line, mode_connectivity, model_at
+from phasediagram.numerics.weight_matching import UnsupportedModel, align
+from phasediagram.options import choice, integer, validate
+
+NAME = "aligned_barrier"
+PAIRS = PAIR_SELECTIONS
+
+
+@dataclass(frozen=True)
+class AlignedBarrierOptions:
+    """`points` evenly spaced values of t in [0, 1] (5: 0, .25, .5, .75, 1, the grid of `curve`);
+    `batch_size` the batches of the BatchNorm recomputation, `eval_batch_size` those of the
+    evaluation; `eval_examples` caps the examples of each split (the first ones; 0: all);
+    `max_sweeps` caps the coordinate-descent sweeps of weight matching; `pairs` which seed pairs of
+    a cell are measured."""
+
+    points: int = integer(5, low=3)
+    batch_size: int = integer(128, low=2)
+    eval_batch_size: int = integer(1000, low=1)
+    eval_examples: int = integer(0, low=0, note="0: all")
+    max_sweeps: int = integer(100, low=1)
+    pairs: str = choice("adjacent", PAIRS)
+
+    def __post_init__(self):
+        validate(self, f"metric_options.{NAME}")
+
+    @property
+    def ts(self) -> list[float]:
+        return [k / (self.points - 1) for k in range(self.points)]
+
+
+def _evaluate(template: nn.Module, params: Mapping[str, torch.Tensor], train: Split, test: Split,
+              options: AlignedBarrierOptions) -> tuple[float, float, float, float]:
+    """(train loss, train err %, test loss, test err %) of `params`, BatchNorm statistics recomputed on `train`."""
+    model = model_at(template, params, train, options.batch_size)
+    train_loss, train_acc = evaluate(model, train, options.eval_batch_size)
+    test_loss, test_acc = evaluate(model, test, options.eval_batch_size)
+    return train_loss, 100.0 - train_acc, test_loss, 100.0 - test_acc
+
+
+def aligned_barrier(model_a: nn.Module, model_b: nn.Module, data: MetricData, options: AlignedBarrierOptions,
+                    generator: torch.Generator) -> dict[str, float]:
+    """Linear-path barriers from A to B and from A to B aligned by weight matching (module docstring).
+
+    Keys: `train/aligned_barrier`, `train/linear_barrier` and their t* (`..._t`);
+    `{train,test}/{loss,err}_aligned@t` and `{train,test}/{loss,err}_linear@t` along both lines;
+    `-/wm_converged` (1.0 when weight matching stopped after a sweep that changed no permutation, 0.0
+    when it ran out of `max_sweeps`). Without a permutation spec, the `linear` keys only.
+    """
+    try:
+        permuted_b, matching = align(model_a, model_b, generator, options.max_sweeps)
+    except UnsupportedModel as exc:
+        warnings.warn(f"{NAME}: {exc}; recording the unaligned linear barrier only")
+        permuted_b = matching = None
+    theta_a = {n: p.detach() for n, p in model_a.named_parameters()}
+    theta_b = {n: p.detach() for n, p in model_b.named_parameters()}
+    cap = options.eval_examples or None
+    train, test = (Split(s.x[:cap], s.y[:cap]) for s in (data.train, data.test))
+    ts = options.ts
+    unaligned = [_evaluate(model_a, line(theta_a, theta_b, t), train, test, options) for t in ts]
+    paths = {"linear": unaligned}
+    if permuted_b is not None:
+        theta_pb = {n: permuted_b[n] for n in theta_a}
+        inner = [_evaluate(model_a, line(theta_a, theta_pb, t), train, test, options) for t in ts[1:-1]]
+        paths["aligned"] = [unaligned[0], *inner, unaligned[-1]]
+    out: dict[str, float] = {}
+    for path, results in paths.items():
+        for t, (trl, tre, tel, tee) in zip(ts, results):
+            out[key("train", f"loss_{path}", t)], out[key("train", f"err_{path}", t)] = trl, tre
+            out[key("test", f"loss_{path}", t)], out[key("test", f"err_{path}", t)] = tel, tee
+        mc, k = mode_connectivity([r[1] for r in results])
+        out[key("train", f"{path}_barrier")], out[key("train", f"{path}_barrier_t")] = -mc + 0.0, ts[k]
+    if matching is not None:
+        out[key("-", "wm_converged")] = float(matching.converged)
+    return out
