@@ -6,7 +6,8 @@
 # 1. `make install` (torch is pinned in requirements.txt; PyPI's Linux wheel of it is the CUDA build),
 #    then the CUDA tests of tests/test_gpu_path.py, which skip on a machine without a GPU.
 # 2. The check's study (scripts/gpu_compare.py spec: residual 1D conv nets on MNIST-1D, every registered
-#    metric) on CUDA through the command line, float32, in this process: train, every metric, table, figures.
+#    metric) on CUDA through the command line, float32 with --deterministic, in-process: train, every
+#    metric, table, figures (an operation with no deterministic CUDA kernel fails it, naming the operation).
 # 3. The same study on CUDA in float64 (a local pool of 2 workers per GPU) and on the CPU in float64
 #    (a local pool of one-thread workers), and their value rows compared (scripts/gpu_compare.py compare:
 #    |cuda - cpu| <= 1e-9 + 1e-6 |cpu| for every metric).
@@ -57,8 +58,8 @@ study() {  # folder, extra flags...: the check's study there; its log's tail on 
     fi
 }
 
-step "2. the study on CUDA, float32 (train, every metric, table, figures)"
-check "study on CUDA (float32)" study cuda32 --device cuda --executor inprocess
+step "2. the study on CUDA, float32, deterministic (train, every metric, table, figures)"
+check "study on CUDA (float32, deterministic)" study cuda32 --device cuda --executor inprocess --deterministic
 
 step "3. the study on CUDA and on the CPU in float64, compared"
 check "study on CUDA (float64)" study cuda64 --device cuda --workers-per-gpu 2 --dtype float64

@@ -6,9 +6,12 @@ by recorders (no CUDA call is made); the tests that need a GPU skip with their r
 
 from __future__ import annotations
 
+import math
+import runpy
 from concurrent.futures import Future
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch.nn import functional as F
@@ -28,6 +31,13 @@ from .conftest import tiny_spec
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this torch has no usable GPU)")
 BASE = ["--name", "dev", "--arch", "mlp", "--widths", "4", "--batch-sizes", "256", "--seeds", "0", "1", "--epochs", "1",
         "--train-fractions", "0.25", "--metrics", "train"]
+
+
+def data_root(root: Path, mnist_cache: Path) -> Path:
+    """`root`, made, with the session's MNIST-1D cache as its data folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").symlink_to(mnist_cache)
+    return root
 
 
 def write_spec(spec: ExperimentSpec, root: Path) -> Layout:
@@ -193,7 +203,8 @@ def test_bad_task_devices(options, words):
         SlurmOptions(**options)
 
 
-def test_cli_writes_cluster_scripts_for_gpus_this_machine_lacks(root):
+def test_cli_writes_cluster_scripts_for_gpus_this_machine_lacks(root, monkeypatch):
+    monkeypatch.setattr(cluster, "_ask", lambda argv: None)  # no Slurm to ask about its nodes
     assert cli.main([*BASE, "--root", str(root), "--generate-slurm-scripts", "--gpus", "2", "--device", "cuda:1"]) == 0
     folder = root / "bash_scripts" / "dev"
     assert (folder / "train.sbatch").read_text().splitlines()[-1].endswith("--device cuda:1")
@@ -238,7 +249,8 @@ def test_default_fields_keep_the_training_hash_of_existing_studies():
                 if k not in ("autocast", "deterministic")}
     assert ExperimentSpec.from_dict(old_file).training_hash() == before["tiny"]
     hashes = {ExperimentSpec.from_dict({**PRESET_SPECS["tiny"], **change}).training_hash()
-              for change in ({"autocast": "bf16"}, {"deterministic": True}, {"autocast": "bf16", "deterministic": True})}
+              for change in ({"autocast": "bf16"}, {"deterministic": True},
+                             {"autocast": "bf16", "deterministic": True})}
     assert len(hashes) == 3 and before["tiny"] not in hashes
 
 
@@ -294,7 +306,7 @@ def test_bf16_autocast_trains_float32_weights_close_to_float32_training(tmp_path
     for name, w in plain[0].items():
         assert bf16[0][name].dtype == torch.float32 and torch.equal(bf16[0][name], again[0][name])
         scale = w.abs().max().item()
-        assert 0 < (bf16[0][name] - w).abs().max().item() <= 0.02 * scale, name
+        assert 0 < (bf16[0][name] - w).abs().max().item() <= 2e-3 * scale, name  # 1.7e-4 measured
 
 
 def test_bf16_runs_the_forward_in_bfloat16_and_the_loss_in_float32():
@@ -365,6 +377,50 @@ def test_a_deterministic_study_trains_deterministically_to_the_same_cpu_numbers(
     assert all(torch.equal(det[k], plain[0][k]) for k in det)
 
 
+# --------------------------------------------------------------------------- the GPU check's comparison
+COMPARE = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "gpu_compare.py"), run_name="gpu_compare")
+
+
+def table(changes: dict | None = None) -> pd.DataFrame:
+    rows = [("c1", 0, None, "train", "loss", None, 0.5, "ok", "loss_acc", "value"),
+            ("c1", 0, None, "test", "acc", None, 87.5, "ok", "loss_acc", "value"),
+            ("c1", 0, 1, "-", "dist", None, 3.25, "ok", "dist", "value"),
+            ("c1", 0, None, "train", "density", 0.5, 1e-3, "ok", "hessian", "value"),
+            ("c1", 0, None, "train", "hvp_eig", None, 40.0, "ok", "hessian", "diagnostic"),
+            ("c1", 0, None, "-", "phase", None, 2.0, "ok", "phase", "value"),
+            ("c2", 0, None, "train", "loss", None, math.nan, "diverged", "loss_acc", "value")]
+    df = pd.DataFrame(rows, columns=["cell", "seed", "seed_b", "split", "metric", "coord", "value", "status",
+                                     "source", "kind"])
+    for (i, column), value in (changes or {}).items():
+        df.loc[i, column] = value
+    return df
+
+
+def mismatches(cuda: pd.DataFrame, cpu: pd.DataFrame) -> list[str]:
+    return COMPARE["compare"](cuda, cpu)[0]
+
+
+def test_compare_passes_equal_tables_and_values_within_the_tolerance():
+    rtol, atol = COMPARE["TOLERANCE"]
+    assert mismatches(table(), table()) == []
+    assert mismatches(table({(0, "value"): 0.5 * (1 + 0.5 * rtol)}), table()) == []
+    assert mismatches(table({(4, "value"): 41.0, (5, "value"): 3.0}), table()) == []  # diagnostics, phases
+    summary = COMPARE["compare"](table(), table())[1]
+    assert set(summary["source"]) == {"loss_acc", "dist", "hessian"} and summary["rows"].sum() == 5
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({(0, "value"): 0.5 * (1 + 4e-6)}, "|difference|"),
+    ({(1, "value"): 87.6}, "87.6 on CUDA, 87.5 on the CPU"),
+    ({(3, "value"): 1e-3 + 2e-9}, "|difference|"),
+    ({(6, "status"): "ok"}, "status ok on CUDA, diverged on the CPU"),
+    ({(2, "seed_b"): 2}, "only in the CUDA table"),
+])
+def test_compare_finds_each_kind_of_mismatch(changes, words):
+    found = mismatches(table(changes), table())
+    assert found and all(words in line for line in found[:1]), found
+
+
 # --------------------------------------------------------------------------- on a GPU
 @needs_cuda
 def test_read_later_on_cuda_waits_for_the_copy_only():
@@ -375,11 +431,9 @@ def test_read_later_on_cuda_waits_for_the_copy_only():
 
 @needs_cuda
 def test_cuda_training_matches_cpu_training(tmp_path, mnist_cache):
-    (tmp_path / "data").symlink_to(mnist_cache)
     spec = bf16_spec(name="gpu", dtype="float64")
-    cpu_layout, cpu = trained(spec, tmp_path / "cpu")
-    layout = write_spec(spec, tmp_path / "cuda")
-    (tmp_path / "cuda" / "data").symlink_to(mnist_cache)
+    _, cpu = trained(spec, data_root(tmp_path / "cpu", mnist_cache))
+    layout = write_spec(spec, data_root(tmp_path / "cuda", mnist_cache))
     for job in jobs.stage_jobs(spec, "train"):
         jobs.run_job(spec, layout, job, "cuda", log=lambda *a: None)
     gpu = train.load_model(layout.checkpoint(spec.cells()[0], 0, "final"))[0].state_dict()
@@ -391,10 +445,8 @@ def test_cuda_training_matches_cpu_training(tmp_path, mnist_cache):
 def test_deterministic_cuda_runs_are_bit_identical(tmp_path, mnist_cache):
     states = []
     for name in ("first", "second"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "data").symlink_to(mnist_cache)
         spec = bf16_spec(name="det", arch="resnet1d", deterministic=True)
-        layout = write_spec(spec, tmp_path / name)
+        layout = write_spec(spec, data_root(tmp_path / name, mnist_cache))
         for job in jobs.stage_jobs(spec, "train"):
             jobs.run_job(spec, layout, job, "cuda", log=lambda *a: None)
         states.append(train.load_model(layout.checkpoint(spec.cells()[0], 0, "final"))[0].state_dict())

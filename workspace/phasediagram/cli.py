@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages to write (and run): 'train' and/or metric names; default: train and the spec's metrics")
     w.add_argument("--run", action="store_true", help="execute the jobs here instead of only writing them")
     w.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="inprocess | local (a pool of one-thread worker processes, default) | slurm (submitit) | "
-                        "submitit-local")
+                   help="inprocess | local (a pool of worker processes: one-thread ones on the CPU, "
+                        "--workers-per-gpu per GPU with --device cuda; default) | slurm (submitit) | submitit-local")
     w.add_argument("--workers", type=int, default=None, help="local pool size on the CPU (default: number of cores)")
     w.add_argument("--device", default=None,
                    help="torch device of the jobs, every executor: cpu (default; cuda for Slurm tasks with --gpus), "

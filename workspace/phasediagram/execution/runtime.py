@@ -1,6 +1,7 @@
 """Process settings for the processes that run jobs (torch threads, the C allocator, the garbage
 collector, `exit_with` the process that owns them), and `in_forked_process` for side work of the main
-process (a figure drawn beside the others).
+process (a figure drawn beside the others); the devices jobs run on (`parse_device`, `check_device`,
+the local pool's `pool_slots`) and `deterministic_algorithms` (docs/gpu.md).
 
 glibc's malloc serves blocks of 128 KiB and more (a threshold it raises adaptively up to 32 MiB)
 with mmap and gives them back to the OS on free; the next tensor of that size then page-faults

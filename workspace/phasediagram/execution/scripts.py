@@ -1,8 +1,7 @@
 """Generated job scripts: a bash script (one line per job) and a Slurm job-array script per stage.
 
 `bash_script` writes one `python -m phasediagram.execution.worker ...` line per job; it runs from the study's
-root folder wherever it is started from. Both pass the jobs' device to the worker (`--device`) unless it is
-the CPU: a script's given device, else for an array with `--gpus` "cuda" (the GPUs Slurm gives the task). `slurm_script` writes a job array whose task i runs jobs
+root folder wherever it is started from. `slurm_script` writes a job array whose task i runs jobs
 [i*K, (i+1)*K) of the stage (K = `SlurmOptions.jobs_per_task`):
 
     #SBATCH --job-name=<experiment>-<stage>
@@ -11,6 +10,9 @@ the CPU: a script's given device, else for an array with `--gpus` "cuda" (the GP
     #SBATCH --output=bash_scripts/<experiment>/slurm_logs/<stage>_%A_%a.out   (relative to --chdir)
     #SBATCH --error=bash_scripts/<experiment>/slurm_logs/<stage>_%A_%a.err
     #SBATCH --time / --cpus-per-task / --mem / --gpus / --partition / --account / --qos  (only when given)
+
+Both pass the jobs' device to the worker (`--device`) unless it is the CPU: the device given, else,
+for an array with `--gpus`, "cuda" (the GPUs Slurm gives the task).
 
 Every value is quoted with `shlex.quote`, which both bash and sbatch's own #SBATCH parser read back
 as one word, so a path or option holding spaces or shell metacharacters cannot inject a command.
