@@ -17,29 +17,14 @@ import torch
 from phasediagram.numerics import linalg
 from phasediagram.numerics.xtrace import probe_matrix, xtrace
 
+from .test_linalg import counted, symmetric
+
 N = 120
 SEEDS = 40
 FLAT = np.linspace(0.5, 1.5, N)
 DECAYING = 10.0 * np.arange(1, N + 1, dtype=float) ** -1.5
 MIXED = np.concatenate([[-10.0, 3.0, 2.5], np.linspace(-1.0, 1.0, N - 3)])  # a dominant negative eigenvalue
 SPECTRA = {"flat": FLAT, "decaying": DECAYING, "mixed-sign": MIXED}
-
-
-def symmetric(lam, seed: int = 0) -> torch.Tensor:
-    """U diag(lam) U^T with U Haar-random orthogonal (float64)."""
-    lam = torch.as_tensor(lam, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    u = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=torch.float64))[0]
-    return (u * lam) @ u.T
-
-
-def counted(a: torch.Tensor):
-    """A matvec for `a` that counts its calls in `.calls`."""
-    def matvec(v):
-        matvec.calls += 1
-        return a @ v
-    matvec.calls = 0
-    return matvec
 
 
 def gen(seed: int) -> torch.Generator:

@@ -34,8 +34,8 @@ only touched through Hessian-vector products (`hvp.HessianOperator`; for a cell'
   density_probes is 0).
 - `trace_xtrace`, `trace_xtrace_stderr`, `hvp_trace_xtrace` (only with `xtrace_vectors` k > 0): XTrace
   (`numerics.xtrace`: 2 k products of its own, every test vector serving both its low-rank part and
-  its residual estimate), after the other traces; at equal products as accurate as Krylov Hutch++
-  on the benchmark Hessians (bench/bench_trace.py), whose Krylov basis the density pays for.
+  its residual estimate), after the other traces; at equal products within the noise of Krylov
+  Hutch++ on the benchmark Hessians (bench/bench_trace.py), whose Krylov basis the density pays for.
 - `density@t`: the SLQ spectral density phi(t) on a grid of eigenvalues t, smoothed by a
   Gaussian of width density_sigma * (spectral range); it integrates to 1 (multiply by the
   parameter count for eigenvalues per unit). `density_figure` draws it.
