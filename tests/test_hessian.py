@@ -31,6 +31,8 @@ from phasediagram.metrics.hessian import (
 from phasediagram.models import families as models
 from phasediagram.numerics import linalg
 from phasediagram.numerics.hvp import HessianOperator, flatten, unflatten
+from phasediagram.storage.layout import EIGENVECTORS_FILE
+from phasediagram.storage.vectors import load_vectors
 
 DT = torch.float64
 # torch's own forward-mode AD loads TorchScript decompositions on first use and warns about it.
@@ -531,3 +533,50 @@ def test_top_eigenvectors_refuse_more_vectors_than_lanczos_steps():
     data = MetricData(Split(*batch(40, (10,), 3)), Split(*batch(8, (10,), 3)), 3)
     with pytest.raises(ValueError, match="k must be in"):
         top_eigenvectors(model, data, 11, dataclasses.replace(EIGENVECTOR_OPTIONS, lanczos_iters=10))
+
+
+def test_the_metric_saves_its_top_eigenvectors_and_they_match_the_dense_eigenvectors(tmp_path):
+    """With `save_eigenvectors`, eigenvectors.npz in the state folder holds the top_k Ritz vectors (unit norm,
+    float64, shaped per parameter, largest entry positive) and their Ritz values, equal to the rows' eigenvalues;
+    on the indefinite MLP at tol 1e-10 they are the dense Hessian's eigenvectors up to sign within 1e-5."""
+    model, data, values, vectors = eigen_case()
+    options = HessianOptions(batch_size=None, top_k=2, tol=1e-10, eig_rule="residual", density_probes=0,
+                             trace_probes=10, save_eigenvectors=True)
+    out = METRICS["hessian"].compute(model, dataclasses.replace(data, state_dir=tmp_path / "s"), options, seeded(3))
+    groups, saved_values = load_vectors(tmp_path / "s" / EIGENVECTORS_FILE)
+    assert sorted(groups) == ["top1", "top2"] and saved_values == {"top1": out["train/eigenvalue@1"],
+                                                                    "top2": out["train/eigenvalue@2"]}
+    for i, group in enumerate(("top1", "top2")):
+        assert [a.shape for a in groups[group].values()] == [tuple(p.shape) for p in model.parameters()]
+        assert all(a.dtype == np.float64 for a in groups[group].values())
+        got = np.concatenate([a.ravel() for a in groups[group].values()])
+        u = vectors[:, len(values) - 1 - i]
+        assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-12) and got[np.argmax(np.abs(got))] > 0
+        assert min(np.linalg.norm(got - u), np.linalg.norm(got + u)) < 1e-5
+    assert METRICS["hessian"].compute(model, data, options, seeded(3)) == out  # no state folder: nothing written
+
+
+def test_grouped_seeds_save_each_seeds_own_eigenvectors(tmp_path):
+    """`hessian_seeds` (the products of a cell's BatchNorm resnets in lockstep) writes each seed's file in its
+    own state folder, equal to the file the seed-by-seed metric writes (1e-6), and its top vector is an
+    eigenvector of that seed's Hessian: ||H v - theta v|| <= 1e-3 theta."""
+    models_ = [tiny_resnet() for _ in range(2)]
+    with torch.no_grad():
+        for p in models_[1].parameters():
+            p.mul_(1.1)
+    data = metric_data()
+    options = HessianOptions(**{**FAST, "top_k": 1, "tol": 1e-6, "eig_rule": "residual"}, save_eigenvectors=True)
+    dirs = [tmp_path / f"grouped{s}" for s in range(2)]
+    METRICS["hessian"].compute_seeds(models_, [dataclasses.replace(data, state_dir=d) for d in dirs], options,
+                                     [seeded(10 + s) for s in range(2)])
+    for s, model in enumerate(models_):
+        alone = tmp_path / f"alone{s}"
+        METRICS["hessian"].compute(model, dataclasses.replace(data, state_dir=alone), options, seeded(10 + s))
+        (grouped, g_values), (single, s_values) = (load_vectors(d / EIGENVECTORS_FILE) for d in (dirs[s], alone))
+        assert g_values["top1"] == pytest.approx(s_values["top1"], rel=1e-6)
+        v = np.concatenate([a.ravel() for a in grouped["top1"].values()])
+        w = np.concatenate([a.ravel() for a in single["top1"].values()])
+        assert np.linalg.norm(v - w) < 1e-6
+        batch_ = data.train.batch(FAST["batch_size"], seeded(10 + s))
+        h = reference_hessian(model, batch_.x, batch_.y).numpy()
+        assert np.linalg.norm(h @ v - g_values["top1"] * v) <= 1e-3 * abs(g_values["top1"])

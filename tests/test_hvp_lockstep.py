@@ -139,7 +139,7 @@ def assert_same_values(got: dict, ref: dict, rel: float) -> None:
 def test_hessian_seeds_equal_hessian_seed_by_seed(arch, width, options):
     ms, d = cell_models(arch, width), data()
     ref = [hessian(m, d, options, seeded(100 + s)) for s, m in enumerate(ms)]
-    got = hessian_seeds(ms, d, options, [seeded(100 + s) for s in range(3)])
+    got = hessian_seeds(ms, [d] * 3, options, [seeded(100 + s) for s in range(3)])
     for g, r in zip(got, ref):
         assert_same_values(g, r, 1e-8)
     assert all(m.training for m in ms)  # left as found
@@ -149,7 +149,7 @@ def test_a_diverged_seed_gives_nan_and_the_others_their_values():
     ms, d = cell_models("resnet1d", 2), data()
     with torch.no_grad():
         next(ms[1].parameters()).fill_(math.nan)
-    got = hessian_seeds(ms, d, SMALL, [seeded(100 + s) for s in range(3)])
+    got = hessian_seeds(ms, [d] * 3, SMALL, [seeded(100 + s) for s in range(3)])
     assert math.isnan(got[1]["train/top_eigenvalue"]) and math.isnan(got[1]["train/trace"])
     for s in (0, 2):
         assert_same_values(got[s], hessian(ms[s], d, SMALL, seeded(100 + s)), 1e-8)

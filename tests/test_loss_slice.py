@@ -25,7 +25,6 @@ from phasediagram.metrics import METRICS, MetricData, parse_key, row_kind
 from phasediagram.metrics.loss_slice import (
     LossSliceOptions,
     grid,
-    load_directions,
     loss_slice,
     parse_quantity_2d,
     quantity_2d,
@@ -35,6 +34,7 @@ from phasediagram.models import families
 from phasediagram.numerics.directions import filter_normalise, random_filter_normalised
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage.layout import DIRECTIONS_FILE, Layout
+from phasediagram.storage.vectors import load_vectors
 
 from .conftest import tiny_spec
 
@@ -222,7 +222,7 @@ def test_the_plane_through_the_first_direction_is_the_random_line_and_directions
         assert out[f"train/{quantity_2d(t)}@0"] == pytest.approx(out[f"train/slice_random@{t:.6g}"], abs=1e-14)
     path = layout.directions_path(cell, 0)
     assert path == state / DIRECTIONS_FILE and path.exists()
-    directions, eigenvalues = load_directions(path)
+    directions, eigenvalues = load_vectors(path)
     params = {n: p.detach() for n, p in model.named_parameters()}
     first = random_filter_normalised(params, seeded(1))
     assert set(directions) == {"eigen", "random", "random2d_y"}

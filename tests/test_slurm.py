@@ -28,6 +28,7 @@ from phasediagram.execution.scripts import SlurmOptions, slurm_script
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
+from phasediagram.study import Study
 
 # one pytest-xdist worker runs this file: the tests share one Slurm, started once
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -280,6 +281,40 @@ def test_scancel_midway_then_resubmit_resumes_without_retraining(slurm, study_pa
     assert result["epoch"] == spec.epochs and epochs == list(range(1, spec.epochs + 1))  # none twice, none lost
     marked = [h["epoch"] for h in result["history"] if h.get("marker") == "before scancel"]
     assert marked == list(range(1, done_before + 1)), "the resubmitted task retrained epochs it had finished"
+
+
+@pytest.mark.slurm
+def test_status_reads_running_and_pending_tasks_from_sacct(slurm, study_parent, mnist_cache, capsys):
+    """`--submit` records the arrays; while the training task runs, `Study.status` and `--status` count it
+    as running (its metric array pending behind it), from the real sacct; after scancel, neither."""
+    spec, layout = long_study(study_parent, "status", mnist_cache, epochs=60)
+    argv = ["--root", str(layout.root), "--spec", str(layout.root / "long.json")]
+    assert cli.main([*argv, "--metrics", "train", "loss_acc", "--generate-slurm-scripts", "--submit",
+                     "--python", sys.executable]) == 0
+    ids = dict(re.findall(r"submitted (\w+): job (\d+)", capsys.readouterr().out))
+    assert list(ids) == ["train", "loss_acc"]
+    study = Study(spec, layout.root)
+    try:
+        wait_for_epoch(layout.checkpoint(spec.cells()[0], 0, "last"), 2)
+        deadline = time.monotonic() + 30
+        while (status := study.status().set_index("stage")).loc["train", "running"] != 1:  # sacct lags a little
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status.loc["train", ["jobs", "done", "failed", "missing", "running", "pending"]].tolist() == \
+            [1, 0, 0, 1, 1, 0]
+        assert (status.loc["loss_acc", "running"], status.loc["loss_acc", "pending"]) == (0, 1)
+        assert cli.main([*argv, "--status"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        header = printed[0].split()
+        train = dict(zip(header, next(line for line in printed if line.split()[0] == "train").split()))
+        assert (train["running"], train["pending"], train["done"]) == ("1", "0", "0"), printed
+    finally:
+        sh("scancel", *ids.values(), check=False)
+        wait_jobs(list(ids.values()))
+    states(list(ids.values()))
+    status = study.status().set_index("stage")
+    assert status[["running", "pending"]].values.tolist() == [[0, 0], [0, 0]], status
+    assert status.loc["train", "done"] == 0 and not layout.checkpoint(spec.cells()[0], 0, "final").exists()
 
 
 def preempt(handle, timeout: float = 60) -> None:

@@ -289,8 +289,9 @@ def metric_rows(spec: ExperimentSpec, stage: str, cell: Cell, loaded: dict[int, 
     group = metric.group_size(spec, cell, options, len(ok)) if metric.group_size is not None else 0
     if metric.compute_seeds is not None and group:
         for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):  # seeds in groups
-            together.update(zip(chunk, metric.compute_seeds([loaded[u[0]][0] for u in chunk], mdata, options,
-                                                            [generator(u) for u in chunk])))
+            together.update(zip(chunk, metric.compute_seeds(
+                [loaded[u[0]][0] for u in chunk], [replace(mdata, state_dir=state_dir(u)) for u in chunk], options,
+                [generator(u) for u in chunk])))
     if metric.compute_pairs is not None and group:
         for chunk in (ok[i:i + group] for i in range(0, len(ok), group)):  # pairs in groups
             together.update(zip(chunk, metric.compute_pairs(

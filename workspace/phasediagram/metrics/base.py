@@ -58,8 +58,9 @@ class Metric:
     options: type
     panels: tuple[Panel, ...] = ()
     description: str = ""
-    # single metrics only, optional: compute_seeds(models, data, options, generators) -> [dict per model],
-    # the values `compute` gives each model with its generator, for several of a cell's seeds at once
+    # single metrics only, optional: compute_seeds(models, datas, options, generators) -> [dict per model],
+    # the values `compute` gives each model with datas[i] (its state folder) and its generator, for several
+    # of a cell's seeds at once
     compute_seeds: Callable[..., list[dict[str, float]]] | None = None
     # pair metrics only, optional: compute_pairs(pairs, datas, options, generators) -> [dict per pair], the
     # values `compute` gives each pair (a, b) with datas[i] (its state folder) and its generator, for several

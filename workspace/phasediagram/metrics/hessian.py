@@ -50,6 +50,9 @@ Hessian-vector products are in the model's dtype, and so are the Krylov and prob
 
 The eigenvectors themselves are not rows: `top_eigenvectors` returns the top (or bottom) k eigenpairs
 of the same H through the Python API (`EigenPairs`), and the `loss_slice` metric slices along them.
+With `save_eigenvectors` the metric writes the top_k Ritz vectors of its own Lanczos run, with their
+Ritz values, to its state folder per checkpoint (`Layout.eigenvectors_path`: `eigenvectors.npz`,
+groups "top1".."top<k>", read with `storage.vectors.load_vectors`; numpy arrays, no pickle).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,7 +74,9 @@ from phasediagram.metrics.base import MetricData, key, parse_key
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics import linalg, xtrace
 from phasediagram.numerics.hvp import METHODS, HessianOperator
-from phasediagram.options import choice, integer, out_of_range, real, validate
+from phasediagram.options import choice, flag, integer, out_of_range, real, validate
+from phasediagram.storage.layout import EIGENVECTORS_FILE
+from phasediagram.storage.vectors import save_vectors
 
 NAME = "hessian"
 EIG_STARTS = ("slq", "gradient", "random")
@@ -111,6 +117,8 @@ class HessianOptions:
     density_sigma: float = real(0.01, low=0, high=1, open_low=True)
     # Hessian-vector product: "double_backward" or "func"
     hvp: str = choice("double_backward", METHODS)
+    # write the top_k Ritz vectors to the state folder (eigenvectors.npz)
+    save_eigenvectors: bool = flag(False)
 
     def __post_init__(self):
         validate(self, f"metric_options.{NAME}")
@@ -144,8 +152,8 @@ def vector_dtype(op: HessianOperator) -> torch.dtype:
 
 
 def _eig_values(op: HessianOperator, options: HessianOptions, generator,
-                krylov: linalg.Lanczos | None = None) -> dict[str, float]:
-    """Lanczos for the top eigenvalues, from one of three starts.
+                krylov: linalg.Lanczos | None = None, keep: list | None = None) -> dict[str, float]:
+    """Lanczos for the top eigenvalues, from one of three starts (the `linalg.Eigs` appended to `keep`).
 
     "slq" with the SLQ run `krylov` (None without a density; the other starts ignore it): v0 = sum
     of its top_k Ritz vectors and of its bottom Ritz vector. After m steps from the random probe z,
@@ -170,6 +178,8 @@ def _eig_values(op: HessianOperator, options: HessianOptions, generator,
         hint = op.gradient()
     eigs = linalg.lanczos_eigs(op, op.dim, options.top_k, options.lanczos_iters, options.tol, generator, op.device,
                                options.eig_rule, dtype, hint, start)
+    if keep is not None:
+        keep.append(eigs)
     out = {key("train", "top_eigenvalue"): float(eigs.top[0]),
            key("train", "top_abs_eigenvalue"): eigs.largest_magnitude,
            key("train", "bottom_eigenvalue"): eigs.bottom}
@@ -235,20 +245,23 @@ def hessian(model, data: MetricData, options: HessianOptions, generator) -> dict
     with eval_mode(model):
         if not _finite_loss(model, batch):
             return _not_finite()
-        return _estimates(operator(model, batch, options), options, generator)
+        out, eigs = _estimates(operator(model, batch, options), options, generator)
+    _save_eigenvectors(model, eigs, data, options)
+    return out
 
 
-def hessian_seeds(models: Sequence, data: MetricData, options: HessianOptions, generators: Sequence
+def hessian_seeds(models: Sequence, datas: Sequence[MetricData], options: HessianOptions, generators: Sequence
                   ) -> list[dict[str, float]]:
-    """[`hessian`(models[s], data, options, generators[s])] for models of one architecture (a cell's
+    """[`hessian`(models[s], datas[s], options, generators[s])] for models of one architecture (a cell's
     seeds), with their Hessian-vector products computed together (`hvp_lockstep`: one backward of
     their ensemble per round of products; for one model, its ensemble form). Each model draws its
     batch from its own generator and runs its own estimators with it, so it gets its sequential
     values up to rounding. Falls back to `hessian`'s operator, model after model, where the
     ensemble cannot serve: batches split into chunks, the `func` product, or an arch without an
-    ensemble form.
+    ensemble form. The datas share their training split (the first one's is used) and differ in their
+    state folders.
     """
-    batches = [hessian_batch(data.train, options, g) for g in generators]
+    batches = [hessian_batch(datas[0].train, options, g) for g in generators]
     out: list[dict[str, float] | None] = [None] * len(models)
     with eval_mode(*models):
         for i, (model, batch) in enumerate(zip(models, batches)):
@@ -257,16 +270,17 @@ def hessian_seeds(models: Sequence, data: MetricData, options: HessianOptions, g
         live = [i for i, v in enumerate(out) if v is None]
         together = (bool(live) and options.hvp == "double_backward" and len(batches[0]) <= options.chunk_size
                     and all(ensemble_models.has_form(models[i]) for i in live))
-        if not together:
-            for i in live:
-                out[i] = _estimates(operator(models[i], batches[i], options), options, generators[i])
-            return out
-        p = next(models[live[0]].parameters())
-        lockstep = LockstepHessians([models[i] for i in live], [batches[i].x.to(p.device, p.dtype) for i in live],
-                                    [batches[i].y.to(p.device) for i in live])
-        values = lockstep.run([functools.partial(_estimates, options=options, generator=generators[i]) for i in live])
-    for i, v in zip(live, values):
+        if together:
+            p = next(models[live[0]].parameters())
+            lockstep = LockstepHessians([models[i] for i in live], [batches[i].x.to(p.device, p.dtype) for i in live],
+                                        [batches[i].y.to(p.device) for i in live])
+            values = lockstep.run([functools.partial(_estimates, options=options, generator=generators[i])
+                                   for i in live])
+        else:
+            values = [_estimates(operator(models[i], batches[i], options), options, generators[i]) for i in live]
+    for i, (v, eigs) in zip(live, values):
         out[i] = v
+        _save_eigenvectors(models[i], eigs, datas[i], options)
     return out
 
 
@@ -274,15 +288,37 @@ def _not_finite() -> dict[str, float]:
     return {key("train", q): math.nan for q in ("top_eigenvalue", "top_abs_eigenvalue", "trace", "trace_hutchpp")}
 
 
-def _estimates(op, options: HessianOptions, generator) -> dict[str, float]:
+def _estimates(op, options: HessianOptions, generator) -> tuple[dict[str, float], linalg.Eigs]:
     """Density, eigenvalues (from the density's Krylov run with `eig_start` "slq"), then traces (Hutch++
-    on that run's Krylov basis) of the operator `op`."""
+    on that run's Krylov basis) of the operator `op`; and the Lanczos result of the eigenvalues."""
     density, run = _density_values(op, options, generator)
-    out = _eig_values(op, options, generator, run)
+    keep: list[linalg.Eigs] = []
+    out = _eig_values(op, options, generator, run, keep)
     out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
     out.update(_xtrace_values(op, options, generator))
     out.update(density)
-    return out
+    return out, keep[0]
+
+
+def _save_eigenvectors(model, eigs: linalg.Eigs, data: MetricData, options: HessianOptions) -> None:
+    """With `save_eigenvectors` and a state folder: the top_k Ritz vectors of `eigs` (unit norm, signed as
+    `EigenPairs`) as groups "top1".."top<k>" with their Ritz values, in `EIGENVECTORS_FILE` there."""
+    if not options.save_eigenvectors or data.state_dir is None:
+        return
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pairs = EigenPairs(np.asarray(eigs.top, np.float64), _unit_signed(eigs.vectors), np.asarray(eigs.residuals),
+                       bool(eigs.converged), int(eigs.n_products), tuple(n for n, _ in named),
+                       tuple(tuple(p.shape) for _, p in named))
+    save_vectors(Path(data.state_dir) / EIGENVECTORS_FILE,
+                 {f"top{i + 1}": pairs.tensors(i) for i in range(len(pairs.values))},
+                 {f"top{i + 1}": float(v) for i, v in enumerate(pairs.values)})
+
+
+def _unit_signed(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit norm, its sign fixed so that its entry of largest magnitude is positive."""
+    vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    biggest = vectors.abs().argmax(dim=1, keepdim=True)
+    return vectors * torch.sign(vectors.gather(1, biggest))
 
 
 def _finite_loss(model, split: Split) -> bool:
@@ -362,10 +398,7 @@ def top_eigenvectors(model, data: MetricData, k: int = 1, options: HessianOption
         hint = op.gradient() if options.eig_start in ("slq", "gradient") else None
         eigs = linalg.lanczos_eigs(lambda v: sign * op(v), op.dim, k, options.lanczos_iters, options.tol, generator,
                                    op.device, options.eig_rule, vector_dtype(op), hint, magnitude=False)
-    vectors = eigs.vectors / torch.linalg.vector_norm(eigs.vectors, dim=1, keepdim=True)
-    biggest = vectors.abs().argmax(dim=1, keepdim=True)
-    vectors = vectors * torch.sign(vectors.gather(1, biggest))
-    return EigenPairs(sign * np.asarray(eigs.top, dtype=np.float64), vectors, np.asarray(eigs.residuals, np.float64),
+    return EigenPairs(sign * np.asarray(eigs.top, dtype=np.float64), _unit_signed(eigs.vectors), np.asarray(eigs.residuals, np.float64),
                       bool(eigs.converged), int(eigs.n_products), tuple(n for n, _ in named),
                       tuple(tuple(p.shape) for _, p in named))
 

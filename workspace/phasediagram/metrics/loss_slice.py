@@ -44,12 +44,12 @@ Rows, for each split of `splits` (the whole split, or a fixed subset of `n_examp
 
 A loss that is not finite at w (on a split or on the Hessian batch) gives NaN for every cell value.
 With `save_directions` and a state folder (`MetricData.state_dir`, `Layout.directions_path`), the
-directions and eigenvalues are written there as `directions.npz` (`save_directions`, `load_directions`).
+directions and the eigenvectors' eigenvalues are written there as `directions.npz`
+(`storage.vectors.save_vectors`; read it with `load_vectors`).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from dataclasses import dataclass, replace
@@ -66,8 +66,8 @@ from phasediagram.models.modes import eval_mode
 from phasediagram.numerics.directions import IGNORES, moved, random_filter_normalised
 from phasediagram.numerics.hvp import HessianOperator, flatten
 from phasediagram.options import choice, flag, integer, real, subset, validate
-from phasediagram.storage.checkpoints import atomic_write_bytes
 from phasediagram.storage.layout import DIRECTIONS_FILE
+from phasediagram.storage.vectors import save_vectors
 
 NAME = "loss_slice"
 SLICES = ("eigen", "eigen_bottom", "random", "random2d")
@@ -133,32 +133,6 @@ def slice_2d(loss_fn, params: Mapping[str, torch.Tensor], d1: Mapping[str, torch
     base = float(loss_fn(dict(params)))
     return np.array([[0.0 if a == 0 and b == 0 else float(loss_fn(moved(params, [d1, d2], [a, b]))) - base
                       for b in ys] for a in xs])
-
-
-def save_directions(path: str | Path, directions: Mapping[str, Mapping[str, torch.Tensor]],
-                    eigenvalues: Mapping[str, float]) -> None:
-    """Write {slice: {parameter: tensor}} and {slice: eigenvalue} atomically as a numpy .npz (no pickle):
-    arrays "<slice>/<parameter>" (float64) and "eigenvalue/<slice>" (0-d)."""
-    arrays = {f"{kind}/{name}": t.detach().to(torch.float64).cpu().numpy()
-              for kind, d in directions.items() for name, t in d.items()}
-    arrays.update({f"eigenvalue/{kind}": np.float64(v) for kind, v in eigenvalues.items()})
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_directions(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
-    """({slice: {parameter: array}}, {slice: eigenvalue}) from a `save_directions` file (allow_pickle=False)."""
-    directions: dict[str, dict[str, np.ndarray]] = {}
-    eigenvalues: dict[str, float] = {}
-    with np.load(path, allow_pickle=False) as npz:
-        for name in npz.files:
-            kind, _, rest = name.partition("/")
-            if kind == "eigenvalue":
-                eigenvalues[rest] = float(npz[name])
-            else:
-                directions.setdefault(kind, {})[rest] = npz[name]
-    return directions, eigenvalues
 
 
 def _not_finite(options: LossSliceOptions) -> dict[str, float]:
@@ -236,5 +210,5 @@ def loss_slice(model, data: MetricData, options: LossSliceOptions, generator) ->
     if options.save_directions and data.state_dir is not None:
         saved = {**directions, **({"random2d_y": d2} if "random2d" in options.slices else {})}
         eigenvalues = {k: out[key("train", EIGENVALUE[k])] for k in eigen}
-        save_directions(Path(data.state_dir) / DIRECTIONS_FILE, saved, eigenvalues)
+        save_vectors(Path(data.state_dir) / DIRECTIONS_FILE, saved, eigenvalues)
     return out

@@ -23,6 +23,7 @@ from phasediagram.spec.experiment import Cell
 
 CHECKPOINT_KINDS = ("last", "prev", "final", "best")
 DIRECTIONS_FILE = "directions.npz"  # the `loss_slice` metric's saved directions, in its state folder
+EIGENVECTORS_FILE = "eigenvectors.npz"  # the `hessian` metric's saved Ritz vectors, in its state folder
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ class Layout:
     def directions_path(self, cell: Cell, seed: int) -> Path:
         """The directions the `loss_slice` metric saved for one seed of `cell` (numpy .npz, no pickle)."""
         return self.state_dir("loss_slice", cell, (seed,)) / DIRECTIONS_FILE
+
+    def eigenvectors_path(self, cell: Cell, seed: int) -> Path:
+        """The top Hessian eigenvectors the `hessian` metric saved for one seed of `cell` (numpy .npz, no pickle)."""
+        return self.state_dir("hessian", cell, (seed,)) / EIGENVECTORS_FILE
 
     def failure_path(self, stage: str, cell: Cell) -> Path:
         """The record of the last failed attempt of job (stage, cell), removed when the job succeeds."""
