@@ -16,8 +16,9 @@ from phasediagram.data.datasets import Split
 from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS, MetricData, key
 from phasediagram.metrics.aligned_barrier import AlignedBarrierOptions, aligned_barrier
-from phasediagram.metrics.curve import CurveOptions, curve
+from phasediagram.metrics.curve import CurveOptions, curve, line, model_at
 from phasediagram.models import families as models
+from phasediagram.numerics.repair import NotRepairable, channel_stats, endpoint_stats, hidden_layers, repaired
 from phasediagram.numerics.weight_matching import (
     UnsupportedModel,
     align,
@@ -102,6 +103,13 @@ def test_the_barrier_to_a_permuted_copy_is_zero_after_alignment_only(arch):
     # without alignment the midpoint is another model: its loss moves off the endpoints'
     assert abs(out[key("train", "loss_linear", 0.5)] - out[key("train", "loss_linear", 0.0)]) > 1e-3
     assert out[key("-", "wm_converged")] == 1.0
+    if arch == "mlp":  # REPAIR on a constant line changes nothing
+        assert out[key("train", "repaired_barrier")] == 0.0
+        for t in OPTIONS.ts:
+            assert out[key("train", "loss_repaired", t)] == pytest.approx(out[key("train", "loss_aligned", t)],
+                                                                          abs=1e-10, rel=0)
+    else:  # BatchNorm: the statistics reset is the repair
+        assert not any("repaired" in k for k in out)
 
 
 def test_one_assignment_is_the_brute_force_optimum():
@@ -179,6 +187,40 @@ def test_a_model_without_a_permutation_spec_records_the_unaligned_barrier_only()
         permutation_spec(deeper)
 
 
+# --------------------------------------------------------------------------- REPAIR
+def test_repair_gives_every_hidden_unit_the_interpolated_statistics_of_the_endpoints():
+    """At t in (0.25, 0.5, 0.8) each hidden unit's output mean and std over the examples equal (1 - t) x A's + t x
+    B's to 1e-10 (both layers: the second measured after the first was corrected), where the plain line's spread
+    had collapsed below it; at t = 0 the model is A's to 1e-12. Float64 ReLU MLPs of independent seeds."""
+    data = make_data()
+    a, b = make_model("mlp", 0, width=12), make_model("mlp", 1, width=12)
+    names = hidden_layers(a)
+    assert names == ["net.1", "net.3"]
+    ends = endpoint_stats(a, b, data.train, 32)
+    theta = [{n: p.detach() for n, p in m.named_parameters()} for m in (a, b)]
+    for t in (0.25, 0.5, 0.8):
+        plain = model_at(a, line(*theta, t), None)
+        fixed = repaired(plain, ends, t, data.train, 32)
+        got = channel_stats(fixed, names, data.train, 17)
+        for n in names:
+            (mu_a, sd_a), (mu_b, sd_b) = ends[0][n], ends[1][n]
+            assert torch.allclose(got[n][0], (1 - t) * mu_a + t * mu_b, rtol=0, atol=1e-10)
+            assert torch.allclose(got[n][1], (1 - t) * sd_a + t * sd_b, rtol=0, atol=1e-10)
+        before = channel_stats(plain, names, data.train, 32)["net.1"][1]
+        assert float(before.mean()) < 0.9 * float(((1 - t) * ends[0]["net.1"][1] + t * ends[1]["net.1"][1]).mean())
+    at_a = repaired(model_at(a, theta[0], None), ends, 0.0, data.train, 32)
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(at_a.parameters(), a.parameters()))
+
+
+def test_repair_refuses_batch_norm_and_layers_without_a_bias():
+    with pytest.raises(NotRepairable, match="BatchNorm"):
+        hidden_layers(make_model("resnet1d", 0))
+    no_bias = nn.Sequential(nn.Linear(LENGTH, 4, bias=False), nn.ReLU(), nn.Linear(4, CLASSES))
+    with pytest.raises(NotRepairable, match="the layers 0 have no bias"):
+        hidden_layers(no_bias)
+    assert hidden_layers(nn.Sequential(nn.Conv1d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 22, 2))) == ["0"]
+
+
 def test_bad_options_are_refused_by_the_spec():
     with pytest.raises(SpecError, match=r"metric_options\.aligned_barrier\.points: 2 is out of range"):
         check(ExperimentSpec(metrics=("aligned_barrier",), metric_options={"aligned_barrier": {"points": 2}}))
@@ -200,5 +242,7 @@ def test_alignment_lowers_the_barrier_between_trained_seeds(root, arch, width):
     value = {m: float(rows[rows.metric == m].value.iloc[0]) for m in ("aligned_barrier", "linear_barrier")}
     assert value["linear_barrier"] > 0
     assert value["aligned_barrier"] <= value["linear_barrier"], value
-    ends = rows[rows.coord.isin([0.0, 1.0]) & rows.metric.isin(["err_aligned", "err_linear"])]
-    assert ends.groupby("coord").value.nunique().eq(1).all()  # both lines share their endpoints
+    lines = ["err_aligned", "err_linear"] + (["err_repaired"] if arch == "mlp" else [])
+    assert ("repaired_barrier" in set(rows.metric)) == (arch == "mlp")
+    ends = rows[rows.coord.isin([0.0, 1.0]) & rows.metric.isin(lines)]
+    assert len(ends) == 2 * len(lines) and ends.groupby("coord").value.nunique().eq(1).all()  # shared endpoints

@@ -58,10 +58,10 @@ METRICS: dict[str, Metric] = {
                       cmap="RdBu_r", center=0.0),
                 Panel("linear_barrier", "train", "linear barrier (train error %)", cmap="RdBu_r", center=0.0)),
         description="linear-path barrier (train error %) after permuting one seed's units to the other's "
-                    "(weight matching, Git Re-Basin), and without; mlp and ResNet families",
+                    "(weight matching, Git Re-Basin), and without; with REPAIR for the mlp; mlp and ResNet families",
         selects_pairs=True,
         families=("mlp", "resnet1d", "resnet18"),
-        diagnostics=("aligned_barrier_t", "linear_barrier_t", "wm_converged"),
+        diagnostics=("aligned_barrier_t", "linear_barrier_t", "repaired_barrier_t", "wm_converged"),
         test_options={"points": 3, "eval_examples": 64, "batch_size": 32},
     ),
     "hessian": Metric(

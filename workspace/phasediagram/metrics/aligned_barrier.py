@@ -6,16 +6,21 @@ descent over linear assignment problems, its order drawn from the metric's gener
 B's function unchanged. Along the straight line theta(t) = (1 - t) theta_A + t theta_B at
 t_k = k / (points - 1), each point's BatchNorm running statistics are reset and recomputed on the
 training examples (`curve.model_at`: cumulative average over one in-order pass, batches of
-`batch_size`), then loss and error (percent) are measured on train and test in eval mode. No
-REPAIR rescaling of the channels is applied. With e(t) the training error, as `curve`'s mc,
+`batch_size`), then loss and error (percent) are measured on train and test in eval mode. For a
+model without BatchNorm (the `mlp` family) and with `repair`, a third line is measured: the aligned
+line with REPAIR (`numerics.repair`: each hidden unit's output rescaled to the interpolated mean and
+standard deviation of the endpoints' on the same training examples); for BatchNorm models the
+statistics reset above is that correction, and no third line is recorded. With e(t) the training
+error, as `curve`'s mc,
 
     barrier = e(t*) - (e(0) + e(1)) / 2,   t* = argmax_{t_k} |e(t_k) - (e(0) + e(1)) / 2|,
 
 in percentage points of training error: barrier = -mc, so barrier > 0 is a barrier (poorly
 connected), ~0 well connected, < 0 endpoints that are not minima. `linear_barrier` is this on the
 line to B itself (with the same grid and examples it equals -`mc_linear` of `curve`),
-`aligned_barrier` on the line to the permuted B. The permuted B computes B's function, so both
-lines share the endpoint evaluations (those of the unaligned line).
+`aligned_barrier` on the line to the permuted B, `repaired_barrier` on that line with REPAIR. The
+permuted B computes B's function, and REPAIR leaves the endpoints unchanged, so the lines share the
+endpoint evaluations (those of the unaligned line).
 
 Only the families `mlp`, `resnet1d` and `resnet18` have a permutation spec. For any other model
 (a plugged-in architecture) weight matching is refused: the metric records no `aligned_*` rows and
@@ -35,8 +40,9 @@ from torch import nn
 from phasediagram.data.datasets import Split
 from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, evaluate, key
 from phasediagram.metrics.curve import line, mode_connectivity, model_at
+from phasediagram.numerics.repair import NotRepairable, endpoint_stats, repaired
 from phasediagram.numerics.weight_matching import UnsupportedModel, align
-from phasediagram.options import choice, integer, validate
+from phasediagram.options import choice, flag, integer, validate
 
 NAME = "aligned_barrier"
 PAIRS = PAIR_SELECTIONS
@@ -48,7 +54,7 @@ class AlignedBarrierOptions:
     `batch_size` the batches of the BatchNorm recomputation, `eval_batch_size` those of the
     evaluation; `eval_examples` caps the examples of each split (the first ones; 0: all);
     `max_sweeps` caps the coordinate-descent sweeps of weight matching; `pairs` which seed pairs of
-    a cell are measured."""
+    a cell are measured; `repair` adds the REPAIRed aligned line for models without BatchNorm."""
 
     points: int = integer(5, low=3)
     batch_size: int = integer(128, low=2)
@@ -56,6 +62,7 @@ class AlignedBarrierOptions:
     eval_examples: int = integer(0, low=0, note="0: all")
     max_sweeps: int = integer(100, low=1)
     pairs: str = choice("adjacent", PAIRS)
+    repair: bool = flag(True)
 
     def __post_init__(self):
         validate(self, f"metric_options.{NAME}")
@@ -68,7 +75,11 @@ class AlignedBarrierOptions:
 def _evaluate(template: nn.Module, params: Mapping[str, torch.Tensor], train: Split, test: Split,
               options: AlignedBarrierOptions) -> tuple[float, float, float, float]:
     """(train loss, train err %, test loss, test err %) of `params`, BatchNorm statistics recomputed on `train`."""
-    model = model_at(template, params, train, options.batch_size)
+    return _measure(model_at(template, params, train, options.batch_size), train, test, options)
+
+
+def _measure(model: nn.Module, train: Split, test: Split, options: AlignedBarrierOptions
+             ) -> tuple[float, float, float, float]:
     train_loss, train_acc = evaluate(model, train, options.eval_batch_size)
     test_loss, test_acc = evaluate(model, test, options.eval_batch_size)
     return train_loss, 100.0 - train_acc, test_loss, 100.0 - test_acc
@@ -80,6 +91,7 @@ def aligned_barrier(model_a: nn.Module, model_b: nn.Module, data: MetricData, op
 
     Keys: `train/aligned_barrier`, `train/linear_barrier` and their t* (`..._t`);
     `{train,test}/{loss,err}_aligned@t` and `{train,test}/{loss,err}_linear@t` along both lines;
+    with `repair` and no BatchNorm, `train/repaired_barrier`, its t* and `{train,test}/{loss,err}_repaired@t`;
     `-/wm_converged` (1.0 when weight matching stopped after a sweep that changed no permutation, 0.0
     when it ran out of `max_sweeps`). Without a permutation spec, the `linear` keys only.
     """
@@ -99,6 +111,8 @@ def aligned_barrier(model_a: nn.Module, model_b: nn.Module, data: MetricData, op
         theta_pb = {n: permuted_b[n] for n in theta_a}
         inner = [_evaluate(model_a, line(theta_a, theta_pb, t), train, test, options) for t in ts[1:-1]]
         paths["aligned"] = [unaligned[0], *inner, unaligned[-1]]
+        if options.repair:
+            paths.update(_repaired_line(model_a, theta_a, theta_pb, unaligned, train, test, options))
     out: dict[str, float] = {}
     for path, results in paths.items():
         for t, (trl, tre, tel, tee) in zip(ts, results):
@@ -109,3 +123,16 @@ def aligned_barrier(model_a: nn.Module, model_b: nn.Module, data: MetricData, op
     if matching is not None:
         out[key("-", "wm_converged")] = float(matching.converged)
     return out
+
+
+def _repaired_line(model_a: nn.Module, theta_a, theta_pb, unaligned: list, train: Split, test: Split,
+                   options: AlignedBarrierOptions) -> dict[str, list]:
+    """{"repaired": the evaluations along the aligned line with REPAIR}, or {} for a BatchNorm model."""
+    try:
+        ends = endpoint_stats(model_at(model_a, theta_a, None), model_at(model_a, theta_pb, None), train,
+                              options.batch_size)
+    except NotRepairable:
+        return {}
+    inner = [_measure(repaired(model_at(model_a, line(theta_a, theta_pb, t), None), ends, t, train,
+                               options.batch_size), train, test, options) for t in options.ts[1:-1]]
+    return {"repaired": [unaligned[0], *inner, unaligned[-1]]}
