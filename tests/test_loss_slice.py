@@ -37,6 +37,7 @@ from phasediagram.storage.layout import DIRECTIONS_FILE, Layout
 from phasediagram.storage.vectors import load_vectors
 
 from .conftest import tiny_spec
+from .test_hessian import tiny_resnet
 
 DT = torch.float64
 
@@ -116,18 +117,6 @@ def test_eigenvector_slices_of_a_known_hessian_with_negative_curvature():
 
 
 # --------------------------------------------------------------------------- filter normalisation
-def tiny_resnet() -> nn.Module:
-    """resnet1d of width 2 with non-trivial BatchNorm running statistics, in train mode."""
-    torch.manual_seed(0)
-    model = families.create("resnet1d", 2, (40,), 10).to(DT)
-    g = seeded(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g, dtype=DT))
-            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g, dtype=DT))
-    return model.train()
-
-
 def tiny_mlp() -> nn.Module:
     torch.manual_seed(0)
     return families.create("mlp", 5, (40,), 10).to(DT)

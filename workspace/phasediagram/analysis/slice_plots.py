@@ -62,8 +62,9 @@ def _empty_note(ax, cell: pd.DataFrame) -> None:
 
 
 def _figure(rows: pd.DataFrame, drawn: pd.DataFrame, load: str, temperature: str, message: str):
-    """A Figure with a panel per cell of `rows` (every loss_slice row), or one panel saying `message`
-    when `drawn` (the rows to draw) is empty."""
+    """A Figure with a panel per cell of `rows` (every loss_slice row) and (axes, loads, temperatures, the
+    measurements of `drawn` with status ok); or one panel saying `message` and None when `drawn` (the
+    rows to draw) is empty."""
     cells = rows[[load, temperature]].dropna().drop_duplicates()
     if cells.empty or drawn.empty:
         fig = Figure(figsize=(3, 2), layout="constrained")
@@ -71,7 +72,8 @@ def _figure(rows: pd.DataFrame, drawn: pd.DataFrame, load: str, temperature: str
         return fig, None
     n_loads, n_temps = cells[load].nunique(), cells[temperature].nunique()
     fig = Figure(figsize=(2.2 * n_loads + 0.8, 1.8 * n_temps + 0.9), layout="constrained")
-    return fig, _axes(fig, rows, load, temperature)
+    ok = measurements(drawn)
+    return fig, (*_axes(fig, rows, load, temperature), ok[ok["status"] == "ok"])
 
 
 def slice_figure(df: pd.DataFrame, kinds: Sequence[str] = LINES, split: str = "train", load: str = "width",
@@ -87,9 +89,7 @@ def slice_figure(df: pd.DataFrame, kinds: Sequence[str] = LINES, split: str = "t
     fig, layout = _figure(rows, picked, load, temperature, "no loss slices yet")
     if layout is None:
         return fig
-    axes, loads, temps = layout
-    ok = measurements(picked)
-    ok = ok[ok["status"] == "ok"]
+    axes, loads, temps, ok = layout
     drawn = set()
     for i, t_val in enumerate(temps):
         for j, l_val in enumerate(loads):
@@ -148,9 +148,7 @@ def plane_figure(df: pd.DataFrame, split: str = "train", load: str = "width", te
     fig, layout = _figure(rows, picked, load, temperature, "no 2D loss slices yet")
     if layout is None:
         return fig
-    axes, loads, temps = layout
-    ok = measurements(picked)
-    ok = ok[ok["status"] == "ok"]
+    axes, loads, temps, ok = layout
     if seed is not None:
         ok = ok[ok["seed"] == seed]
     planes = {}

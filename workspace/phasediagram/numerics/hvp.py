@@ -132,6 +132,23 @@ class HessianOperator:
 
     __call__ = matvec
 
+    def matmat(self, vs: torch.Tensor, block: int = 16) -> torch.Tensor:
+        """H V for a P x k matrix V, column by column as `matvec` computes it (k products). On the cached
+        graph, `block` columns share one batched backward pass (`torch.autograd.grad` with
+        `is_grads_batched`, vmap over the vectors), equal to the separate products up to rounding."""
+        if self._grads is None or self.method != "double_backward":
+            return torch.stack([self.matvec(v) for v in vs.T], dim=1)
+        out = []
+        sizes = [p.numel() for p in self.params]
+        for start in range(0, vs.shape[1], block):
+            chunk = vs[:, start:start + block].T.to(self.device, self.params[0].dtype)
+            pieces = [t.reshape(len(chunk), *p.shape) for t, p in zip(torch.split(chunk, sizes, dim=1), self.params)]
+            hv = torch.autograd.grad(self._grads, self.params, grad_outputs=pieces, retain_graph=True,
+                                     is_grads_batched=True)
+            out.append(torch.cat([h.detach().reshape(len(chunk), -1) for h in hv], dim=1).T)
+            self.n_products += len(chunk)
+        return torch.cat(out, dim=1).to(vs.dtype)
+
     def gradient(self) -> torch.Tensor:
         """dL/dtheta as a flat vector (no product counted): read off the cached graph when there is one,
         else one forward and backward pass per chunk, example-weighted like the products."""

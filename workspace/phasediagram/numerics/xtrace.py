@@ -74,13 +74,13 @@ def xtrace(matvec: Matvec, n: int, products: int = 100, generator: torch.Generat
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     k = products // 2
     omega = probe_matrix(n, k, generator, normalize, device, dtype)
-    y = torch.stack([matvec(col.contiguous()).to(dtype) for col in omega.T], dim=1)
+    y = _products(matvec, omega, dtype)
     q, r = torch.linalg.qr(y)
     del y
     w = (omega.T @ q).T.to("cpu", DTYPE)  # Q^T Omega
     norms2 = (torch.linalg.vector_norm(omega, dim=0) ** 2).to("cpu", DTYPE)
     del omega
-    h = (q.T @ torch.stack([matvec(col.contiguous()).to(dtype) for col in q.T], dim=1)).to("cpu", DTYPE)
+    h = (q.T @ _products(matvec, q, dtype)).to("cpu", DTYPE)
     h = (h + h.T) / 2
     r = r.to("cpu", DTYPE)
     low = float(torch.trace(h))
@@ -97,6 +97,13 @@ def xtrace(matvec: Matvec, n: int, products: int = 100, generator: torch.Generat
     samples = ests.numpy()
     return Trace(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan, 2 * k,
                  samples)
+
+
+def _products(matvec: Matvec, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A M, by the operator's `matmat` where it has one (e.g. `hvp.HessianOperator`), else column by column."""
+    if hasattr(matvec, "matmat"):
+        return matvec.matmat(m).to(dtype)
+    return torch.stack([matvec(col.contiguous()).to(dtype) for col in m.T], dim=1)
 
 
 def _scale(n: int, k: int, norms2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, normalize: bool
