@@ -152,8 +152,8 @@ def vector_dtype(op: HessianOperator) -> torch.dtype:
 
 
 def _eig_values(op: HessianOperator, options: HessianOptions, generator,
-                krylov: linalg.Lanczos | None = None, keep: list | None = None) -> dict[str, float]:
-    """Lanczos for the top eigenvalues, from one of three starts (the `linalg.Eigs` appended to `keep`).
+                krylov: linalg.Lanczos | None = None) -> tuple[dict[str, float], linalg.Eigs]:
+    """Lanczos for the top eigenvalues, from one of three starts: their entries and the `linalg.Eigs`.
 
     "slq" with the SLQ run `krylov` (None without a density; the other starts ignore it): v0 = sum
     of its top_k Ritz vectors and of its bottom Ritz vector. After m steps from the random probe z,
@@ -178,15 +178,13 @@ def _eig_values(op: HessianOperator, options: HessianOptions, generator,
         hint = op.gradient()
     eigs = linalg.lanczos_eigs(op, op.dim, options.top_k, options.lanczos_iters, options.tol, generator, op.device,
                                options.eig_rule, dtype, hint, start)
-    if keep is not None:
-        keep.append(eigs)
     out = {key("train", "top_eigenvalue"): float(eigs.top[0]),
            key("train", "top_abs_eigenvalue"): eigs.largest_magnitude,
            key("train", "bottom_eigenvalue"): eigs.bottom}
     out.update({key("train", "eigenvalue", i): float(v) for i, v in enumerate(eigs.top, 1)})
     out[key("train", "hvp_eig")] = float(eigs.n_products + (krylov.n_products if start is not None else 0))
     out[key("train", "eig_converged")] = float(eigs.converged)
-    return out
+    return out, eigs
 
 
 def _trace_values(op: HessianOperator, options: HessianOptions, generator,
@@ -292,12 +290,11 @@ def _estimates(op, options: HessianOptions, generator) -> tuple[dict[str, float]
     """Density, eigenvalues (from the density's Krylov run with `eig_start` "slq"), then traces (Hutch++
     on that run's Krylov basis) of the operator `op`; and the Lanczos result of the eigenvalues."""
     density, run = _density_values(op, options, generator)
-    keep: list[linalg.Eigs] = []
-    out = _eig_values(op, options, generator, run, keep)
+    out, eigs = _eig_values(op, options, generator, run)
     out.update(_trace_values(op, options, generator, run if options.hutchpp_basis == "krylov" else None))
     out.update(_xtrace_values(op, options, generator))
     out.update(density)
-    return out, keep[0]
+    return out, eigs
 
 
 def _save_eigenvectors(model, eigs: linalg.Eigs, data: MetricData, options: HessianOptions) -> None:
