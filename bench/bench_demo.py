@@ -55,6 +55,11 @@ def run_demo(mode: str, root: Path, extra: list[str], workers: int | None) -> fl
     return elapsed
 
 
+SAME_SGD = ("The two policies run the same SGD with float32 sums in another order (equal to 1e-6 in float64, "
+            "tests/test_ensemble.py); over the epochs the float32 runs separate as two seeds' runs do, so values and "
+            "even a cell's phase differ as between two seed draws.")
+
+
 def compare_tables(paths: dict[str, Path]) -> str:
     """Print and return max |value(off) - value(auto)| per metric over matching rows of the two results tables."""
     import pandas as pd
@@ -67,7 +72,7 @@ def compare_tables(paths: dict[str, Path]) -> str:
     parts = [f"{'/'.join(map(str, name if isinstance(name, tuple) else (name,)))} {d.max():.3g}"
              for name, d in diff.groupby([merged[c] for c in by])]
     line = (f"Results tables: {len(tables['off'])} rows (off), {len(tables['auto'])} rows (auto), {len(merged)} "
-            "matched; max \\|off - auto\\| per metric: " + ", ".join(parts))
+            "matched; max \\|off - auto\\| per metric: " + ", ".join(parts) + ". " + SAME_SGD)
     print(line.replace("\\|", "|"))
     return line
 
