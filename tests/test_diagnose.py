@@ -12,6 +12,7 @@ from phasediagram import InProcess, Study, diagnose
 from phasediagram.analysis import plots
 from phasediagram.cli import main
 from phasediagram.diagnosis import ADVICE, MARKER_ID, ONE_SEED, marker_position
+from phasediagram.errors import SpecError
 from phasediagram.metrics import METRICS
 from phasediagram.models import families
 from phasediagram.storage import checkpoints
@@ -148,3 +149,31 @@ def test_figure_suffix_checked_before_any_work(finished, tmp_path, capsys):
     assert main(["diagnose", *paths, "--study", str(finished.layout.exp_dir), "--figure",
                  str(tmp_path / "map.jpg")]) == 2
     assert "figure" in capsys.readouterr().err
+    assert main(["diagnose", *paths, "--study", str(finished.layout.exp_dir), "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: threads: must be an integer >= 1, got 0"
+
+
+def test_threads_are_set_while_measuring_and_restored(finished, monkeypatch):
+    """`threads` is the torch thread count during the metrics (seen from inside a metric job), restored after;
+    0 and non-integers are refused before any work."""
+    import torch
+
+    from phasediagram import diagnosis
+
+    seen = []
+    real = diagnosis.metric_rows
+    monkeypatch.setattr(diagnosis, "metric_rows", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    cell = finished.spec.cells()[0]
+    diagnose(seed_paths(finished, cell), finished, threads=1)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    diagnose(seed_paths(finished, cell), finished, threads=2)
+    assert set(seen) == {2} and torch.get_num_threads() == before
+    seen.clear()
+    diagnose(seed_paths(finished, cell), finished, threads=None)
+    assert set(seen) == {before}
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(SpecError, match="threads: must be an integer >= 1"):
+            diagnose(seed_paths(finished, cell), finished, threads=bad)
+    assert torch.get_num_threads() == before

@@ -367,6 +367,9 @@ def build_diagnose_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="with --name: the folder holding checkpoint/ (default .)")
     p.add_argument("--name", help="with --root: the study's experiment name")
     p.add_argument("--device", default="cpu", help="torch device the metrics run on (default cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, as each job of the default local pool: float32 values then "
+                        "equal the study's own)")
     p.add_argument("--figure", help="write the phase map with the models' marker here (.png, .pdf or .svg)")
     return p
 
@@ -381,7 +384,7 @@ def diagnose_command(argv) -> int:
         if args.figure and Path(args.figure).suffix.lower().lstrip(".") not in FIGURE_FORMATS:
             raise SpecError("figure", f"{args.figure!r} must end in one of .{', .'.join(FIGURE_FORMATS)}")
         study = Path(args.study) if args.study else Path(args.root) / "checkpoint" / args.name
-        result = diagnose(args.checkpoints, study, device=check_device(args.device))
+        result = diagnose(args.checkpoints, study, device=check_device(args.device), threads=args.threads)
         print(result.summary())
         if args.figure:
             from phasediagram.analysis.plots import save_figure

@@ -31,6 +31,7 @@ from phasediagram.analysis import plots
 from phasediagram.analysis.table import COLUMNS, normalise
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.jobs import TRAIN, dataset_for, metric_rows
+from phasediagram.execution.runtime import torch_threads
 from phasediagram.metrics import METRICS
 from phasediagram.spec.experiment import Cell
 from phasediagram.storage import results
@@ -210,12 +211,20 @@ def study_table(study: Study) -> pd.DataFrame:
 
 
 def diagnose(checkpoints, study: Study | str | Path, device="cpu",
-             rule: phases_mod.PhaseRule | None = None) -> Diagnosis:
+             rule: phases_mod.PhaseRule | None = None, threads: int | None = 1) -> Diagnosis:
     """The phase metrics, phase and advice of `checkpoints` (seeds of one setting) on `study`'s map.
 
     `study`: a `Study` or its folder `<root>/checkpoint/<name>`; `rule`: the phase rule (default
-    `PhaseRule()`, as `Study.phases`). Everything is checked before any metric runs; nothing is
-    written (pair metrics keep no state)."""
+    `PhaseRule()`, as `Study.phases`); `threads`: torch threads while the metrics run (restored after;
+    None: as set). A study's own float32 checkpoints get its values exactly at the thread count its jobs
+    ran with (1 in the default local pool, one worker per core): the bend training of `curve` amplifies
+    the rounding of sums split over another number of threads. Everything is checked before any metric
+    runs; nothing is written (pair metrics keep no state)."""
+    with torch_threads(threads):
+        return _diagnose(checkpoints, study, device, rule)
+
+
+def _diagnose(checkpoints, study: Study | str | Path, device, rule: phases_mod.PhaseRule | None) -> Diagnosis:
     study = as_study(study)
     rule = rule or phases_mod.PhaseRule()
     table = study_table(study)

@@ -65,6 +65,21 @@ def configure_worker(threads: int) -> None:
     keep_freed_memory()
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with `threads` torch threads (None: as they are), restoring the count after. Float32
+    results depend on it: reductions split over threads sum in another order."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SpecError("threads", f"must be an integer >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def freeze_alive() -> None:
     """Exempt every object alive now from garbage collection (`gc.freeze`): the collector's full passes,
     and the last one at the interpreter's exit, no longer walk them. For a process whose imports live
