@@ -17,10 +17,14 @@
 # Exit status: 0 when every step passed; 1 when one failed (each failure is named at the end), and at
 # once when there is no usable CUDA GPU (no driver, no GPU, or a torch built for the CPU only).
 # VENV names the virtual environment (default .venv); GPU_CHECK_KEEP=1 keeps the study folders.
+# On a machine that cannot reach PyPI but whose Python already holds a CUDA build of torch (and numpy,
+# scipy, pandas, matplotlib, tqdm, pyyaml, pytest, hypothesis), GPU_CHECK_PYTHON names that Python: step 1
+# then installs only this package (--no-deps) and the wheels in GPU_CHECK_WHEELS, a folder, for what that
+# Python lacks (submitit and mnist1d are pure Python: `pip download --no-deps submitit mnist1d -d DIR`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-PY=$VENV/bin/python
+PY=${GPU_CHECK_PYTHON:-$VENV/bin/python}
 FAILED=()
 
 die() { echo "gpu_check: FAIL: $*" >&2; exit 1; }
@@ -35,7 +39,14 @@ command -v nvidia-smi >/dev/null || die "no nvidia-smi: this machine has no NVID
 nvidia-smi -L || die "nvidia-smi lists no GPU"
 
 step "1. install, and the CUDA tests"
-make install VENV="$VENV"
+if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
+    if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+        "$PY" -m pip install -q --no-index --no-deps "$GPU_CHECK_WHEELS"/*.whl || die "cannot install the wheels in $GPU_CHECK_WHEELS"
+    fi
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || die "cannot install this package into $PY"
+else
+    make install VENV="$VENV"
+fi
 "$PY" - <<'EOF' || die "this torch cannot use the GPU (a build for the CPU only, or no GPU visible)"
 import sys, torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s):",

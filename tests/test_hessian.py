@@ -126,6 +126,7 @@ def test_matmat_is_the_dense_hessian_times_each_column(case, method, chunk, bloc
     assert got.shape == v.shape and got.dtype == DT and op.n_products == 7
     assert rel_err(got, h @ v) < 1e-10
     assert op.matmat(v.float(), block=block).dtype == torch.float32
+    assert op.matmat(v[:, :0]).shape == (op.dim, 0)
 
 
 def test_hvp_uses_batchnorm_running_statistics():

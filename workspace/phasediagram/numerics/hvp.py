@@ -136,6 +136,8 @@ class HessianOperator:
         """H V for a P x k matrix V, column by column as `matvec` computes it (k products). On the cached
         graph, `block` columns share one batched backward pass (`torch.autograd.grad` with
         `is_grads_batched`, vmap over the vectors), equal to the separate products up to rounding."""
+        if vs.shape[1] == 0:
+            return vs.clone()
         if self._grads is None or self.method != "double_backward":
             return torch.stack([self.matvec(v) for v in vs.T], dim=1)
         out = []
