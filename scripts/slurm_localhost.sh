@@ -341,7 +341,8 @@ stop_all() {
     if [[ -f $CONF ]] && alive slurmctld; then
         # cancel our own cluster's jobs first so that no slurmstepd outlives slurmd
         local ids
-        ids=$(SLURM_CONF=$CONF squeue -h -o %A 2> /dev/null | sort -u | tr '\n' ' ')
+        # a slurmctld too busy to answer lists nothing here (the daemons are stopped all the same)
+        ids=$(SLURM_CONF=$CONF squeue -h -o %A 2> /dev/null | sort -u | tr '\n' ' ') || ids=""
         if [[ -n ${ids// /} ]]; then
             [[ -n $quiet ]] || log "cancelling jobs $ids"
             # shellcheck disable=SC2086

@@ -95,7 +95,7 @@ def slurm():
                 os.environ[k] = v
         if ours:
             down = subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=180)
-            assert down.returncode == 0, down.stderr
+            assert down.returncode == 0, (down.returncode, down.stdout, down.stderr)
 
 
 def sh(*argv: str, check: bool = True) -> str:
