@@ -34,7 +34,7 @@ from phasediagram.models import families
 from phasediagram.numerics.directions import filter_normalise, random_filter_normalised
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage.layout import DIRECTIONS_FILE, Layout
-from phasediagram.storage.vectors import load_vectors
+from phasediagram.storage.vectors import load_vectors, save_vectors
 
 from .conftest import tiny_spec
 from .test_hessian import tiny_resnet
@@ -301,3 +301,18 @@ def test_a_study_with_loss_slices_saves_their_figures(root):
     names = {p.name for p in written}
     assert {"loss_slice.png", "loss_slice_plane.png"} <= names
     assert all(p.stat().st_size > 0 for p in written if p.name.startswith("loss_slice"))
+
+
+def test_vector_files_round_trip_and_refuse_ambiguous_group_names(tmp_path):
+    """`save_vectors` / `load_vectors`: float64 arrays per group and one value each, back as written; a group
+    named like the values' prefix or holding '/' would not read back, so it is refused before writing."""
+    groups = {"top1": {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.float32)}}
+    save_vectors(tmp_path / "v.npz", groups, {"top1": 2.5})
+    back, values = load_vectors(tmp_path / "v.npz")
+    assert values == {"top1": 2.5} and list(back) == ["top1"]
+    assert all(np.array_equal(back["top1"][k], v.double().numpy()) and back["top1"][k].dtype == np.float64
+               for k, v in groups["top1"].items())
+    for bad in ("value", "a/b"):
+        with pytest.raises(ValueError, match="group names"):
+            save_vectors(tmp_path / "bad.npz", {bad: groups["top1"]}, {})
+    assert not (tmp_path / "bad.npz").exists()
