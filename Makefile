@@ -17,7 +17,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PY) -m pip install -q --no-deps -r requirements-bench.txt

@@ -30,8 +30,8 @@ from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
 from phasediagram.study import Study
 
-# one pytest-xdist worker runs this file: the tests share one Slurm, started once
-pytestmark = pytest.mark.xdist_group("slurm")
+# `make test` runs the suite with pytest-xdist's --dist loadfile: one worker runs this file, whose tests
+# share one Slurm, started once
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_localhost.sh"
 # the 2x2 grid of tests/conftest.py's tiny_spec, as CLI flags
 GRID = ["--arch", "mlp", "--widths", "4", "8", "--batch-sizes", "256", "512", "--seeds", "0", "1", "--epochs", "2",
