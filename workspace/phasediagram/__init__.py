@@ -35,6 +35,7 @@ _HOMES = {
     "PhaseRule": "phasediagram.analysis.phases",
     "classify": "phasediagram.analysis.phases",
     "load_table": "phasediagram.analysis.table",
+    "load_model_diagnosis": "phasediagram.analysis.model_diagnosis",
     "phase_figure": "phasediagram.analysis.plots",
     "phase_map": "phasediagram.analysis.plots",
     "save_figure": "phasediagram.analysis.plots",

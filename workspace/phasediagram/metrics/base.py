@@ -32,7 +32,8 @@ from phasediagram.models.modes import eval_mode
 NO_SPLIT = "-"
 PAIR_SELECTIONS = ("all", "adjacent", "first")  # the seed pairs of a cell a pair metric may measure
 VALUE, STDERR, DIAGNOSTIC = "value", "stderr", "diagnostic"
-ROW_KINDS = (VALUE, STDERR, DIAGNOSTIC)
+LABEL = "label"  # a published annotation of a cell (e.g. a failure-source label), never a measurement
+ROW_KINDS = (VALUE, STDERR, DIAGNOSTIC, LABEL)
 
 
 @dataclass(frozen=True)
