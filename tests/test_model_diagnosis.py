@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import phasediagram
-from phasediagram.analysis import correlations, phases, table
+from phasediagram.analysis import correlations, improvement, phases, table
 from phasediagram.analysis import model_diagnosis as md
 from phasediagram.analysis.small_multiples import phase_small_multiples
 from phasediagram.errors import SpecError
@@ -90,6 +90,25 @@ def test_labels_round_trip_and_agree_with_the_rfi_rule(collection):
     inc, dec = labels["rfi_inc_temp"], labels["rfi_dec_temp"]
     rule = np.where(dec > inc, "large", np.where(inc > dec, "small", "optimal"))
     assert (labels["bs_failure"] == rule).all()
+
+
+def test_labels_derived_from_test_accuracy_reproduce_the_published_ones(collection):
+    _, df, _ = collection
+    published, derived = md.labels(df), md.labels(improvement.with_labels(df))
+    pd.testing.assert_index_equal(derived.index, published.index)
+    for column in md.RFI:
+        np.testing.assert_allclose(derived[column], published[column], rtol=0, atol=1e-12)
+    for question in md.QUESTIONS:
+        assert (derived[question] == published[question]).all(), question
+
+
+def test_labels_need_a_grid_of_width_batch_size_and_fraction_only():
+    df = md.load_model_diagnosis("clean")
+    other = df.assign(lr=0.05, cell=df["cell"] + "_lr0.05")
+    with pytest.raises(SpecError, match="several cells per"):
+        improvement.with_labels(pd.concat([df, other]))
+    with pytest.raises(SpecError, match="no test accuracy"):
+        improvement.with_labels(df[df["split"] != "test"])
 
 
 def test_labels_survive_writing_and_reading_the_table(tmp_path):

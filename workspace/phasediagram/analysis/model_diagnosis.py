@@ -34,6 +34,9 @@ These rows are of kind ``value`` (measurements). The published annotations are r
 ``label`` (source ``model_diagnosis``, split ``-``), which figures, phases and correlations never
 read (they use :func:`.table.measurements`, kind ``value`` only):
 
+These are the definitions of :mod:`.improvement`, which derives the same rows from any table's
+test accuracy (on both collections it reproduces the published values exactly):
+
 - ``rfi_width``, ``rfi_data``, ``rfi_inc_temp``, ``rfi_dec_temp``: room for improvement, in test
   accuracy percentage points: max over the configurations reached by moving one knob in one
   direction (the cell itself included) of their test accuracy, minus the cell's. ``inc_temp``
@@ -71,13 +74,13 @@ import numpy as np
 import pandas as pd
 
 from phasediagram.analysis import table
+from phasediagram.analysis.improvement import LABEL_CODES, LABEL_SOURCE
 from phasediagram.analysis.reference import REFERENCE_LR, REFERENCE_WEIGHT_DECAY
 from phasediagram.errors import SpecError
 from phasediagram.metrics.base import LABEL, VALUE
 from phasediagram.spec.experiment import Cell
 
 FIELD = "model_diagnosis"
-LABEL_SOURCE = "model_diagnosis"
 COLLECTIONS = {"clean": ("dataframe_normal_public.csv", 0.0), "noisy": ("dataframe_noise_public.csv", 0.1)}
 ARCH, DATASET = "resnet18", "cifar10"  # the family and data every configuration was trained with
 CELL_COLUMNS = {"width": "width", "bs": "batch_size", "data": "train_fraction"}
@@ -97,7 +100,6 @@ RFI = ("rfi_width", "rfi_data", "rfi_inc_temp", "rfi_dec_temp")
 COUNTS = {"para_amount": "parameters", "data_amount": "train_images"}
 QUESTIONS = {"bs_failure": ("large", "small", "optimal"), "width_vs_batch": ("width", "batch", "optimal"),
              "data_vs_batch": ("data", "batch", "optimal")}
-LABEL_CODES = {"optimal": 0, "large": 1, "small": 2, "width": 3, "batch": 4, "data": 5}
 LABEL_COLUMNS = (*QUESTIONS, *RFI, *COUNTS.values())
 NUMERIC = (*CELL_COLUMNS, *MEASUREMENTS, *RFI, *COUNTS)
 INDEX = ["width", "batch_size", "train_fraction"]
