@@ -7,10 +7,11 @@ of 128 with random labels, in train mode. WeightWatcher reads no Conv1d, so it i
 each model whose Conv1d (out, in, k) are the Conv2d (out, in, k, 1) of the same weights: the rule
 `esd_alpha` applies to Conv1d.
 
-For each model: the layers WeightWatcher fits (`analyze()` with its defaults, status "success" and
-alpha not its placeholder 0 or inf), whether `esd_alpha` fits the same layers, the largest |alpha difference|
-over them, and both weighted alphas (WeightWatcher's: the mean of its `alpha_weighted` column over the
-layers it fits). Exits 1 when a layer set differs or a difference exceeds 1e-4.
+For each model: the layers read, the layers WeightWatcher fits (`analyze()` with its defaults, status
+"success", alpha not its placeholder 0 or inf), whether `esd_alpha` fits the same layers, the largest
+|alpha difference| over them, both weighted alphas (WeightWatcher's: the mean of its `alpha_weighted`
+column over the layers it fits) and their difference. Exits 1 when a layer set differs or a
+difference exceeds 1e-4.
 
     python bench/bench_esd.py
     python bench/bench_esd.py --steps 50
@@ -99,7 +100,7 @@ def main() -> int:
     except ImportError:
         print("weightwatcher is not installed (requirements-dev.txt: weightwatcher==0.7.7, powerlaw==1.5, safetensors)")
         return 0
-    print(f"{'model':30s} {'state':7s} read fitted same  max|dalpha| weighted(ours) weighted(ww)")
+    print(f"{'model':30s} {'state':7s} read fitted same  max|dalpha| weighted(ours) weighted(ww) |dweighted|")
     ok = True
     for arch, width, shape in MODELS:
         label = arch if width is None else f"{arch} w{width}"
@@ -108,9 +109,10 @@ def main() -> int:
             if state == "trained":
                 train(model, shape, args.steps)
             r = compare(model)
-            ok &= r["same_layers"] and r["max_diff"] <= TOL
+            dw = abs(r["weighted"] - r["ww_weighted"])
+            ok &= r["same_layers"] and r["max_diff"] <= TOL and dw <= TOL
             print(f"{label:30s} {state:7s} {r['read']:4d} {r['ww']:6d} {str(r['same_layers']):5s} {r['max_diff']:11.2e} "
-                  f"{r['weighted']:14.6f} {r['ww_weighted']:12.6f}")
+                  f"{r['weighted']:14.6f} {r['ww_weighted']:12.6f} {dw:11.2e}")
     print("all within 1e-4 on the same layers" if ok else "DIFFERENCES beyond 1e-4 or different layers")
     return 0 if ok else 1
 
