@@ -189,19 +189,14 @@ def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
     assert _wait_until_gone([pid], deadline - time.monotonic()) == []
 
 
-# A pool's owner that prints its workers' pids, then sleeps until it is killed.
+# A pool's owner (a script without a main guard) that prints its workers' pids, then sleeps until it is killed.
 POOL_OWNER = textwrap.dedent("""
-    import os, time
+    import multiprocessing, time
     from phasediagram.execution import jobs
 
-    def pid(_):
-        time.sleep(0.2)
-        return os.getpid()
-
-    if __name__ == "__main__":
-        pool = jobs.start_pool(2)
-        print(*sorted(set(pool.map(pid, range(6)))), flush=True)
-        time.sleep(600)
+    pool = jobs.start_pool(2)  # its workers start here
+    print(*sorted(p.pid for p in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
 """)
 
 

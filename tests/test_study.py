@@ -1,11 +1,11 @@
-"""The Python API: a `Study` trains, measures, tabulates and draws; README's example runs as printed."""
+"""The Python API: a `Study` trains, measures, tabulates and draws; recording a study is atomic."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import json
+import multiprocessing
+import os
 
-import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
@@ -14,8 +14,6 @@ from phasediagram.analysis import phases, table
 from phasediagram.errors import SpecError
 
 from .conftest import tiny_spec
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_the_public_api_is_listed_and_lazy():
@@ -65,20 +63,44 @@ def test_a_study_checks_its_spec_and_its_folder(root):
         more.run(["sharpness"], phasediagram.InProcess())
 
 
-def readme_example() -> str:
-    text = README.read_text()
-    match = re.search(r"## Python\n.*?```python\n(.*?)```", text, re.S)
-    assert match, "README has a ## Python section with a python block"
-    return match.group(1)
+def _record(root, epochs: int, barrier, outcomes) -> None:
+    """In a forked process: the tiny study with `epochs`, recorded once every process is at `barrier`."""
+    study = phasediagram.Study(tiny_spec(epochs=epochs), root)
+    barrier.wait()
+    try:
+        study.record()
+        outcomes.put((epochs, "recorded"))
+    except SpecError:
+        outcomes.put((epochs, "refused"))
+    except BaseException as exc:
+        outcomes.put((epochs, repr(exc)))
+    os._exit(0)
 
 
-def test_the_readme_example_runs_as_printed(root, monkeypatch, capsys):
-    code = readme_example()
-    assert len(code.strip().splitlines()) <= 12
-    monkeypatch.chdir(root)
-    exec(compile(code, str(README), "exec"), {})
-    out = capsys.readouterr().out
-    assert "phase" in out and (root / "runs" / "checkpoint" / "tiny" / "results.csv").exists()
-    assert (root / "runs" / "tiny.png").stat().st_size > 10_000
-    df = table.read(root / "runs" / "checkpoint" / "tiny" / "results.csv", "tiny")
-    assert isinstance(df, pd.DataFrame) and df.cell.nunique() == 4
+@pytest.mark.parametrize("epochs", [(2, 3, 2, 3), (2, 2, 2, 2)], ids=["different", "identical"])
+def test_synchronised_recorders_agree_with_spec_json(tmp_path, epochs):
+    """Many processes record at the same instant: of different training settings exactly the first
+    recorded is accepted and is what spec.json says; identical settings are all accepted."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(8):
+        root = tmp_path / str(trial)
+        barrier, outcomes = context.Barrier(len(epochs)), context.SimpleQueue()
+        processes = [context.Process(target=_record, args=(root, e, barrier, outcomes)) for e in epochs]
+        for p in processes:
+            p.start()
+        results = [outcomes.get() for _ in processes]
+        for p in processes:
+            p.join(60)
+        recorded = phasediagram.load_spec(root / "checkpoint" / "tiny" / "spec.json").epochs
+        assert all((outcome == "recorded") == (e == recorded) for e, outcome in results), results
+
+
+def test_the_table_leaves_out_results_of_other_training_settings(root):
+    study = phasediagram.Study(tiny_spec(metrics=("loss_acc",)), root)
+    study.run(executor=phasediagram.InProcess())
+    path = study.layout.result_path("loss_acc", study.spec.cells()[0])
+    doc = json.loads(path.read_text())
+    assert len(study.table(write=False).query("source == 'loss_acc'").cell.unique()) == 4
+    doc["training_hash"] = "another"
+    path.write_text(json.dumps(doc))
+    assert len(study.table(write=False).query("source == 'loss_acc'").cell.unique()) == 3

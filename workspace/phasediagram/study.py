@@ -27,6 +27,7 @@ from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
 from phasediagram.execution.runtime import process_alive
 from phasediagram.resolve import check, load_spec
 from phasediagram.spec.experiment import ExperimentSpec
+from phasediagram.storage import locks
 from phasediagram.storage.checkpoints import HOST, TEMP_SUFFIX, atomic_write_bytes, temp_writer
 from phasediagram.storage.layout import Layout
 
@@ -34,10 +35,14 @@ from phasediagram.storage.layout import Layout
 def record_spec(spec: ExperimentSpec, layout: Layout) -> ExperimentSpec:
     """Write spec.json once; later calls may add metrics and metric options but not change training.
 
+    Reading, merging and writing happen under the study's lock (`storage.locks.exclusive`), so of
+    two processes recording different training settings at the same moment the second is refused,
+    and two recording the same settings both go on (the union of their metrics is kept).
     Returns the spec on disk afterwards (`merged_spec`).
     """
-    spec = merged_spec(spec, layout)
-    atomic_write_bytes(layout.spec_path, (spec.to_json() + "\n").encode())
+    with locks.exclusive(layout.spec_lock_path):
+        spec = merged_spec(spec, layout)
+        atomic_write_bytes(layout.spec_path, (spec.to_json() + "\n").encode())
     return spec
 
 
@@ -190,8 +195,10 @@ class Study:
             log(f"removed the temporary file of an interrupted write: {path}")
         return problems
     def table(self, write: bool = True) -> pd.DataFrame:
-        """Every result file's rows plus each cell's phase rows; written to results.csv when `write`."""
-        df = phases.with_phases(table.collect(self.layout, self.spec.name, log=lambda *_: None))
+        """Every result file's rows plus each cell's phase rows; written to results.csv when `write`.
+        Result files of other training settings than this study's (`training_hash`) are left out."""
+        df = phases.with_phases(table.collect(self.layout, self.spec.name, log=lambda *_: None,
+                                              training_hash=self.spec.training_hash()))
         if write:
             table.write(df, self.layout.table_path)
         return df

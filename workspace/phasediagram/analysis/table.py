@@ -31,9 +31,10 @@ def empty() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("value", "coord") else "object") for c in COLUMNS})
 
 
-def collect(layout: Layout, experiment: str | None = None, log=print) -> pd.DataFrame:
+def collect(layout: Layout, experiment: str | None = None, log=print, training_hash: str | None = None) -> pd.DataFrame:
     """Read every valid result file of the experiment; corrupt ones are reported and moved aside, and
-    ones computed from checkpoints that have changed since are reported and left out."""
+    ones computed from checkpoints that have changed since, or (given `training_hash`) made under
+    other training settings, are reported and left out."""
     frames = []
     for path in sorted(layout.results_dir.glob("*/*.json")):
         try:
@@ -44,6 +45,10 @@ def collect(layout: Layout, experiment: str | None = None, log=print) -> pd.Data
             log(f"warning: {exc}; moved aside to {quarantine(path).name}; rerun its stage to redo it")
             continue
         if experiment is not None and doc["experiment"] != experiment:
+            continue
+        if training_hash is not None and doc["training_hash"] != training_hash:
+            log(f"warning: {path} was made under other training settings than the recorded spec's; left out of "
+                "the table: rerun its stage to redo it")
             continue
         changed = results.changed_checkpoints(doc, layout.exp_dir)
         if changed:

@@ -35,6 +35,7 @@ from phasediagram.execution.runtime import (
     deterministic_algorithms,
     exit_with,
     freeze_alive,
+    main_script_withheld,
     pool_slots,
 )
 from phasediagram.metrics import METRICS, MetricData, parse_key
@@ -412,9 +413,11 @@ def start_pool(workers: int | None = None, device: str = "cpu", workers_per_gpu:
     it as a context manager).
 
     CPU pools: where the platform has a fork server, that one process imports torch, this package and
-    torch._dynamo (`pool_preload`) once, and the workers are forks of it, made at the first submits;
-    else each worker is spawned now and imports torch and this package itself, side by side with the
-    caller's own work, and torch._dynamo at its first optimizer (bench/bench_start.py compares them).
+    torch._dynamo (`pool_preload`) once, and the workers are forks of it; else each worker is spawned
+    and imports torch and this package itself, side by side with the caller's own work, and
+    torch._dynamo at its first optimizer (bench/bench_start.py compares them). Every worker starts
+    here, with the caller's main script withheld (`runtime.main_script_withheld`), so a script
+    without a main guard is not run again in the workers.
     The fork server serves every pool of this process and ends with it; it starts with this process's
     environment and standard streams at its first pool. CUDA pools are always spawned: a fresh
     interpreter has initialised no CUDA whatever its parent did (a fork of a process that has is
@@ -429,7 +432,7 @@ def start_pool(workers: int | None = None, device: str = "cpu", workers_per_gpu:
         multiprocessing.forkserver.ensure_running()
     pool = ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pool_init,
                                initargs=(os.getpid(), slots, context.Value("i", 0)))
-    if not forks:
+    with main_script_withheld():
         for _ in slots:  # each submit with no idle worker starts one
             pool.submit(_pool_ready)
     return pool

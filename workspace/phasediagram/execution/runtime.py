@@ -1,6 +1,7 @@
 """Process settings for the processes that run jobs (torch threads, the C allocator, the garbage
 collector, `exit_with` the process that owns them), and `in_forked_process` for side work of the main
-process (a figure drawn beside the others); the devices jobs run on (`parse_device`, `check_device`,
+process (a figure drawn beside the others), `main_script_withheld` while a pool's workers start; the
+devices jobs run on (`parse_device`, `check_device`,
 the local pool's `pool_slots`) and `deterministic_algorithms` (docs/gpu.md).
 
 glibc's malloc serves blocks of 128 KiB and more (a threshold it raises adaptively up to 32 MiB)
@@ -26,6 +27,7 @@ import gc
 import multiprocessing
 import os
 import select
+import sys
 import threading
 import time
 from typing import Callable, TypeVar
@@ -160,6 +162,32 @@ def _send_result(writer, fn: Callable, args: tuple) -> None:
         message = (False, exc)
     writer.send(message)
     writer.close()
+
+
+@contextlib.contextmanager
+def main_script_withheld():
+    """While worker processes start with the "spawn" or "forkserver" method, hide the caller's main
+    script from multiprocessing, so that the workers do not run it again.
+
+    Such a child imports the parent's main script (as `__mp_main__`, named by the script's `__file__`
+    or by the `__spec__` of `python -m`) before it unpickles its task; a script that calls
+    `Study.run()` at top level, without `if __name__ == "__main__":`, would then start a pool inside
+    every worker. The pool's workers run only functions of this package, so they need nothing from
+    the main script: `__file__` is removed and `__spec__` set to None for the duration, and both are
+    restored afterwards. A main module without them (a REPL, a notebook) is left as it is.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main is not None
+             and main.__dict__.get(name) is not None}
+    if not saved:
+        yield
+        return
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def parse_device(text: str) -> torch.device:

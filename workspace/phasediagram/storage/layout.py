@@ -1,7 +1,7 @@
 """Where every file of an experiment lives (one place, so no path is spelled twice).
 
     <root>/data/                                           cached datasets (.npz), shared
-    <root>/checkpoint/<name>/spec.json
+    <root>/checkpoint/<name>/spec.json, .spec.lock             the recorded spec and its lock
                             runs/<cell>/seed<s>/{last,final,best}.pt
                             results/<stage>/<cell>.json    one small file per job
                             results.csv                    the collected table
@@ -72,6 +72,11 @@ class Layout:
     @property
     def spec_path(self) -> Path:
         return self.exp_dir / "spec.json"
+
+    @property
+    def spec_lock_path(self) -> Path:
+        """The lock file that serialises the recording of spec.json (`storage.locks.exclusive`)."""
+        return self.exp_dir / ".spec.lock"
 
     @property
     def data_dir(self) -> Path:
