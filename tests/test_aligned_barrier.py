@@ -1,6 +1,6 @@
 """Weight matching and the aligned linear barrier: exact recovery of a hidden permutation, the
 permuted copy's function, brute-force optimality of one assignment, agreement with `curve`'s
-mc_linear, trained seeds, and models without a permutation spec."""
+mc_linear, trained seeds, and models outside the families (traced specs: `test_permutation_trace`)."""
 
 from __future__ import annotations
 
@@ -171,20 +171,27 @@ class Plugged(nn.Module):
         return self.body(x)
 
 
-def test_a_model_without_a_permutation_spec_records_the_unaligned_barrier_only():
+def test_a_model_outside_the_families_is_aligned_with_its_traced_spec():
+    """The spec of another model is traced from its forward on an example batch (a permuted copy aligns
+    back exactly); without one it is refused, as is an MLP the hand-written spec does not describe."""
     torch.manual_seed(0)
-    a, b = Plugged().double(), Plugged().double()
-    with pytest.raises(SpecError, match=r"^arch: weight matching supports the families mlp, resnet1d, resnet18.*"
-                                        r"tests\.test_aligned_barrier\.Plugged"):
+    a = Plugged().double()
+    with pytest.raises(SpecError, match=r"^arch: weight matching cannot tell which units of "
+                                        r"tests\.test_aligned_barrier\.Plugged may be permuted: not of the mlp"):
         permutation_spec(a)
-    with pytest.warns(UserWarning, match="aligned_barrier: arch: .*Plugged.*unaligned linear barrier only"):
-        out = aligned_barrier(a, b, make_data(), OPTIONS, torch.Generator().manual_seed(0))
-    assert key("train", "linear_barrier") in out
-    assert not any("aligned" in k or "wm_" in k for k in out)
+    x = make_data().train.x
+    spec = permutation_spec(a, x[:2])
+    assert spec.axes == {"body.0.weight": ("body.0", None), "body.0.bias": ("body.0",),
+                         "body.2.weight": (None, "body.0"), "body.2.bias": (None,)}
+    b = Plugged().double()
+    b.load_state_dict(permute(a.state_dict(), spec, {"body.0": torch.tensor([2, 0, 3, 1])}))
+    out = aligned_barrier(a, b, make_data(), OPTIONS, torch.Generator().manual_seed(0))
+    assert out[key("train", "aligned_barrier")] == 0.0 and out[key("-", "wm_converged")] == 1.0
     deeper = models.MLP(4, (LENGTH,), CLASSES)
     deeper.net.append(nn.Tanh())  # an MLP whose units are no longer those of the family
     with pytest.raises(UnsupportedModel, match="other than nn.Flatten, nn.Linear and nn.ReLU"):
         permutation_spec(deeper)
+    assert dict(permutation_spec(deeper, x[:2].float()).sizes) == {"net.1": 4, "net.3": 4}
 
 
 # --------------------------------------------------------------------------- REPAIR

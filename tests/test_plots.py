@@ -224,3 +224,21 @@ def test_trace_panel_draws_hutchpp_and_falls_back_to_hutchinson(tmp_path):
     abs_only = normalise(df.assign(metric=df.metric.replace({"top_eigenvalue": "top_abs_eigenvalue"})))
     res = plots.phase_figure(abs_only)
     assert res.titles[2] == "(c) log10 largest-magnitude Hessian eigenvalue"
+
+
+def test_a_panel_without_a_finite_value_is_left_out_never_drawn_empty():
+    """Rows of a quantity that are all NaN (a core panel and a further one) or all diverged are no
+    panel, only a note; the further quantity with values is drawn."""
+    df = synthetic_table(drop=("mc", "top_eigenvalue", "trace", "cka", "dist"))
+    acc = df[(df.source == "loss_acc") & (df.metric == "acc") & (df.split == "test")]
+    df = normalise(pd.concat([
+        df,
+        acc.assign(source="hessian", metric="top_eigenvalue", split="train", value=np.nan),
+        acc.assign(source="aligned_barrier", metric="aligned_barrier", split="train", value=np.nan),
+        acc.assign(source="aligned_barrier", metric="linear_barrier", split="train"),
+        acc.assign(source="esd_alpha", metric="esd_alpha", split="-", status="diverged", value=np.nan),
+    ], ignore_index=True))
+    res = plots.phase_figure(df)
+    assert res.titles == CORE_TITLES[:2] + ["(c) linear barrier (train error %)"]
+    for quantity in ("top_eigenvalue", "aligned_barrier", "esd_alpha"):
+        assert sum(f"no finite '{quantity}' value" in n for n in res.notes) == 1, (quantity, res.notes)

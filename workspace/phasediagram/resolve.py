@@ -7,7 +7,8 @@ method registries, checks what needs them:
   and a plugged-in family, or a family on a plugged-in dataset, is built at the smallest width and
   must map the dataset's inputs to logits of its class count);
 - `optimizer`, `regularizer` and every metric name are registered, and each metric can measure
-  the family;
+  the family (it names the family, if it names any, and its `check_model` accepts a plugged-in
+  family's model);
 - every batch size fits the training set at every train fraction;
 - optimizer, regularizer and metric options build their option objects (`SpecError` otherwise);
 - pairwise metrics have at least two seeds.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from phasediagram.data import datasets
 from phasediagram.data.datasets import DATASETS
@@ -45,8 +48,9 @@ def check(spec: ExperimentSpec) -> ExperimentSpec:
     _registered_or_plugged("arch", spec.arch, MODELS)
     _registered_or_plugged("dataset", spec.dataset, DATASETS)
     facts = datasets.info(spec.dataset, spec.data_root)
+    model = None
     if is_import_path(spec.arch) or is_import_path(spec.dataset):
-        families.check_outputs(spec.arch, min(spec.widths), facts.input_shape, facts.n_classes)
+        model = families.check_outputs(spec.arch, min(spec.widths), facts.input_shape, facts.n_classes)
     for fraction in spec.train_fractions:
         n_train = int(facts.train_size * fraction)
         too_big = [b for b in spec.batch_sizes if b > n_train]
@@ -63,6 +67,13 @@ def check(spec: ExperimentSpec) -> ExperimentSpec:
         measured = METRICS[name].families
         if measured is not None and spec.arch not in measured:
             raise SpecError("metrics", f"{name} measures only {', '.join(measured)} models, not arch {spec.arch}")
+        if METRICS[name].check_model is not None and is_import_path(spec.arch):
+            p = next(model.parameters())
+            try:
+                METRICS[name].check_model(model, torch.zeros((2, *facts.input_shape), dtype=p.dtype, device=p.device))
+            except SpecError as exc:
+                raise SpecError("metrics", f"{name} cannot measure arch {spec.arch}: "
+                                           f"{str(exc).removeprefix(f'{exc.field}: ')}") from None
     method_options(spec)
     for name in dict.fromkeys([*spec.metrics, *spec.metric_options]):
         metric_options(spec, name)

@@ -13,8 +13,9 @@
 and one panel more for every further quantity registered in ``metrics.METRICS`` that the table
 holds, e.g. the Fisher metric or the local energy. Every panel, (a)-(g) included, is drawn as its
 registry entry's ``Panel`` says (label, colormap, log scale, range, fallback); `CORE_KEYS` only
-picks the paper's seven and their order. A panel whose quantity is absent is left out and named
-in a note under the figure.
+picks the paper's seven and their order. A panel without a value to draw (no rows of its quantity
+with status ``ok`` and a finite value: absent, or only NaN, diverged or missing rows) is left out
+and named in a note under the figure.
 
 Conventions:
 
@@ -154,20 +155,26 @@ def cell_grid(df: pd.DataFrame, spec: PanelSpec, xs, ys, load: str, temperature:
     Rows of the panel's source are used; if the table has none, rows of the same quantity and
     split from any source (a table written by other tools).
     """
-    p = spec.panel
-    sel = measurements(df)
-    sel = sel[(sel["metric"] == p.quantity) & (sel["split"] == p.split) & (sel["status"] == "ok") & sel["coord"].isna()]
-    own = sel[sel["source"] == spec.source]
-    sel = own if not own.empty else sel
+    sel = panel_rows(df, spec)
     if sel.empty:
         return pd.DataFrame(np.nan, index=ys, columns=xs)
     grid = sel.groupby([temperature, load])["value"].mean().unstack(load)
     return grid.reindex(index=ys, columns=xs).astype(float)
 
 
-def has_data(df: pd.DataFrame, spec: PanelSpec) -> bool:
+def panel_rows(df: pd.DataFrame, spec: PanelSpec) -> pd.DataFrame:
+    """The rows a panel averages: measurements of its quantity and split without a coordinate, with
+    status ok and a finite value; those of its source, or of any source where its source has none."""
     p, sel = spec.panel, measurements(df)
-    return bool(((sel["metric"] == p.quantity) & (sel["split"] == p.split) & sel["coord"].isna()).any())
+    sel = sel[(sel["metric"] == p.quantity) & (sel["split"] == p.split) & (sel["status"] == "ok") & sel["coord"].isna()
+              & np.isfinite(sel["value"].astype(float))]
+    own = sel[sel["source"] == spec.source]
+    return own if not own.empty else sel
+
+
+def has_data(df: pd.DataFrame, spec: PanelSpec) -> bool:
+    """Whether the panel has a value to draw."""
+    return not panel_rows(df, spec).empty
 
 
 def divergence(df: pd.DataFrame, load: str, temperature: str) -> dict[tuple, tuple[int, int]]:
@@ -404,6 +411,11 @@ def save_figure(fig: Figure, path: str | Path, formats=("png", "pdf"), dpi: int 
     return written
 
 
+def _left_out(spec: PanelSpec) -> str:
+    return (f"left out: {spec.panel.label} (no finite '{spec.panel.quantity}' value, split '{spec.panel.split}', "
+            f"in the table)")
+
+
 def phase_figure(df: pd.DataFrame, load: str = "width", temperature: str = "batch_size",
                  ranges: dict | None = None, rule: phases_mod.PhaseRule | None = None, columns: int = 4,
                  title: str | None = None) -> PhaseFigure:
@@ -426,15 +438,17 @@ def phase_figure(df: pd.DataFrame, load: str = "width", temperature: str = "batc
         if has_data(table, spec):
             drawn.append((next(letters), spec))
         else:
-            notes.append(f"left out: {spec.panel.label} (no '{spec.panel.quantity}' rows, split "
-                         f"'{spec.panel.split}', in the table)")
+            notes.append(_left_out(spec))
     has_phases = bool(pgrid.to_numpy(dtype=object).astype(bool).any())
     if has_phases:
         drawn.append((next(letters), None))
     else:
         notes.append("left out: phase map (no cell could be classified: needs mc and training loss)")
     for spec in further_panels(table):
-        drawn.append((next(letters), spec))
+        if has_data(table, spec):
+            drawn.append((next(letters), spec))
+        else:
+            notes.append(_left_out(spec))
     n = max(1, len(drawn))
     cols = min(columns, n)
     rows = math.ceil(n / cols)

@@ -7,7 +7,7 @@ add one entry here. The registry-wide contract tests then cover it.
 from __future__ import annotations
 
 from phasediagram.accel import policy
-from phasediagram.metrics.aligned_barrier import AlignedBarrierOptions, aligned_barrier
+from phasediagram.metrics.aligned_barrier import AlignedBarrierOptions, aligned_barrier, check_model
 from phasediagram.metrics.base import DIAGNOSTIC, ROW_KINDS, STDERR, VALUE, Metric, MetricData, Panel, key, parse_key
 from phasediagram.metrics.cka import CKAOptions, cka
 from phasediagram.metrics.curve import CurveOptions, curve, curve_pairs
@@ -58,9 +58,10 @@ METRICS: dict[str, Metric] = {
                       cmap="RdBu_r", center=0.0),
                 Panel("linear_barrier", "train", "linear barrier (train error %)", cmap="RdBu_r", center=0.0)),
         description="linear-path barrier (train error %) after permuting one seed's units to the other's "
-                    "(weight matching, Git Re-Basin), and without; with REPAIR for the mlp; mlp and ResNet families",
+                    "(weight matching, Git Re-Basin; permutation groups traced for plugged-in families), and "
+                    "without; with REPAIR for models without BatchNorm",
         selects_pairs=True,
-        families=("mlp", "resnet1d", "resnet18"),
+        check_model=check_model,
         diagnostics=("aligned_barrier_t", "linear_barrier_t", "repaired_barrier_t", "wm_converged"),
         test_options={"points": 3, "eval_examples": 64, "batch_size": 32},
     ),

@@ -22,15 +22,15 @@ line to B itself (with the same grid and examples it equals -`mc_linear` of `cur
 permuted B computes B's function, and REPAIR leaves the endpoints unchanged, so the lines share the
 endpoint evaluations (those of the unaligned line).
 
-Only the families `mlp`, `resnet1d` and `resnet18` have a permutation spec. For any other model
-(a plugged-in architecture) weight matching is refused: the metric records no `aligned_*` rows and
-no `wm_converged`, warns with the reason (`weight_matching.UnsupportedModel`'s message, naming the
-model's class), and records the unaligned `linear_barrier` rows, which need no alignment.
+The families `mlp`, `resnet1d` and `resnet18` have hand-written permutation specs; any other model
+(a plugged-in architecture) has its spec traced from its forward on two training examples
+(`numerics.permutation_trace`: Linear, Conv, BatchNorm and LayerNorm layers, residual additions,
+pooling, reshapes). A model the tracer cannot follow is refused (`UnsupportedModel`, naming the
+operation), by `check_model` when a spec is checked and by the metric itself.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -41,7 +41,7 @@ from phasediagram.data.datasets import Split
 from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, evaluate, key
 from phasediagram.metrics.curve import line, mode_connectivity, model_at
 from phasediagram.numerics.repair import NotRepairable, endpoint_stats, repaired
-from phasediagram.numerics.weight_matching import UnsupportedModel, align
+from phasediagram.numerics.weight_matching import align, permutation_spec
 from phasediagram.options import choice, flag, integer, validate
 
 NAME = "aligned_barrier"
@@ -93,26 +93,20 @@ def aligned_barrier(model_a: nn.Module, model_b: nn.Module, data: MetricData, op
     `{train,test}/{loss,err}_aligned@t` and `{train,test}/{loss,err}_linear@t` along both lines;
     with `repair` and no BatchNorm, `train/repaired_barrier`, its t* and `{train,test}/{loss,err}_repaired@t`;
     `-/wm_converged` (1.0 when weight matching stopped after a sweep that changed no permutation, 0.0
-    when it ran out of `max_sweeps`). Without a permutation spec, the `linear` keys only.
+    when it ran out of `max_sweeps`).
     """
-    try:
-        permuted_b, matching = align(model_a, model_b, generator, options.max_sweeps)
-    except UnsupportedModel as exc:
-        warnings.warn(f"{NAME}: {exc}; recording the unaligned linear barrier only")
-        permuted_b = matching = None
+    permuted_b, matching = align(model_a, model_b, generator, options.max_sweeps, data.train.x[:2])
     theta_a = {n: p.detach() for n, p in model_a.named_parameters()}
     theta_b = {n: p.detach() for n, p in model_b.named_parameters()}
     cap = options.eval_examples or None
     train, test = (Split(s.x[:cap], s.y[:cap]) for s in (data.train, data.test))
     ts = options.ts
     unaligned = [_evaluate(model_a, line(theta_a, theta_b, t), train, test, options) for t in ts]
-    paths = {"linear": unaligned}
-    if permuted_b is not None:
-        theta_pb = {n: permuted_b[n] for n in theta_a}
-        inner = [_evaluate(model_a, line(theta_a, theta_pb, t), train, test, options) for t in ts[1:-1]]
-        paths["aligned"] = [unaligned[0], *inner, unaligned[-1]]
-        if options.repair:
-            paths.update(_repaired_line(model_a, theta_a, theta_pb, unaligned, train, test, options))
+    theta_pb = {n: permuted_b[n] for n in theta_a}
+    inner = [_evaluate(model_a, line(theta_a, theta_pb, t), train, test, options) for t in ts[1:-1]]
+    paths = {"linear": unaligned, "aligned": [unaligned[0], *inner, unaligned[-1]]}
+    if options.repair:
+        paths.update(_repaired_line(model_a, theta_a, theta_pb, unaligned, train, test, options))
     out: dict[str, float] = {}
     for path, results in paths.items():
         for t, (trl, tre, tel, tee) in zip(ts, results):
@@ -120,9 +114,14 @@ def aligned_barrier(model_a: nn.Module, model_b: nn.Module, data: MetricData, op
             out[key("test", f"loss_{path}", t)], out[key("test", f"err_{path}", t)] = tel, tee
         mc, k = mode_connectivity([r[1] for r in results])
         out[key("train", f"{path}_barrier")], out[key("train", f"{path}_barrier_t")] = -mc + 0.0, ts[k]
-    if matching is not None:
-        out[key("-", "wm_converged")] = float(matching.converged)
+    out[key("-", "wm_converged")] = float(matching.converged)
     return out
+
+
+def check_model(model: nn.Module, example: torch.Tensor) -> None:
+    """Raise `UnsupportedModel` (a `SpecError` on "arch", naming the operation) if weight matching has
+    no permutation spec for `model`, traced on `example` (a batch of inputs) outside the families."""
+    permutation_spec(model, example)
 
 
 def _repaired_line(model_a: nn.Module, theta_a, theta_pb, unaligned: list, train: Split, test: Split,

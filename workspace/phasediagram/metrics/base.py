@@ -80,6 +80,10 @@ class Metric:
     # the model families the metric can measure (None: any nn.Module, plugged-in families included);
     # a spec naming another family with this metric is refused when it is checked
     families: tuple[str, ...] | None = None
+    # optional: check_model(model, example) raises a SpecError naming why the metric cannot measure a
+    # plugged-in family's model (built at the spec's smallest width; `example` a batch of two inputs),
+    # run when the spec is checked
+    check_model: Callable[[nn.Module, torch.Tensor], None] | None = None
     # options that keep the registry-wide tests fast on a tiny model (tests/test_metric_contract.py)
     test_options: Mapping[str, Any] = field(default_factory=dict)
 

@@ -147,10 +147,10 @@ def create(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int) 
     return model
 
 
-def check_outputs(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int) -> None:
+def check_outputs(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """Build `arch` at `width` and check that two inputs of `input_shape` (eval mode, no gradient)
     give floating-point logits of shape (2, n_classes); `SpecError("arch", ...)` saying what came
-    back otherwise. Torch's global RNG is left as it was."""
+    back otherwise. Returns the model built (in eval mode); torch's global RNG is left as it was."""
     input_shape = tuple(int(s) for s in input_shape)
     with torch.random.fork_rng(devices=[]):
         try:
@@ -168,6 +168,7 @@ def check_outputs(arch: str, width: int, input_shape: tuple[int, ...], n_classes
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise SpecError("arch", f"{arch} at width {width} maps inputs (2, {input_shape}) to {got}; expected "
                                 f"floating-point logits of shape (2, {n_classes})")
+    return model
 
 
 def model_args(arch: str, width: int, input_shape, n_classes: int) -> dict:

@@ -5,7 +5,9 @@ A permutation spec says, for every entry of a model's state dict, which permutat
 axis (`None`: no permutation, e.g. the input and class axes and the kernel taps). Permuting hidden
 units of B by pi (B'[.., i, ..] = B[.., pi[i], ..] along every axis that pi acts on) leaves the
 function of B unchanged, as ReLU and BatchNorm act unit by unit and the residual additions join
-axes that share one permutation.
+axes that share one permutation. An axis may hold each unit's entries in a block: a head reading a
+flattened feature map of n channels x inner positions holds unit c in the columns c inner + i
+(`folds`), and permuting the unit moves its block.
 
 Weight matching maximises the summed inner products of A's weights with the permuted B's,
 
@@ -21,7 +23,10 @@ afresh from the generator every sweep, replacing a permutation only when its obj
 than `1e-12 * max(1, |objective|)`; it stops after a sweep that replaced none (converged) or after
 `max_sweeps` sweeps. Each accepted step increases the objective, so the descent cannot cycle.
 
-Families (`phasediagram.models.families`):
+Specs: the width-k families (`phasediagram.models.families`) have hand-written ones below; any
+other model's is traced from its forward on an example batch (`numerics.permutation_trace`), which
+gives the families the same groups under other names (the hand-written ones are kept: each sweep's
+order is drawn over the sorted names, so other names would change the matchings found).
 
 - `mlp` (`MLP`): one permutation per hidden layer, on the rows of its Linear weight and bias and the
   columns of the next Linear weight.
@@ -33,7 +38,7 @@ Families (`phasediagram.models.families`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -43,10 +48,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from phasediagram.errors import SpecError
 from phasediagram.models.families import MLP, BasicBlock, ResNet
+from phasediagram.numerics.permutation_trace import UnsupportedModel, traced_axes
 
-SUPPORTED = ("mlp", "resnet1d", "resnet18")
 IMPROVEMENT_TOLERANCE = 1e-12  # relative gain of the objective a coordinate step must exceed to be taken
 
 Axes = tuple[str | None, ...]
@@ -56,24 +60,20 @@ State = Mapping[str, torch.Tensor]
 @dataclass(frozen=True)
 class PermutationSpec:
     """`axes[key]`: the permutation acting on each axis of state-dict entry `key`, or None;
-    `sizes[name]`: the number of units permutation `name` permutes."""
+    `sizes[name]`: the number of units permutation `name` permutes; `folds[(key, axis)] = (outer, inner)`
+    where that axis holds outer x units x inner entries, unit c at o * units * inner + c * inner + i
+    ((1, 1) where absent)."""
 
     axes: Mapping[str, Axes]
     sizes: Mapping[str, int]
+    folds: Mapping[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def fold(self, key: str, axis: int) -> tuple[int, int]:
+        return self.folds.get((key, axis), (1, 1))
 
     def acting(self, name: str) -> list[tuple[str, int]]:
         """The (key, axis) pairs permutation `name` acts on, in state-dict order."""
         return [(k, a) for k, axes in self.axes.items() for a, p in enumerate(axes) if p == name]
-
-
-class UnsupportedModel(SpecError):
-    """A model outside the families weight matching knows (plugged-in architectures)."""
-
-    def __init__(self, model: nn.Module, why: str):
-        cls = type(model)
-        super().__init__("arch", f"weight matching supports the families {', '.join(SUPPORTED)} "
-                                 f"(phasediagram.models.families.MLP and ResNet of BasicBlocks); the model is a "
-                                 f"{cls.__module__}.{cls.__qualname__} ({why})")
 
 
 # --------------------------------------------------------------------------- the families' specs
@@ -141,15 +141,33 @@ def resnet_spec(model: ResNet) -> dict[str, Axes]:
     return axes
 
 
-def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The permutation spec of a model of the `mlp`, `resnet1d` or `resnet18` family; `UnsupportedModel`
-    (a `SpecError` on "arch") for any other model, or one whose state dict the spec does not cover."""
+def family_axes(model: nn.Module) -> dict[str, Axes]:
+    """The hand-written axes of a model of the `mlp`, `resnet1d` or `resnet18` family."""
     if isinstance(model, MLP):
-        axes = mlp_spec(model)
-    elif isinstance(model, ResNet):
-        axes = resnet_spec(model)
-    else:
-        raise UnsupportedModel(model, "not one of these classes")
+        return mlp_spec(model)
+    if isinstance(model, ResNet):
+        return resnet_spec(model)
+    raise UnsupportedModel(model, "not of the mlp, resnet1d or resnet18 family, and no example input to trace it on")
+
+
+def permutation_spec(model: nn.Module, example: torch.Tensor | None = None) -> PermutationSpec:
+    """The permutation spec of `model`: hand-written for the `mlp`, `resnet1d` and `resnet18` families,
+    traced on `example` (a batch of inputs) for any other model (`permutation_trace.traced_axes`);
+    `UnsupportedModel` (a `SpecError` on "arch") where neither applies or the spec does not cover the
+    state dict."""
+    try:
+        axes, folds = family_axes(model), {}
+    except UnsupportedModel:
+        if example is None:
+            raise
+        axes, folds = traced_axes(model, example)
+    return spec_of(model, axes, folds)
+
+
+def spec_of(model: nn.Module, axes: Mapping[str, Axes], folds: Mapping[tuple[str, int], tuple[int, int]]
+            ) -> PermutationSpec:
+    """The spec of `model` with these axes and folds, each permutation's size read from the state
+    dict; `UnsupportedModel` where they do not cover it or disagree with its shapes."""
     state = model.state_dict()
     if set(axes) != set(state):
         missing = sorted(set(state) - set(axes))
@@ -159,10 +177,14 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
         if len(names) != state[k].dim():
             raise UnsupportedModel(model, f"{k} has {state[k].dim()} axes, the spec {len(names)}")
         for a, name in enumerate(names):
-            if name is not None and sizes.setdefault(name, state[k].shape[a]) != state[k].shape[a]:
-                raise UnsupportedModel(model, f"permutation {name} meets axes of sizes {sizes[name]} and "
-                                              f"{state[k].shape[a]}")
-    return PermutationSpec({k: axes[k] for k in state}, sizes)
+            if name is None:
+                continue
+            outer, inner = folds.get((k, a), (1, 1))
+            units, rest = divmod(state[k].shape[a], outer * inner)
+            if rest or sizes.setdefault(name, units) != units:
+                raise UnsupportedModel(model, f"permutation {name} meets axes of {sizes.get(name)} units and "
+                                              f"{state[k].shape[a]} / ({outer} x {inner}) entries")
+    return PermutationSpec({k: axes[k] for k in state}, sizes, folds)
 
 
 # --------------------------------------------------------------------------- permuting and matching
@@ -175,14 +197,25 @@ def permute(state: State, spec: PermutationSpec, perms: Mapping[str, torch.Tenso
     for k, tensor in state.items():
         for a, name in enumerate(spec.axes.get(k, ())):
             if name is not None and name in perms and (name, a) != skip:
-                tensor = tensor.index_select(a, perms[name].to(tensor.device))
+                tensor = tensor.index_select(a, spread(perms[name], *spec.fold(k, a)).to(tensor.device))
         out[k] = tensor
     return out
 
 
-def _rows(tensor: torch.Tensor, axis: int) -> np.ndarray:
-    """`tensor` with `axis` first, flattened to (units, rest), in float64."""
-    return tensor.detach().movedim(axis, 0).reshape(tensor.shape[axis], -1).double().cpu().numpy()
+def spread(perm: torch.Tensor, outer: int = 1, inner: int = 1) -> torch.Tensor:
+    """The entries of an axis of outer x n x inner entries in the order `perm` puts its n units:
+    index o * n * inner + perm[c] * inner + i at position o * n * inner + c * inner + i."""
+    n = len(perm)
+    return (torch.arange(outer)[:, None, None] * n * inner + perm[None, :, None] * inner
+            + torch.arange(inner)[None, None, :]).flatten()
+
+
+def _rows(tensor: torch.Tensor, axis: int, fold: tuple[int, int]) -> np.ndarray:
+    """`tensor` as (units, rest) along `axis` (each unit's block of a folded axis in its row), in float64."""
+    outer, inner = fold
+    t = tensor.detach().movedim(axis, 0)
+    return t.reshape(outer, -1, inner, *t.shape[1:]).movedim(1, 0).reshape(t.shape[0] // (outer * inner), -1) \
+        .double().cpu().numpy()
 
 
 def _cost(name: str, params_a: State, params_b: State, spec: PermutationSpec,
@@ -195,7 +228,7 @@ def _cost(name: str, params_a: State, params_b: State, spec: PermutationSpec,
         if k not in params_a:
             continue
         b = permute({k: params_b[k]}, spec, perms, skip=(name, a))[k]
-        cost += _rows(params_a[k], a) @ _rows(b, a).T
+        cost += _rows(params_a[k], a, spec.fold(k, a)) @ _rows(b, a, spec.fold(k, a)).T
     return cost
 
 
@@ -240,13 +273,14 @@ def weight_matching(params_a: State, params_b: State, spec: PermutationSpec, gen
     return Matching(perms, sweep, not changed, final)
 
 
-def align(model_a: nn.Module, model_b: nn.Module, generator: torch.Generator, max_sweeps: int = 100
-          ) -> tuple[dict[str, torch.Tensor], Matching]:
+def align(model_a: nn.Module, model_b: nn.Module, generator: torch.Generator, max_sweeps: int = 100,
+          example: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Matching]:
     """(B's state dict permuted to align with A, the matching): weight matching on the trainable
     parameters, the permutation then applied to every entry of B's state dict (weights, biases,
-    BatchNorm weights, biases and running statistics)."""
-    spec = permutation_spec(model_a)
-    if permutation_spec(model_b) != spec:
+    BatchNorm weights, biases and running statistics). `example`, a batch of inputs, traces the
+    spec of a model outside the families."""
+    spec = permutation_spec(model_a, example)
+    if permutation_spec(model_b, example) != spec:
         raise ValueError("the two models have different layouts (parameter names or shapes)")
     trainable = [n for n, p in model_a.named_parameters() if p.requires_grad]
     params_a = {n: p.detach() for n, p in model_a.named_parameters() if n in trainable}
