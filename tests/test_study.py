@@ -104,3 +104,43 @@ def test_the_table_leaves_out_results_of_other_training_settings(root):
     doc["training_hash"] = "another"
     path.write_text(json.dumps(doc))
     assert len(study.table(write=False).query("source == 'loss_acc'").cell.unique()) == 3
+
+
+def test_a_recorded_study_opens_from_its_folder_or_its_root(root):
+    study = phasediagram.Study(tiny_spec(metrics=("loss_acc",)), root)
+    with pytest.raises(SpecError, match="holds 0 studies"):
+        phasediagram.Study.open(root)
+    study.record()
+    for opened in (phasediagram.Study.open(study.layout.exp_dir), phasediagram.Study.open(root),
+                   phasediagram.Study.open(root, "tiny")):
+        assert opened.spec == study.spec and opened.layout == study.layout
+    phasediagram.Study(tiny_spec(name="other"), root).record()
+    with pytest.raises(SpecError, match="holds 2 studies \\(other, tiny\\)"):
+        phasediagram.Study.open(root)
+    with pytest.raises(SpecError, match="no study 'third'"):
+        phasediagram.Study.open(root, "third")
+
+
+def test_the_study_writes_the_scripts_the_command_line_writes(root, tmp_path):
+    from phasediagram import cli
+    from phasediagram.execution.scripts import SlurmOptions
+
+    spec = tiny_spec(metrics=("loss_acc", "dist"))
+    study = phasediagram.Study(spec, root)
+    options = SlurmOptions(time="01:00:00", mem="4G", python="python")
+    with pytest.raises(SpecError, match="not one of train"):
+        study.write_scripts(["train", "sharpness"], options)
+    assert not study.layout.exp_dir.exists()  # refused before anything is written
+    written = study.write_scripts(options=options, slurm=True)
+    assert [p.name for p in written] == ["train.sh", "train.sbatch", "loss_acc.sh", "loss_acc.sbatch", "dist.sh",
+                                         "dist.sbatch"]
+    other = tmp_path / "cli"
+    argv = ["--root", str(other), "--name", "tiny", "--arch", "mlp", "--widths", "4", "8", "--batch-sizes", "256",
+            "512", "--seeds", "0", "1", "--epochs", "2", "--train-fractions", "0.25", "--metrics", "train", "loss_acc",
+            "dist", "--generate-slurm-scripts", "--time", "01:00:00", "--mem", "4G", "--python", "python"]
+    assert cli.main(argv) == 0
+    for path in written:
+        expected = (other / "bash_scripts" / "tiny" / path.name).read_text().replace(str(other), str(root))
+        assert path.read_text() == expected, path.name
+    with pytest.raises(SpecError, match="does not exist"):
+        phasediagram.Study(tiny_spec(name="unscripted"), root).submit()

@@ -23,7 +23,7 @@ from phasediagram.catalog import method_table, metric_table
 from phasediagram.diagnosis import diagnose
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit, pool_size
-from phasediagram.execution.jobs import TRAIN, dataset_for, stage_jobs, start_pool
+from phasediagram.execution.jobs import TRAIN, dataset_for, start_pool
 from phasediagram.execution.runtime import (
     check_device,
     freeze_alive,
@@ -31,11 +31,10 @@ from phasediagram.execution.runtime import (
     keep_freed_memory,
     parse_device,
 )
-from phasediagram.execution.scripts import SlurmOptions, bash_script, slurm_script
+from phasediagram.execution.scripts import SlurmOptions
 from phasediagram.resolve import check
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
-from phasediagram.storage.checkpoints import atomic_write_bytes, current_umask
 from phasediagram.study import Study, merged_spec, remove_stale_temporaries
 
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
@@ -246,22 +245,6 @@ def slurm_options(args, root: Path) -> SlurmOptions:
     return options
 
 
-def write_scripts(spec, layout, stages, args, options: SlurmOptions) -> list[Path]:
-    written = []
-    for stage in stages:
-        n = len(stage_jobs(spec, stage))
-        path = layout.script_path(stage, ".sh")
-        atomic_write_bytes(path, bash_script(layout, stage, n, options.python, args.device or "cpu").encode())
-        path.chmod(0o777 & ~current_umask())
-        written.append(path)
-        if args.generate_slurm_scripts or args.submit:
-            (layout.scripts_dir / "slurm_logs").mkdir(parents=True, exist_ok=True)
-            spath = layout.script_path(stage, ".sbatch")
-            atomic_write_bytes(spath, slurm_script(layout, stage, n, options).encode())
-            written.append(spath)
-    return written
-
-
 def uses_pool(args) -> bool:
     """Whether `--run` runs the jobs in a local pool of worker processes (`jobs.run_pool`): one of
     several workers (cores, or GPUs x --workers-per-gpu)."""
@@ -446,23 +429,15 @@ def _check_write_run_draw(args, study: Study, pool) -> int:
         return _read(args, study, given_table)
     if args.run or args.submit:
         dataset_for(study.spec, study.spec.cells()[0], layout)  # a bad dataset folder fails here
-    recorded = merged_spec(study.spec, layout)  # the spec record() will write
-    stages = list(dict.fromkeys(args.metrics or [TRAIN, *recorded.metrics]))
-    for stage in stages:
-        stage_jobs(recorded, stage)  # validates stage names
-    if args.generate_slurm_scripts or args.submit or args.executor == "slurm":
-        from phasediagram.execution.cluster import check_cluster_fits
-
-        check_cluster_fits(recorded, stages, options)
-    spec = study.record()
-    written = write_scripts(spec, layout, stages, args, options)
-    for path in written:
+    stages = study.checked_stages(args.metrics)
+    slurm = bool(args.generate_slurm_scripts or args.submit)
+    if args.executor == "slurm" and not slurm:
+        study.check_cluster(stages, options)
+    for path in study.write_scripts(stages, options, args.device or "cpu", slurm):
         print(f"wrote {os.path.relpath(path)}")
     failed = 0
     if args.submit:
-        from phasediagram.execution.cluster import submit_chain
-
-        submit_chain(layout, stages)
+        study.submit(stages)
     if args.run:
         keep_freed_memory()  # for in-process runs; pool and array workers set it themselves
         failed = run_stages(study, stages, args, pool)

@@ -25,10 +25,11 @@ from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, default_executor
 from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
 from phasediagram.execution.runtime import process_alive
+from phasediagram.execution.scripts import SlurmOptions
 from phasediagram.resolve import check, load_spec
 from phasediagram.spec.experiment import ExperimentSpec
 from phasediagram.storage import locks
-from phasediagram.storage.checkpoints import HOST, TEMP_SUFFIX, atomic_write_bytes, temp_writer
+from phasediagram.storage.checkpoints import HOST, TEMP_SUFFIX, atomic_write_bytes, current_umask, temp_writer
 from phasediagram.storage.layout import Layout
 
 
@@ -102,6 +103,26 @@ class Study:
     def __repr__(self) -> str:
         return f"Study({self.spec.name!r}, root={str(self.layout.root)!r})"
 
+    @classmethod
+    def open(cls, where: str | Path, name: str | None = None) -> "Study":
+        """The recorded study at `where`: its folder `<root>/checkpoint/<name>` (the one holding
+        spec.json), or a root with `name`, or a root holding exactly one study. Its spec is the one
+        on disk, so the study reads, draws and resumes as recorded."""
+        where = Path(where)
+        if (where / "spec.json").is_file() and name is None:
+            layout = Layout.from_experiment_dir(where)
+        else:
+            found = sorted(p.parent.name for p in (where / "checkpoint").glob("*/spec.json"))
+            if name is None and len(found) != 1:
+                raise SpecError("study", f"{where} holds {len(found)} studies ({', '.join(found) or 'no spec.json'})"
+                                         "; give the study's folder or its name")
+            layout = Layout(where, name or found[0])
+        if not layout.spec_path.is_file():
+            raise SpecError("study", f"no study {layout.name!r} under {layout.root} (no {layout.spec_path})")
+        study = cls(layout.spec_path, layout.root)
+        study._recorded = True
+        return study
+
     @property
     def stages(self) -> list[str]:
         """Training, then the spec's metrics in order."""
@@ -122,12 +143,63 @@ class Study:
         Jobs whose valid result is on disk are skipped, so a rerun continues where one stopped. The
         spec is recorded first unless this study has recorded it already.
         """
+        stages = self.checked_stages(stages)
         if not self._recorded:
             self.record()
-        stages = list(dict.fromkeys(stages or self.stages))
-        for stage in stages:
-            stage_jobs(self.spec, stage)  # an unknown stage fails here, before any job runs
         return (executor or default_executor()).run(self.spec, self.layout, stages)
+
+    def write_scripts(self, stages: list[str] | None = None, options: SlurmOptions | None = None,
+                      device: str = "cpu", slurm: bool = False) -> list[Path]:
+        """Record the spec, then write each stage's job script `<stage>.sh` (one line per job, run by
+        array index) and, with `slurm`, its `<stage>.sbatch` array (`execution.scripts`) under
+        `<root>/bash_scripts/<name>/`; return their paths. With `slurm` the cluster is checked first
+        (`check_cluster`), so nothing is written for arrays it cannot take. `options`: the tasks'
+        Slurm options (`SlurmOptions`, checked when made)."""
+        from phasediagram.execution.scripts import bash_script, slurm_script
+
+        options = options or SlurmOptions()
+        stages = self.checked_stages(stages)
+        if slurm:
+            self.check_cluster(stages, options)
+        if not self._recorded:
+            self.record()
+        written = []
+        for stage in stages:
+            n = len(stage_jobs(self.spec, stage))
+            path = self.layout.script_path(stage, ".sh")
+            atomic_write_bytes(path, bash_script(self.layout, stage, n, options.python, device).encode())
+            path.chmod(0o777 & ~current_umask())
+            written.append(path)
+            if slurm:
+                (self.layout.scripts_dir / "slurm_logs").mkdir(parents=True, exist_ok=True)
+                path = self.layout.script_path(stage, ".sbatch")
+                atomic_write_bytes(path, slurm_script(self.layout, stage, n, options).encode())
+                written.append(path)
+        return written
+
+    def check_cluster(self, stages: list[str] | None = None, options: SlurmOptions | None = None) -> None:
+        """Refuse arrays larger than the cluster's MaxArraySize and CPUs or GPUs beyond a node of the
+        partition (`execution.cluster.check_cluster_fits`); where Slurm does not answer, nothing is refused."""
+        from phasediagram.execution.cluster import check_cluster_fits
+
+        check_cluster_fits(merged_spec(self.spec, self.layout), self.checked_stages(stages),
+                           options or SlurmOptions())
+
+    def submit(self, stages: list[str] | None = None) -> dict[str, str]:
+        """sbatch the Slurm arrays `write_scripts(..., slurm=True)` wrote for `stages` (default: all):
+        training first, each metric array waiting for it; return {stage: Slurm job id}.
+        `status()` then follows them through sacct."""
+        from phasediagram.execution.cluster import submit_chain
+
+        return submit_chain(self.layout, self.checked_stages(stages))
+
+    def checked_stages(self, stages: list[str] | None = None) -> list[str]:
+        """`stages` without repeats, each a known stage (else `SpecError`, before any file is written);
+        default: training and every metric of the spec and of the recorded spec.json."""
+        stages = list(dict.fromkeys(stages or [TRAIN, *merged_spec(self.spec, self.layout).metrics]))
+        for stage in stages:
+            stage_jobs(self.spec, stage)
+        return stages
 
     def train(self, executor: Executor | None = None) -> RunReport:
         """Train every (cell, seed) of the grid."""
