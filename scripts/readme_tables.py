@@ -1,4 +1,4 @@
-"""Rewrite README.md's registry tables from the registries (`phasediagram.catalog`).
+"""Rewrite README.md's registry tables and its list of outputs from the code (`phasediagram.catalog`).
 
     python scripts/readme_tables.py          # rewrite them in place
     python scripts/readme_tables.py --check  # exit 1 if README's copies differ
@@ -13,10 +13,10 @@ import re
 import sys
 from pathlib import Path
 
-from phasediagram.catalog import method_table, metric_table
+from phasediagram.catalog import method_table, metric_table, outputs_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TABLES = {"metrics": metric_table, "methods": method_table}
+TABLES = {"metrics": metric_table, "methods": method_table, "outputs": outputs_table}
 
 
 def rendered(text: str) -> str:

@@ -1,4 +1,5 @@
-"""The registry tables: `--list-metrics`, `--list-methods` and README's copies come from the registries."""
+"""The registry tables: `--list-metrics`, `--list-methods` and README's copies come from the registries; README's
+list of outputs comes from `storage.layout.OUTPUTS`."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from phasediagram import cli
-from phasediagram.catalog import method_table, metric_table
+from phasediagram.catalog import method_table, metric_table, outputs_table
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS
 from phasediagram.metrics import METRICS
+from phasediagram.storage.layout import FIGURES, OUTPUTS, Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,5 +39,14 @@ def test_readme_tables_are_the_registries_and_readme_is_short():
     check = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_tables.py"), "--check"])
     assert check.returncode == 0, "README's tables are stale: run python scripts/readme_tables.py"
     text = (ROOT / "README.md").read_text()
-    assert metric_table() in text and method_table() in text
+    assert metric_table() in text and method_table() in text and outputs_table() in text
     assert len(text.encode()) <= 12_000
+
+
+def test_the_outputs_list_declares_every_figure_the_study_writes(tmp_path):
+    assert len(outputs_table().splitlines()) == 2 + len(OUTPUTS)
+    assert all(any(path.startswith(f"checkpoint/<name>/{stem}.") for path, _ in OUTPUTS) for stem in FIGURES)
+    layout = Layout(tmp_path, "s")
+    assert layout.figure_path("phase_map", ".pdf") == layout.exp_dir / "phase_map.pdf"
+    with pytest.raises(ValueError, match="not one of the declared figures"):
+        layout.figure_path("undeclared", ".png")

@@ -2,13 +2,15 @@
 
 Each table is Markdown, one row per registry entry, in registry order; the text is the entry's
 own `description`, so a new entry appears in all three places with nothing else to edit
-(`scripts/readme_tables.py` rewrites README's copies).
+(`scripts/readme_tables.py` rewrites README's copies). `outputs_table` lists a study's files
+(`storage.layout.OUTPUTS`).
 """
 
 from __future__ import annotations
 
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS
 from phasediagram.metrics import METRICS
+from phasediagram.storage.layout import OUTPUTS
 
 
 def _cell(text: str) -> str:
@@ -30,4 +32,11 @@ def method_table() -> str:
     for flag, registry in (("--optimizer", OPTIMIZERS), ("--regularizer", REGULARIZERS)):
         for name, entry in registry.items():
             rows.append(f"| `{flag} {name}` | {_cell(entry.description)} |")
+    return "\n".join(rows) + "\n"
+
+
+def outputs_table() -> str:
+    """| path under the root | what it holds |, one row per entry of `storage.layout.OUTPUTS`."""
+    rows = ["| path under the root | what it holds |", "|---|---|"]
+    rows += [f"| `{_cell(path)}` | {_cell(what)} |" for path, what in OUTPUTS]
     return "\n".join(rows) + "\n"

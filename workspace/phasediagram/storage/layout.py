@@ -1,13 +1,8 @@
 """Where every file of an experiment lives (one place, so no path is spelled twice).
 
-    <root>/data/                                           cached datasets (.npz), shared
-    <root>/checkpoint/<name>/spec.json, .spec.lock             the recorded spec and its lock
-                            runs/<cell>/seed<s>/{last,final,best}.pt
-                            results/<stage>/<cell>.json    one small file per job
-                            results.csv                    the collected table
-                            state/<stage>/<cell>/seed<s>/  a metric's own files (curve state, slice directions)
-                            phase_plot.png|pdf             figures
-    <root>/bash_scripts/<name>/<stage>.sh, <stage>.sbatch, slurm_logs/
+`OUTPUTS` lists what a study's folders hold, each path under the root with what it is (README's
+"Where outputs go" is rendered from it by `scripts/readme_tables.py`); a figure or table the study
+draws is written only under a name `FIGURES` declares (`Layout.figure_path`).
 
 Every path handed out is checked to stay inside its experiment folder (no '..', absolute
 components or symlinks leading out).
@@ -24,6 +19,35 @@ from phasediagram.spec.experiment import Cell
 CHECKPOINT_KINDS = ("last", "prev", "final", "best")
 DIRECTIONS_FILE = "directions.npz"  # the `loss_slice` metric's saved directions, in its state folder
 EIGENVECTORS_FILE = "eigenvectors.npz"  # the `hessian` metric's saved Ritz vectors, in its state folder
+
+# The figures and tables `Study.save_figures` writes into the study's folder: {stem: (formats, what)}.
+FIGURES = {
+    "phase_plot": ("png|pdf", "the phase diagram: one panel per quantity over the grid, phase boundaries drawn"),
+    "phases": ("csv", "each cell's phase and the values it was decided from"),
+    "phase_map": ("png|pdf", "the phase map alone (when a cell has a phase)"),
+    "correlations": ("csv|md|png|pdf", "rank correlations of every metric with test accuracy and the "
+                                       "generalisation gap"),
+    "hessian_density": ("png", "Hessian spectral densities per cell (when `hessian` ran)"),
+    "loss_slice": ("png", "1D loss slices per cell (when `loss_slice` ran)"),
+    "loss_slice_plane": ("png", "2D loss planes per cell (when `loss_slice` ran)"),
+}
+
+# What a study's folders hold, each path under the root: (path, what).
+OUTPUTS = (
+    ("data/", "dataset caches (.npz), shared by the studies under one root"),
+    ("checkpoint/<name>/spec.json", "the recorded spec (`.spec.lock` beside it serialises its recording)"),
+    ("checkpoint/<name>/runs/<cell>/seed<s>/{final,best,last,prev}.pt",
+     "one run's checkpoints: trained, lowest training loss, latest epoch and the one before"),
+    ("checkpoint/<name>/results/<stage>/<cell>.json", "one result file per job"),
+    ("checkpoint/<name>/failures/<stage>/<cell>.json", "the last failed attempt of a job, until it succeeds"),
+    ("checkpoint/<name>/state/<stage>/<cell>/seed<s>/",
+     "a metric's own files: curve states, slice directions, Hessian eigenvectors"),
+    ("checkpoint/<name>/results.csv", "the table: one row per cell, seed[, seed_b], split, metric[, coord]"),
+    *((f"checkpoint/<name>/{stem}.{formats}", what) for stem, (formats, what) in FIGURES.items()),
+    ("bash_scripts/<name>/<stage>.sh|sbatch", "the job scripts: one line per job, and the Slurm arrays"),
+    ("bash_scripts/<name>/slurm_logs/", "the array tasks' logs (and submitit's folder)"),
+    ("bash_scripts/<name>/submitted.json", "the Slurm job id of each array `--submit` sent"),
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,9 @@ class Layout:
         return self.exp_dir / "results.csv"
 
     def figure_path(self, stem: str = "phase_plot", suffix: str = ".png") -> Path:
+        """Where figure or table `stem` (one of `FIGURES`) is written, in format `suffix`."""
+        if stem not in FIGURES:
+            raise ValueError(f"{stem!r} is not one of the declared figures {', '.join(FIGURES)}")
         return self.inside(self.exp_dir, f"{stem}{suffix}")
 
     def script_path(self, stage: str, suffix: str) -> Path:
