@@ -231,11 +231,23 @@ class Normed(nn.Module):
         return self.out(self.norm(self.a(x)))
 
 
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.attn, self.out = nn.Linear(24, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        h = self.a(x).unsqueeze(1)
+        return self.out(self.attn(h, h, h)[0].squeeze(1))
+
+
 @pytest.mark.parametrize("model, message", [
     (Concat, r"cat of a tensor with permutable channels \(not traced\), in the forward \(Concat\)"),
     (Grouped, r"conv1d with 2 groups of permutable channels, in module 'b' \(Conv1d\)"),
     (Heads, r"a reshape splitting permutable channels across axes, in the forward \(Heads\)"),
     (Normed, r"group_norm of a tensor with permutable channels \(not traced\), in module 'norm' \(GroupNorm\)"),
+    (Attention, r"multi_head_attention_forward of a tensor with permutable channels \(not traced\), in module "
+                r"'attn' \(MultiheadAttention\)"),
 ])
 def test_what_the_tracer_cannot_follow_is_refused_naming_the_operation(model, message):
     torch.manual_seed(0)

@@ -61,8 +61,8 @@ REDUCTIONS = {"mean", "sum", "amax", "amin", "logsumexp"}
 RESHAPES = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"}
 MOVES = {"transpose", "swapaxes", "swapdims", "permute", "t"}
 POOLS = {f"{kind}_pool{d}d": d for kind in ("max", "avg", "adaptive_avg", "adaptive_max", "lp") for d in (1, 2, 3)}
-QUERIES = {"size", "dim", "numel", "shape", "ndim", "dtype", "device", "is_floating_point", "is_contiguous",
-           "requires_grad", "__len__", "stride", "element_size"}
+QUERIES = {"size", "dim", "numel", "nelement", "ndimension", "is_floating_point", "is_contiguous", "__len__", "stride",
+           "element_size", "get_device"}  # methods returning metadata (as every attribute read does)
 
 
 class UnsupportedModel(SpecError):
@@ -195,8 +195,8 @@ class _Recorder(TorchFunctionMode):
         elif not permuted:
             ch = None
         elif not isinstance(out, torch.Tensor):
-            if name not in QUERIES:
-                self.refuse(f"{name} of a tensor with permutable channels")
+            if name not in QUERIES and getattr(func, "__name__", "") != "__get__":  # attributes: metadata
+                self.refuse(f"{name} of a tensor with permutable channels (not traced)")
             return out
         elif name in ELEMENTWISE:
             ch = self.elementwise(operands, out)
