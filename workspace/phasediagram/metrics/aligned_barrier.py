@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, evaluate, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, Metric, MetricData, Panel, evaluate, key
 from phasediagram.metrics.curve import line, mode_connectivity, model_at
 from phasediagram.numerics.repair import NotRepairable, endpoint_stats, repaired
 from phasediagram.numerics.weight_matching import align, permutation_spec
@@ -135,3 +135,18 @@ def _repaired_line(model_a: nn.Module, theta_a, theta_pb, unaligned: list, train
     inner = [_measure(repaired(model_at(model_a, line(theta_a, theta_pb, t), None), ends, t, train,
                                options.batch_size), train, test, options) for t in options.ts[1:-1]]
     return {"repaired": [unaligned[0], *inner, unaligned[-1]]}
+
+
+METRIC = Metric(
+    "aligned_barrier", "pair", aligned_barrier, AlignedBarrierOptions,
+    panels=(Panel("aligned_barrier", "train", "linear barrier after weight matching (train error %)",
+                  cmap="RdBu_r", center=0.0),
+            Panel("linear_barrier", "train", "linear barrier (train error %)", cmap="RdBu_r", center=0.0)),
+    description="linear-path barrier (train error %) after permuting one seed's units to the other's "
+                "(weight matching, Git Re-Basin; permutation groups traced for plugged-in families), and "
+                "without; with REPAIR for models without BatchNorm",
+    selects_pairs=True,
+    check_model=check_model,
+    diagnostics=("aligned_barrier_t", "linear_barrier_t", "repaired_barrier_t", "wm_converged"),
+    test_options={"points": 3, "eval_examples": 64, "batch_size": 32},
+)

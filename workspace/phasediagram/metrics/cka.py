@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from phasediagram.data.datasets import mixup
 from phasediagram.errors import SpecError
-from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, Metric, MetricData, Panel, key
 from phasediagram.models.modes import eval_mode
 from phasediagram.options import choice, integer, out_of_range, real, rule, validate
 
@@ -329,3 +329,13 @@ def cka(model_a: nn.Module, model_b: nn.Module, data: MetricData, options: CKAOp
         for h in handles:
             h.remove()
     return {key("train", f"cka_{name}"): accs[name].value() for name in names}
+
+
+METRIC = Metric(
+    "CKA", "pair", cka, CKAOptions,
+    panels=(Panel("cka_logits", "train", "CKA of logits (mixup inputs)", cmap="viridis", vmin=0.0, vmax=1.0),
+            Panel("cka_softmax", "train", "CKA similarity", cmap="viridis", vmin=0.0, vmax=1.0)),
+    description="linear CKA between two seeds' logits and softmax outputs on mixup training inputs",
+    test_options={"batches": 2, "batch_size": 32},
+    selects_pairs=True,
+)

@@ -60,10 +60,10 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from phasediagram.accel import ensemble_models
+from phasediagram.accel import ensemble_models, policy
 from phasediagram.data.datasets import Split
 from phasediagram.errors import CorruptFile
-from phasediagram.metrics.base import PAIR_SELECTIONS, MetricData, evaluate, key
+from phasediagram.metrics.base import PAIR_SELECTIONS, Metric, MetricData, Panel, evaluate, key
 from phasediagram.numerics.sgd import momentum_of, set_lr, set_momentum, sgd
 from phasediagram.options import choice, flag, integer, real, validate
 from phasediagram.storage.checkpoints import atomic_write_bytes
@@ -496,3 +496,16 @@ def _values(model_a: nn.Module, model_b: nn.Module, theta_m: Params, data: Metri
         mc_lin, k_lin = mode_connectivity([r[1] for r in lin])
         out[key("train", "mc_linear")], out[key("train", "mc_linear_t")] = mc_lin, ts[k_lin]
     return out
+
+
+METRIC = Metric(
+    "curve", "pair", curve, CurveOptions,
+    panels=(Panel("mc", "train", "mode connectivity (error %)", cmap="RdBu_r", center=0.0),
+            Panel("mc_linear", "train", "linear-path mc (train error %)", cmap="RdBu", center=0.0)),
+    description="mode connectivity: trained quadratic Bezier curve between two seeds, mc and the curve's errors",
+    compute_pairs=curve_pairs,
+    group_size=policy.bend_group,
+    selects_pairs=True,
+    diagnostics=("mc_t", "mc_linear_t"),
+    test_options={"epochs": 1, "max_batches_per_epoch": 2, "eval_examples": 64, "batch_size": 32},
+)

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from phasediagram.metrics.base import NO_SPLIT, MetricData, key
+from phasediagram.metrics.base import NO_SPLIT, Metric, MetricData, Panel, key
 from phasediagram.options import integer, validate
 
 LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
@@ -180,3 +180,13 @@ def esd_alpha(model: nn.Module, data: MetricData, options: ESDAlphaOptions, gene
         out[key(NO_SPLIT, "esd_alpha_weighted")] = float(np.mean(weighted))
     out[key(NO_SPLIT, "esd_layers_skipped")] = float(skipped)
     return out
+
+
+METRIC = Metric(
+    "esd_alpha", "single", esd_alpha, ESDAlphaOptions,
+    panels=(Panel("esd_alpha", "-", "weight-spectrum power-law alpha (layer mean)", cmap="viridis"),
+            Panel("esd_alpha_weighted", "-", "weighted alpha sum alpha log10 lambda_max / L", cmap="viridis")),
+    description="WeightWatcher's data-free alpha as weightwatcher 0.7.7's analyze() computes it: power-law "
+                "exponent of each layer's W^T W spectrum, its layer mean and weighted alpha",
+    diagnostics=("esd_layers_skipped",),
+)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from phasediagram.metrics.base import MetricData, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key
 from phasediagram.models.modes import eval_mode
 from phasediagram.options import choice, integer, out_of_range, real, validate
 
@@ -159,3 +159,12 @@ def fisher(model, data: MetricData, options: FisherOptions, generator) -> dict[s
         floored += n_floored
     return {key("train", "fisher"): sum(gammas) / len(gammas),
             key("train", "fisher_floored"): floored / len(gammas)}
+
+
+METRIC = Metric(
+    "fisher", "single", fisher, FisherOptions,
+    panels=(Panel("fisher", "train", "Fisher metric 1/2 log det JJ^T (InfoMCR)", cmap="magma"),),
+    description="InfoMCR observed-Fisher metric: mean over batches of sum log singular values of per-example gradients",
+    diagnostics=("fisher_floored",),
+    test_options={"n_batches": 2, "batch_size": 10},
+)

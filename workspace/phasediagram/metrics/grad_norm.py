@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from phasediagram.metrics.base import MetricData, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key
 from phasediagram.metrics.local_energy import subset_of
 from phasediagram.models.modes import eval_mode
 from phasediagram.options import integer, subset, validate
@@ -58,3 +58,11 @@ def grad_norm(model, data: MetricData, options: GradNormOptions, generator) -> d
         out[key(name, "grad_norm")] = float(norm)
         out[key(name, "grad_norm_rel")] = float(norm / weight_norm)
     return out
+
+
+METRIC = Metric(
+    "grad_norm", "single", grad_norm, GradNormOptions,
+    panels=(Panel("grad_norm", "train", "gradient norm of the training loss", log=True, cmap="magma"),),
+    description="norm of the training-loss gradient at the checkpoint (0 at a minimum), and relative to the weights",
+    test_options={"n_examples": 64},
+)

@@ -67,10 +67,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from phasediagram.accel import ensemble_models
+from phasediagram.accel import ensemble_models, policy
 from phasediagram.accel.hvp_lockstep import LockstepHessians
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import MetricData, key, parse_key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key, parse_key
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics import linalg, xtrace
 from phasediagram.numerics.hvp import METHODS, HessianOperator
@@ -460,3 +460,20 @@ def _table_figure(df, load: str, temperature: str):
                   for _, g in cell.sort_values("coord").groupby("seed")]
         _draw(axes[temps.index(t_val)][loads.index(l_val)], curves, f"{load} {l_val:g}, {temperature} {t_val:g}")
     return fig, list(axes[-1])
+
+
+METRIC = Metric(
+    "hessian", "single", hessian, HessianOptions,
+    panels=(Panel("top_eigenvalue", "train", "top Hessian eigenvalue", log=True, cmap="viridis_r",
+                  fallback=Panel("top_abs_eigenvalue", "train", "largest-magnitude Hessian eigenvalue", log=True,
+                                 cmap="viridis_r")),
+            Panel("trace_hutchpp", "train", "Hessian trace (Hutch++)", log=True, cmap="viridis_r",
+                  fallback=Panel("trace", "train", "Hessian trace (Hutchinson)", log=True, cmap="viridis_r"))),
+    description="training-loss Hessian: top eigenvalues (Lanczos), trace (Hutchinson, Hutch++), SLQ density",
+    compute_seeds=hessian_seeds,
+    group_size=policy.seed_group,
+    stderrs=("trace_stderr", "trace_hutchpp_stderr"),
+    diagnostics=("hvp_eig", "hvp_trace", "hvp_trace_hutchpp", "hvp_traces", "hvp_density", "eig_converged"),
+    test_options={"batch_size": 64, "lanczos_iters": 10, "trace_probes": 4, "hutchpp_sketch": 2, "density_iters": 8,
+                  "density_points": 10},
+)

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import MetricData, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key
 from phasediagram.models.modes import eval_mode
 from phasediagram.options import choice, integer, is_real, real, rule, subset, validate
 
@@ -207,3 +207,13 @@ def local_energy(model, data: MetricData, options: LocalEnergyOptions, generator
             out[key(split, "local_energy_se")] = float(se[at, 0])
             out[key(split, "local_energy_err")] = float(mean[at, 1])
     return out
+
+
+METRIC = Metric(
+    "local_energy", "single", local_energy, LocalEnergyOptions,
+    panels=(Panel("local_energy", "train", "local energy dE at sigma_value (train loss)", cmap="magma"),
+            Panel("local_energy", "test", "local energy dE at sigma_value (test loss)", cmap="magma")),
+    description="Pittorino et al. local energy under multiplicative Gaussian weight noise, curve over sigma",
+    stderrs=("local_energy_se", "local_energy_err_se"),
+    test_options={"n_samples": 3, "n_examples": 64},
+)

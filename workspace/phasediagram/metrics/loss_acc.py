@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phasediagram.metrics.base import MetricData, evaluate, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, evaluate, key
 from phasediagram.options import integer, validate
 
 
@@ -25,3 +25,11 @@ def loss_acc(model, data: MetricData, options: LossAccOptions, generator) -> dic
         out[key(split, "loss")] = loss
         out[key(split, "acc")] = acc
     return out
+
+
+METRIC = Metric(
+    "loss_acc", "single", loss_acc, LossAccOptions,
+    panels=(Panel("acc", "test", "test accuracy (%)", cmap="viridis"),
+            Panel("loss", "train", "training loss", log=True, cmap="viridis_r")),
+    description="cross-entropy and accuracy on train and test",
+)

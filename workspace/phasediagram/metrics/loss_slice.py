@@ -59,7 +59,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from phasediagram.metrics.base import NO_SPLIT, MetricData, key
+from phasediagram.metrics.base import NO_SPLIT, Metric, MetricData, Panel, key
 from phasediagram.metrics.hessian import EIGENVECTOR_OPTIONS, hessian_batch, top_eigenvectors
 from phasediagram.metrics.local_energy import split_loss_fn, subset_of
 from phasediagram.models.modes import eval_mode
@@ -212,3 +212,17 @@ def loss_slice(model, data: MetricData, options: LossSliceOptions, generator) ->
         eigenvalues = {k: out[key("train", EIGENVALUE[k])] for k in eigen}
         save_vectors(Path(data.state_dir) / DIRECTIONS_FILE, saved, eigenvalues)
     return out
+
+
+METRIC = Metric(
+    "loss_slice", "single", loss_slice, LossSliceOptions,
+    panels=(Panel("slice_eigen_rise", "train", "loss rise at t = +-eigen_radius along the top Hessian eigenvector",
+                  cmap="magma"),
+            Panel("slice_random_rise", "train", "loss rise at t = +-random_radius along a filter-normalised direction",
+                  cmap="magma")),
+    description="loss slices L(w + t d) - L(w) along the top Hessian eigenvector and filter-normalised random "
+                "directions (1D, 2D), with the rise at the radius and the curvature at 0",
+    diagnostics=("slice_eig_converged", "hvp_slice"),
+    test_options={"slices": ("eigen", "eigen_bottom", "random", "random2d"), "steps": 2, "steps_2d": 1,
+                  "n_examples": 64, "hessian_batch_size": 64, "lanczos_iters": 10},
+)

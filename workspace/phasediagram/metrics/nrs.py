@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from phasediagram.metrics.base import MetricData, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key
 from phasediagram.metrics.local_energy import SPLITS, subset_of
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics.perturbation import kl_divergence, sample_neighbour
@@ -75,3 +75,12 @@ def nrs(model, data: MetricData, options: NRSOptions, generator) -> dict[str, fl
             out[key(split, "nrs")] = float(k.mean())
             out[key(split, "nrs_se")] = float(k.std(correction=1) / math.sqrt(len(kls))) if len(kls) > 1 else 0.0
     return out
+
+
+METRIC = Metric(
+    "nrs", "single", nrs, NRSOptions,
+    panels=(Panel("nrs", "train", "NRS divergence KL(p(w) || p(w + delta)), train", log=True, cmap="magma"),),
+    description="mean KL between the outputs of w and of random neighbours at relative radius rho",
+    stderrs=("nrs_se",),
+    test_options={"n_neighbours": 2},
+)
