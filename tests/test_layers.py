@@ -29,7 +29,7 @@ LAYERS = (
     ("numerics",),
     ("accel",),
     ("metrics", "methods"),
-    ("resolve", "catalog"),
+    ("resolve", "catalog", "measure"),
     ("training",),
     ("execution",),
     ("analysis",),

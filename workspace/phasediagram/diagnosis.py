@@ -7,7 +7,7 @@
 The checkpoints are seeds of one setting (one cell, one family). The metrics the phase rule reads
 (training loss from `loss_acc`, mode connectivity from `curve`, CKA, and the top Hessian eigenvalue
 when the rule uses it), as far as the study ran them, are computed with the study's own options by
-the jobs' code (`jobs.metric_rows`: the same generators, seeded by metric, cell and seeds, on the
+the jobs' code (`measure.metric_rows`: the same generators, seeded by metric, cell and seeds, on the
 study's dataset at the checkpoints' cell), so models of a study's cell reproduce that cell's rows.
 The rows are classified by the study's phase rule (`phases.classify` on the one-cell table). Pair
 metrics need two seeds: one checkpoint gets its single-model metrics and no phase (no mc).
@@ -30,8 +30,9 @@ from phasediagram.analysis import phases as phases_mod
 from phasediagram.analysis import plots
 from phasediagram.analysis.table import COLUMNS, normalise
 from phasediagram.errors import CorruptFile, SpecError
-from phasediagram.execution.jobs import TRAIN, dataset_for, metric_rows
+from phasediagram.execution.jobs import TRAIN, dataset_for
 from phasediagram.execution.runtime import torch_threads
+from phasediagram.measure import metric_rows
 from phasediagram.metrics import METRICS
 from phasediagram.spec.experiment import Cell
 from phasediagram.storage import results
