@@ -36,6 +36,7 @@ _HOMES = {
     "classify": "phasediagram.analysis.phases",
     "load_table": "phasediagram.analysis.table",
     "load_model_diagnosis": "phasediagram.analysis.model_diagnosis",
+    "fit_diagnoser": "phasediagram.analysis.diagnoser",
     "phase_figure": "phasediagram.analysis.plots",
     "phase_map": "phasediagram.analysis.plots",
     "save_figure": "phasediagram.analysis.plots",
