@@ -10,8 +10,10 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+import phasediagram  # noqa: E402
 from phasediagram.analysis import table  # noqa: E402
 
+from .conftest import tiny_spec  # noqa: E402
 from .test_phases import synthetic_table  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "workspace" / "notebooks" / "phase_plots.ipynb"
@@ -22,7 +24,7 @@ def test_notebook_metadata_and_parameter_cell():
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3" and nb.metadata.language_info.name == "python"
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and 'results_path = "checkpoint/demo/results.csv"' in params[0].source
+    assert len(params) == 1 and 'results_path = "checkpoint/demo"' in params[0].source
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
 
 
@@ -67,3 +69,12 @@ def test_notebook_defines_and_runs_a_tiny_study(root, tmp_path, monkeypatch):
     df = table.read(exp / "results.csv", "notebook")
     assert set(df.source) >= {"train", "loss_acc", "dist"} and df.cell.nunique() == 4
     _check_outputs(nb, exp, 4)
+
+
+def test_notebook_opens_a_study_folder(root, tmp_path, monkeypatch):
+    study = phasediagram.Study(tiny_spec(name="folder"), root)
+    study.run(executor=phasediagram.InProcess())
+    out = tmp_path / "figures"
+    nb = _run(f"results_path = {str(study.layout.exp_dir)!r}\nout_dir = {str(out)!r}\ndpi = 40\n", tmp_path,
+              monkeypatch)
+    _check_outputs(nb, out, 4)
