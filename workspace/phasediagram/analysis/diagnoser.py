@@ -60,10 +60,10 @@ QUESTIONS = {
                                                                   "batch": "change the batch size"}),
 }
 PHASE_FEATURES = tuple(f"phase {p}" for p in ("II", "I", "III", "IV-A", "IV-B"))  # II first: it wins ties
-AXES = {"widths": ("width",), "temperatures": ("batch_size", "lr"), "training fractions": ("train_fraction",)}
-# rank feature -> (quantity: (split, metric), axis it ranks along)
-RANKS = {"rank of train loss among widths": (("train", "loss"), "widths"),
-         "rank of test error among training fractions": (("test", "err"), "training fractions")}
+AXES = {"widths": "width", "training fractions": "train_fraction"}
+# rank feature -> (column of cell_quantities, axis it ranks along)
+RANKS = {"rank of train loss among widths": ("train loss", "widths"),
+         "rank of test error among training fractions": ("test err", "training fractions")}
 FEATURES = {
     "temperature": PHASE_FEATURES,
     "width_vs_temperature": (*PHASE_FEATURES, "rank of train loss among widths"),
@@ -94,7 +94,7 @@ def cell_quantities(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _group(axis: str) -> list[str]:
-    return [c for c in phases.CELL_COLUMNS if c not in AXES[axis] and c != "cell"]
+    return [c for c in phases.CELL_COLUMNS if c not in (AXES[axis], "cell")]
 
 
 def centred_rank(cells: pd.DataFrame, column: str, axis: str) -> pd.Series:
@@ -130,8 +130,7 @@ def features(df: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
         if name in PHASE_FEATURES:
             out[name] = (cells["phase"] == name.removeprefix("phase ")).astype(float)
             continue
-        (split, metric), axis = RANKS[name]
-        column = "train loss" if (split, metric) == ("train", "loss") else "test err"
+        column, axis = RANKS[name]
         missing = cells[~np.isfinite(cells[column])]
         if len(missing):
             c = missing.iloc[0]
