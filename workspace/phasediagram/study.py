@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from phasediagram.analysis import correlations, phases, plots, slice_plots, table
+from phasediagram.analysis import correlations, phases, plots, slice_plots, table, trajectories
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, default_executor
 from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
@@ -274,6 +274,11 @@ class Study:
         if write:
             table.write(df, self.layout.table_path)
         return df
+
+    def trajectories(self) -> pd.DataFrame:
+        """What was tracked during training (spec `track`): one row per (cell, seed, step, quantity)
+        (`analysis.trajectories.collect`); empty when nothing was. The table's rows are unchanged by it."""
+        return trajectories.collect(self.spec, self.layout)
 
     def _table(self, df: pd.DataFrame | None) -> pd.DataFrame:
         return self.table(write=False) if df is None else df

@@ -23,6 +23,7 @@ from phasediagram.errors import SpecError
 from phasediagram.plugins import is_import_path
 from phasediagram.spec.files import read_spec_file
 from phasediagram.spec.presets import PRESET_BATCH_SIZES, PRESET_WIDTHS, PRESETS, preset
+from phasediagram.spec.tracking import TrackOptions, track_options
 
 LOAD_AXES = ("width", "train_fraction", "label_noise")
 TEMPERATURE_AXES = ("batch_size", "lr", "weight_decay")
@@ -39,7 +40,7 @@ METRIC_CHECKPOINTS = ("final", "best")
 DTYPES = ("float32", "float64")
 ENSEMBLE_CHOICES = ("auto", "on", "off")
 AUTOCAST_CHOICES = ("off", "bf16")
-IDENTITY_DEFAULTS = {"autocast": "off", "deterministic": False}  # training fields that joined the spec later
+IDENTITY_DEFAULTS = {"autocast": "off", "deterministic": False, "track": None}  # training fields that joined later
 MAX_SEED = 2**31 - 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -180,6 +181,7 @@ class ExperimentSpec:
     max_runs: int = 100_000  # the most (cell, seed) runs the grid may have: a guard against a typo's huge grid
     autocast: str = "off"  # "bf16": the training forward and loss under torch.autocast to bfloat16 (dtype float32)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) in every job (docs/gpu.md)
+    track: TrackOptions | None = None  # quantities measured during training (`spec.tracking`); None: none
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -233,6 +235,10 @@ class ExperimentSpec:
                                         f"not {self.dtype}")
         if not isinstance(self.deterministic, bool):
             raise SpecError("deterministic", f"expected true or false, got {self.deterministic!r}")
+        set_("track", track_options(self.track))
+        if self.track is not None and self.autocast != "off":
+            raise SpecError("track", f"measures the model as the metrics do, without autocast; it needs autocast off, "
+                                     f"not {self.autocast}")
 
     # ------------------------------------------------------------------ the grid
     def cells(self) -> list[Cell]:
@@ -256,6 +262,7 @@ class ExperimentSpec:
         d["optimizer_options"] = dict(self.optimizer_options)
         d["regularizer_options"] = dict(self.regularizer_options)
         d["metric_options"] = {k: dict(v) for k, v in self.metric_options.items()}
+        d["track"] = None if self.track is None else self.track.to_dict()
         return d
 
     def to_json(self) -> str:

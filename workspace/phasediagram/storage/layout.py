@@ -38,6 +38,8 @@ OUTPUTS = (
     ("checkpoint/<name>/spec.json", "the recorded spec (`.spec.lock` beside it serialises its recording)"),
     ("checkpoint/<name>/runs/<cell>/seed<s>/{final,best,last,prev}.pt",
      "one run's checkpoints: trained, lowest training loss, latest epoch and the one before"),
+    ("checkpoint/<name>/runs/<cell>/seed<s>/trajectory.json",
+     "one run's tracked quantities (spec `track`): rows step, epoch, quantity, value"),
     ("checkpoint/<name>/results/<stage>/<cell>.json", "one result file per job"),
     ("checkpoint/<name>/failures/<stage>/<cell>.json", "the last failed attempt of a job, until it succeeds"),
     ("checkpoint/<name>/state/<stage>/<cell>/seed<s>/",
@@ -114,6 +116,10 @@ class Layout:
         if kind not in CHECKPOINT_KINDS:
             raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}")
         return self.run_dir(cell, seed) / f"{kind}.pt"
+
+    def trajectory_path(self, cell: Cell, seed: int) -> Path:
+        """The rows (step, epoch, quantity, value) tracked during run (cell, seed) (`training.tracking`)."""
+        return self.run_dir(cell, seed) / "trajectory.json"
 
     def result_path(self, stage: str, cell: Cell) -> Path:
         return self.exp_dir / "results" / stage / f"{cell.id}.json"

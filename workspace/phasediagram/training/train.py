@@ -13,6 +13,12 @@ killed run resumes at the next epoch and no finished epoch is trained twice; `be
 model of the epoch with the lowest mean training loss; `final.pt` (status "ok" or "diverged")
 marks the run done. A non-finite loss stops the run with status "diverged" and its epoch and step.
 
+With `spec.track`, each run's tracker (`training.tracking`) measures the model at the tracked steps
+(`tracking.schedule`) on a fixed subset of the training set, without touching the model or the
+random numbers training draws; its rows and warm-start vector go into `last.pt` with the rest of the
+training state, and its trajectory file (`Layout.trajectory_path`) is rewritten after every epoch and
+when the run is done, so a resumed run's rows equal an uninterrupted run's.
+
 On a GPU the data, the orders and the models stay on the device; a step's only host transfer is
 its losses (the divergence rule needs them at every step), copied as soon as the forward has
 computed them, so the backward and the update are queued before the host waits (`read_later`).
@@ -40,6 +46,7 @@ from phasediagram.seeding import stable_seed
 from phasediagram.spec.experiment import Cell, ExperimentSpec
 from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
+from phasediagram.training import tracking
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCAST = {"off": None, "bf16": torch.bfloat16}
@@ -119,6 +126,10 @@ def finished(layout: Layout, spec: ExperimentSpec, cell: Cell, seed: int, log=pr
     if ckpt.get("training_hash") != spec.training_hash():
         raise CorruptFile(path, "was trained with other training settings than this spec; "
                                       "use a new experiment name")
+    trajectory = layout.trajectory_path(cell, seed)
+    if spec.track is not None and tracking.load_trajectory(trajectory) is None:
+        log(f"warning: {trajectory} is missing or damaged: the run will be retrained to rebuild it (to the same rows)")
+        return None
     best = layout.checkpoint(cell, seed, "best")
     if check_best and (ckpt["status"] == "ok" or best.exists()):
         problem = "is missing"
@@ -175,6 +186,7 @@ class Run:
     state: RunState
     recorded: bool = True
     autocast: torch.dtype | None = None  # the dtype its forwards are autocast to (`autocast_forward`), if any
+    tracker: tracking.Tracker | None = None  # with `spec.track`: what it measured so far
 
 
 def start_run(spec: ExperimentSpec, cell: Cell, seed: int, dataset: Dataset, saved: dict | None = None,
@@ -186,12 +198,14 @@ def start_run(spec: ExperimentSpec, cell: Cell, seed: int, dataset: Dataset, sav
     if autocast is not None:
         autocast_forward(model, autocast)
     method = build_method(spec, model, lr=cell.lr, weight_decay=cell.weight_decay, seed=seed)
+    tracker = None if spec.track is None else tracking.tracker_of(spec.track, seed, model,
+                                                                  None if saved is None else saved["tracking"])
     state = RunState()
     if saved is not None:
         model.load_state_dict(saved["model"])
         method.load_state_dict(saved["trainer"])
         state = RunState(int(saved["epoch"]), list(saved["history"]), float(saved["best_loss"]))
-    return Run(seed, model, method, state, recorded, autocast)
+    return Run(seed, model, method, state, recorded, autocast, tracker)
 
 
 def autocast_forward(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -331,6 +345,7 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
     loss is non-finite ends there (`save_diverged`); the others go on, stepped by a new
     `steps_of(survivors)`. After every epoch each run's `best.pt` and `last.pt` are written
     (`save_epoch`), and `final.pt` when it is done (`save_final`); runs not `recorded` write nothing.
+    With `spec.track` the recorded runs are measured at the tracked steps (`track_runs`).
     """
     if len({run.state.epoch for run in runs}) > 1:
         raise ValueError("runs trained together must resume from the same epoch")
@@ -341,6 +356,8 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
     statuses: dict[int, str] = {}
     alive = list(runs)
     stepper = steps_of(alive) if alive else None
+    due = set(tracking.schedule(spec.track, steps, spec.epochs)) if spec.track is not None else set()
+    subset = tracking.subset_of(dataset.train, spec.track).to(device, dtype) if due else None
     while alive and alive[0].state.epoch < spec.epochs:
         epoch = alive[0].state.epoch
         lr = lr_at(spec, cell.lr, epoch)
@@ -348,6 +365,8 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
         orders = torch.stack([epoch_order(n, run.seed, epoch) for run in alive]).to(device)
         for run in alive:
             run.model.train()
+        if epoch == 0:
+            track_runs(stepper, alive, subset, due, 0, steps, lr)
         totals = [0.0] * len(alive)
         for step in range(steps):
             losses = batch_step(stepper, x, y, orders, step, bs, epoch)
@@ -359,7 +378,7 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
                     run = alive[i]
                     if run.recorded:
                         save_diverged(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, step,
-                                      losses[i], log)
+                                      losses[i], log, run.tracker)
                     statuses[run.seed] = "diverged"
                 keep = [i for i in range(len(alive)) if i not in bad]
                 alive, totals, orders = [alive[i] for i in keep], [totals[i] for i in keep], orders[keep]
@@ -367,21 +386,34 @@ def train_runs(spec: ExperimentSpec, cell: Cell, layout: Layout, dataset: Datase
                     break
                 stepper = steps_of(alive)
                 stepper.set_lr(lr)
+            track_runs(stepper, alive, subset, due, epoch * steps + step + 1, steps, lr)
         if not alive:
             break
         stepper.sync()
         for run, total in zip(alive, totals):
             if run.recorded:
-                save_epoch(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, total / steps)
+                save_epoch(spec, cell, run.seed, layout, dataset, run.method, run.state, lr, total / steps,
+                           run.tracker)
                 if on_epoch is not None:
                     on_epoch(cell, run.seed, run.state.epoch)
             else:
                 run.state.epoch += 1
     for run in alive:
         if run.recorded:
-            save_final(spec, cell, run.seed, layout, dataset, run.method, run.state)
+            save_final(spec, cell, run.seed, layout, dataset, run.method, run.state, run.tracker)
         statuses[run.seed] = "ok"
     return statuses
+
+
+def track_runs(stepper, runs: list[Run], subset, due: set[int], step: int, steps_per_epoch: int, lr: float) -> None:
+    """At a tracked `step` (one of `due`), measure every recorded run's model (brought up to date by
+    `stepper.sync()`) on `subset` with its tracker."""
+    if step not in due:
+        return
+    stepper.sync()
+    for run in runs:
+        if run.recorded:
+            run.tracker.measure(run.method.model, subset, step, steps_per_epoch, lr)
 
 
 def batch_step(stepper, x: torch.Tensor, y: torch.Tensor, orders: torch.Tensor, step: int, batch_size: int,
@@ -399,11 +431,12 @@ def train_seed(spec: ExperimentSpec, cell: Cell, seed: int, layout: Layout, data
 
 
 def save_epoch(spec, cell, seed, layout: Layout, dataset, method, state: RunState, lr: float,
-               mean_loss: float) -> None:
+               mean_loss: float, tracker: tracking.Tracker | None = None) -> None:
     """Close epoch `state.epoch` of run (cell, seed) with mean training loss `mean_loss`: append it
     to the history, write `best.pt` if the loss is the lowest so far, then `last.pt` (the whole
     resumable state: model, optimizer, history, best loss), the `last.pt` before it kept as `prev.pt`
-    (so that runs trained together can go back to one epoch all of them reached)."""
+    (so that runs trained together can go back to one epoch all of them reached); with a `tracker`, its
+    state goes into `last.pt` and its trajectory file is rewritten (`save_trajectory`)."""
     state.epoch += 1
     state.history.append({"epoch": state.epoch, "lr": lr, "train_loss": mean_loss})
     if mean_loss < state.best_loss:
@@ -413,12 +446,21 @@ def save_epoch(spec, cell, seed, layout: Layout, dataset, method, state: RunStat
     last = layout.checkpoint(cell, seed, "last")
     if last.exists():
         os.replace(last, layout.checkpoint(cell, seed, "prev"))
+    extra = {} if tracker is None else {"tracking": tracker.state_dict()}
     checkpoints.save(last, checkpoint_dict(spec, cell, seed, dataset, method.model, state, "running",
-                                           trainer=method.state_dict(), best_loss=state.best_loss))
+                                           trainer=method.state_dict(), best_loss=state.best_loss, **extra))
+    save_trajectory(spec, cell, seed, layout, tracker, "running")
+
+
+def save_trajectory(spec, cell, seed, layout: Layout, tracker: tracking.Tracker | None, status: str) -> None:
+    """Write run (cell, seed)'s trajectory file (`tracking.save_trajectory`), if it has a tracker."""
+    if tracker is not None:
+        tracking.save_trajectory(layout.trajectory_path(cell, seed), tracker, status, experiment=spec.name,
+                                 training_hash=spec.training_hash(), cell=cell.as_dict(), seed=seed)
 
 
 def save_diverged(spec, cell, seed, layout: Layout, dataset, method, state: RunState, lr: float, step: int,
-                  loss: float, log=print) -> None:
+                  loss: float, log=print, tracker: tracking.Tracker | None = None) -> None:
     """Stop run (cell, seed) at `step` of epoch `state.epoch` (non-finite loss `loss`): `final.pt` with
     status "diverged", `diverged_at` {epoch, step} and the model as that step left it. Its training
     states stay until its group is done (`train_group`): the runs trained with it may replay it."""
@@ -426,12 +468,15 @@ def save_diverged(spec, cell, seed, layout: Layout, dataset, method, state: RunS
     state.history.append({"epoch": epoch + 1, "lr": lr, "train_loss": float("nan")})
     ckpt = checkpoint_dict(spec, cell, seed, dataset, method.model, state, "diverged",
                            diverged_at={"epoch": epoch, "step": step})
+    save_trajectory(spec, cell, seed, layout, tracker, "diverged")
     checkpoints.save(layout.checkpoint(cell, seed, "final"), ckpt)
     log(f"run {cell.id} seed {seed} diverged at epoch {epoch} step {step} (loss {loss})")
 
 
-def save_final(spec, cell, seed, layout: Layout, dataset, method, state: RunState) -> None:
-    """Mark run (cell, seed) done: `final.pt` with status "ok"."""
+def save_final(spec, cell, seed, layout: Layout, dataset, method, state: RunState,
+               tracker: tracking.Tracker | None = None) -> None:
+    """Mark run (cell, seed) done: `final.pt` with status "ok" (its trajectory file written first)."""
+    save_trajectory(spec, cell, seed, layout, tracker, "ok")
     checkpoints.save(layout.checkpoint(cell, seed, "final"),
                      checkpoint_dict(spec, cell, seed, dataset, method.model, state, "ok"))
 
@@ -444,11 +489,18 @@ def remove_states(layout: Layout, cell: Cell, seed: int) -> None:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model stored in checkpoint `path`; return (model in eval mode, checkpoint dict)."""
+    """Rebuild the model stored in checkpoint `path`; return (model in eval mode, checkpoint dict).
+    `CorruptFile` when its weights do not fit the model its `model_args` describe (a size mismatch, a
+    missing or unexpected parameter), or those are not a model's arguments."""
     ckpt = checkpoints.load(path, map_location=device)
-    model = models.from_args(ckpt["model_args"])
-    first = next(iter(ckpt["model"].values()))
-    model = model.to(device=device, dtype=first.dtype)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = models.from_args(ckpt["model_args"])
+        first = next(iter(ckpt["model"].values()))
+        model = model.to(device=device, dtype=first.dtype)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, StopIteration) as exc:
+        reason = " ".join(str(exc).split())  # load_state_dict's message spans lines
+        raise CorruptFile(path, f"its weights do not fit the model its model_args {ckpt.get('model_args')} describe "
+                                f"({type(exc).__name__}: {reason[:300]})") from None
     model.eval()
     return model, ckpt
