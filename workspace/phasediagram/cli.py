@@ -5,8 +5,7 @@
     python example_experiment.py --preset demo --metrics loss_acc dist --run
     python example_experiment.py --preset demo --run --plot                # the whole study
 
-Exit status 0 on success, 1 when some jobs failed (the rest completed), 2 for bad input, 130 after
-Ctrl-C (one line: rerun the same command to resume; every file on disk is whole).
+Exit status 0 on success, 1 when some jobs failed (the rest completed), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import errno
 import os
 import shlex
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -40,7 +38,6 @@ from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
 from phasediagram.study import Study, merged_spec, remove_stale_temporaries
 
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
-INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
 class ArgumentError(SpecError):
@@ -58,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="example_experiment.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="Lists accept presets: --widths reference, --batch-sizes efficient_fine, --lrs coarse|fine, "
-                      "--weight-decays coarse|fine.\n\n" + commands_help())
+                      "--weight-decays coarse|fine.")
     p.add_argument("--list-metrics", action="store_true", help="print the metric registry as a table and exit")
     p.add_argument("--list-methods", action="store_true", help="print the optimizers and regularizers and exit")
     s = p.add_argument_group("the spec (a preset, then a file, then these flags; later ones win)")
@@ -267,14 +264,11 @@ def uses_tasks(args) -> bool:
 
 
 def check_devices(args) -> None:
-    """--device, --workers and --workers-per-gpu, before anything is written (whether or not the jobs run
-    here): the device's spelling, and that this machine has it unless the jobs run on a cluster only
-    (Slurm scripts, --submit, --executor slurm), whose nodes have the GPUs a login node may lack
-    (`SlurmOptions` checks --gpus there)."""
+    """--device and --workers-per-gpu, before anything is written: the device's spelling, and that this
+    machine has it unless the jobs run on a cluster only (Slurm scripts, --submit, --executor slurm),
+    whose nodes have the GPUs a login node may lack (`SlurmOptions` checks --gpus there)."""
     if args.workers_per_gpu < 1:
         raise SpecError("workers_per_gpu", f"{args.workers_per_gpu} must be an integer >= 1")
-    if args.workers is not None and args.workers < 1:
-        raise SpecError("workers", f"{args.workers} must be an integer >= 1 (or left out: one per core)")
     device = args.device or "cpu"
     on_cluster = args.executor == "slurm" or args.submit or args.generate_slurm_scripts
     if (args.run and args.executor != "slurm") or not on_cluster:
@@ -323,8 +317,8 @@ def draw(study: Study, df) -> None:
 
 def main(argv=None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    if words[:1] and words[0] in COMMANDS:
-        return COMMANDS[words[0]][0](words[1:])
+    if words[:1] == ["diagnose"]:
+        return diagnose_command(words[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.list_metrics or args.list_methods:
@@ -349,15 +343,6 @@ def main(argv=None) -> int:
         else:
             print(f"error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted()
-
-
-def interrupted() -> int:
-    """Ctrl-C: the one line and exit status 130 (128 + SIGINT). Every write is atomic and removes its
-    temporary file when interrupted, and every job is resumable, so the rerun completes the work."""
-    print(INTERRUPTED, file=sys.stderr)
-    return 130
 
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
@@ -375,12 +360,6 @@ def build_diagnose_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1, as each job of the default local pool: float32 values then "
                         "equal the study's own)")
     p.add_argument("--figure", help="write the phase map with the models' marker here (.png, .pdf or .svg)")
-    p.add_argument("--reference", help="instead of a study, a published reference of labelled cells: model-diagnosis "
-                   "(ResNet18 on CIFAR-10, Zhou et al. 2024); --root then holds data/")
-    p.add_argument("--question", action="append", metavar="Q",
-                   help="ask only this failure-source question (temperature, width_vs_temperature, "
-                        "data_vs_temperature; repeatable; default: every one the reference answers)")
-    p.add_argument("--dataset", help="with --reference: the data the models were trained on (default: the reference's)")
     return p
 
 
@@ -389,29 +368,13 @@ def diagnose_command(argv) -> int:
     bad input gives one line and exit status 2, with nothing written."""
     try:
         args = build_diagnose_parser().parse_args(argv)
-        if (args.study is not None) + (args.name is not None) + (args.reference is not None) != 1:
-            raise SpecError("study", "give the study as --study <root>/checkpoint/<name> or as --root R --name N, or "
-                                     "a published --reference")
+        if (args.study is None) == (args.name is None):
+            raise SpecError("study", "give the study as --study <root>/checkpoint/<name> or as --root R --name N")
         if args.figure and Path(args.figure).suffix.lower().lstrip(".") not in FIGURE_FORMATS:
             raise SpecError("figure", f"{args.figure!r} must end in one of .{', .'.join(FIGURE_FORMATS)}")
-        if args.reference is not None and args.figure:
-            raise SpecError("figure", "--figure draws a study's phase map: give --study, not --reference")
-        if args.reference is None and args.dataset is not None:
-            raise SpecError("dataset", "--dataset goes with --reference (a study measures on its own dataset)")
-        from phasediagram.failure import diagnose_failure
-
-        device = check_device(args.device)
-        if args.reference is not None:
-            failure = diagnose_failure(args.checkpoints, args.reference, args.root, device, args.threads,
-                                       args.question, args.dataset)
-            print(failure.summary())
-            return 0
         study = Path(args.study) if args.study else Path(args.root) / "checkpoint" / args.name
-        result = diagnose(args.checkpoints, study, device=device, threads=args.threads)
-        failure = diagnose_failure(args.checkpoints, study, device=device, threads=args.threads,
-                                   questions=args.question, measured=result.rows)
+        result = diagnose(args.checkpoints, study, device=check_device(args.device), threads=args.threads)
         print(result.summary())
-        print(failure.summary(with_phase=False))
         if args.figure:
             from phasediagram.analysis.plots import save_figure
 
@@ -425,22 +388,6 @@ def diagnose_command(argv) -> int:
     except OSError as exc:
         print(f"error: {exc.filename or 'diagnose'}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted()
-
-
-# the commands other than the study's own (main's options): {name: (function of its arguments, its parser)};
-# `main` dispatches on the first word, and `--help` lists them
-COMMANDS = {"diagnose": (diagnose_command, build_diagnose_parser)}
-
-
-def commands_help() -> str:
-    """The other commands, as `--help` lists them: each with its parser's description."""
-    lines = ["other commands (each with its own --help):"]
-    for name, (_, parser) in COMMANDS.items():
-        lines.append(textwrap.fill(f"{name}: {parser().description}", width=100, initial_indent="  ",
-                                   subsequent_indent="    "))
-    return "\n".join(lines)
 
 
 def console(argv=None) -> int:
