@@ -33,7 +33,7 @@ LAYERS = (
     ("training",),
     ("execution",),
     ("analysis",),
-    ("study", "diagnosis"),
+    ("study", "diagnosis", "failure"),
     ("cli", "__main__"),
 )
 LAYER_OF = {part: level for level, parts in enumerate(LAYERS) for part in parts}

@@ -6,16 +6,26 @@ import csv
 import math
 import random
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import phasediagram
+from phasediagram import failure
 from phasediagram.analysis import correlations, improvement, phases, table
 from phasediagram.analysis import model_diagnosis as md
 from phasediagram.analysis.small_multiples import phase_small_multiples
+from phasediagram.cli import main
 from phasediagram.errors import SpecError
+from phasediagram.metrics import METRICS
+from phasediagram.models import families
+from phasediagram.spec.experiment import Cell
+from phasediagram.spec.presets import PRESET_SPECS
+from phasediagram.storage import checkpoints
+from phasediagram.study import Study
+from tests.conftest import tiny_spec
 
 SHIPPED = {name: md.shipped(name) for name in md.COLLECTIONS}
 
@@ -183,3 +193,174 @@ def test_the_command_writes_table_and_figure(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_diagnosis_noisy.csv", "model_diagnosis_noisy.png"]
     assert md.main([str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------- diagnose wiring
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, mnist_cache):
+    """A finished 2x2 study (mlp widths 4, 16; batch sizes 32, 512; 2 seeds) with the phase metrics."""
+    root = tmp_path_factory.mktemp("failure")
+    shutil.copytree(mnist_cache, root / "data")
+    metrics = ("loss_acc", "curve", "CKA")
+    spec = tiny_spec(widths=(4, 16), batch_sizes=(32, 512), epochs=2, metrics=metrics,
+                     metric_options={m: dict(METRICS[m].test_options) for m in metrics if METRICS[m].test_options})
+    study = Study(spec, root)
+    assert all(not r.failed for r in study.run(executor=phasediagram.InProcess()).values())
+    return study
+
+
+def seed_paths(study, cell):
+    return [str(study.layout.checkpoint(cell, seed, "final")) for seed in study.spec.seeds]
+
+
+def files_under(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def one_cell(df, width, bs, fraction):
+    return df[(df["width"] == width) & (df["batch_size"] == bs) & np.isclose(df["train_fraction"], fraction)
+              & (df["kind"] == "value")]
+
+
+def test_answer_at_a_published_cell_is_the_diagnosers_with_that_cells_room():
+    from phasediagram.analysis.diagnoser import fit_diagnoser
+
+    df = md.load_model_diagnosis("noisy")
+    ref = failure.Reference("model-diagnosis (noisy collection)", df, "resnet18", "cifar10", None)
+    cell = Cell(width=16, batch_size=128, lr=0.1, weight_decay=5e-4, train_fraction=0.5, label_noise=0.1)
+    rows = one_cell(df, 16, 128, 0.5)
+    got = failure.answer(ref, rows, cell, (0, 1))
+    for question in failure.QUESTIONS:
+        want = fit_diagnoser(df, question).predict(df).loc[(16, 128, 0.5)]  # the cell among its neighbours
+        assert got.answers[question] == want and got.rules[question]
+    at = md.labels(df).loc[(16, 128, 0.5)]
+    assert got.nearest == (16, 128, 0.5)
+    assert got.room == {c: at[column] for c, column in failure.CHANGES.items()}
+    assert got.change == failure.choose_change(got.answers, got.room) and got.change in got.summary()
+    assert got.phase in phases.PHASES
+
+
+def test_the_change_named():
+    room = {"width up": 3.0, "more data": 5.0, "batch size up": 1.0, "batch size down": 0.0}
+    assert failure.choose_change({"temperature": "large", "width_vs_temperature": "width",
+                                  "data_vs_temperature": "data"}, room) == "more data"
+    assert failure.choose_change({"temperature": "large", "width_vs_temperature": "width",
+                                  "data_vs_temperature": "batch"}, room) == "width up"
+    assert failure.choose_change({"temperature": "small", "width_vs_temperature": "batch"}, room) == "batch size down"
+    assert failure.choose_change({"width_vs_temperature": "batch"}, room) == "batch size up"
+    assert failure.choose_change({}, room) == ""
+
+
+def test_nearest_grid_value_and_the_curve_peak():
+    assert failure.nearest([16, 23, 32], 20, log=True) == 23  # |ln 23 - ln 20| < |ln 20 - ln 16|
+    assert failure.nearest([0.4, 0.5, 0.6], 0.52, log=False) == 0.5
+    df = md.load_model_diagnosis("clean")
+    base = one_cell(df, 4, 64, 1.0).iloc[[0]]
+    errs = [10.0, 30.0, 42.0, 25.0, 70.0]  # the endpoint at t = 1 is not an interior point
+    curve = pd.concat([base.assign(source="curve", metric="err", split="train", coord=t, value=e, seed=0, seed_b=1)
+                       for t, e in zip((0, 0.25, 0.5, 0.75, 1), errs)], ignore_index=True)
+    peak = failure.peak_rows(curve)
+    assert list(peak["metric"]) == ["err_peak"] and list(peak["value"]) == [42.0]
+
+
+def test_differences_from_the_reference_are_named(tmp_path):
+    cell = Cell(width=200, batch_size=128, lr=0.05, weight_decay=5e-4, train_fraction=1.0, label_noise=0.0)
+    ref = failure.model_diagnosis_reference(cell, (0, 1), "svhn", tmp_path)
+    assert ref.study.spec.metrics == failure.REFERENCE_METRICS and ref.study.spec.dataset == "svhn"
+    assert ref.study.spec.metric_options["hessian"]["trace_rule"] == "change"
+    notes = failure.differences(ref, cell, "svhn", md.labels(ref.table))
+    assert any("data (svhn) differs from the reference's (cifar10)" in n for n in notes)
+    assert any(n.startswith("lr 0.05 differs") for n in notes)
+    assert any(n.startswith("width 200 lies outside the reference's range 2-128") for n in notes)
+    assert not list(tmp_path.iterdir())
+
+
+def test_diagnose_with_a_study_names_the_failure_source(finished, capsys):
+    cell = finished.spec.cells()[1]
+    paths = seed_paths(finished, cell)
+    before = files_under(finished.layout.root)
+    assert main(["diagnose", *paths, "--study", str(finished.layout.exp_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"failure source (reference: study '{finished.spec.name}')" in printed and "\nchange: " in printed
+    assert "data_vs_temperature not asked: study 'tiny' varies no train fraction" in printed
+    assert files_under(finished.layout.root) == before
+    ref = failure.study_reference(finished)
+    labels = md.labels(ref.table)
+    got = failure.diagnose_failure(paths, finished)
+    assert got.room == {c: labels.loc[(cell.width, cell.batch_size, cell.train_fraction)][column]
+                        for c, column in failure.CHANGES.items()}
+
+
+def resnet_checkpoints(folder, cell):
+    model_args = families.model_args("resnet18", cell.width, (3, 32, 32), 10)
+    paths = []
+    for seed in (0, 1):
+        model = families.create("resnet18", cell.width, (3, 32, 32), 10)
+        paths.append(folder / f"seed{seed}.pt")
+        checkpoints.save(paths[-1], {"model": model.state_dict(), "model_args": model_args, "cell": cell.as_dict(),
+                                     "seed": seed, "epoch": 1, "status": "ok"})
+    return [str(p) for p in paths]
+
+
+def test_diagnose_with_the_published_reference(tmp_path, monkeypatch, capsys):
+    """The command's path with --reference model-diagnosis, the measurement replaced by the noisy
+    collection's own rows at the models' cell (measuring ResNet18 on CIFAR-10 is out of a unit test's reach)."""
+    from phasediagram.analysis.diagnoser import fit_diagnoser
+
+    noisy = md.load_model_diagnosis("noisy")
+    cell = Cell(width=2, batch_size=128, lr=0.1, weight_decay=5e-4, train_fraction=0.5, label_noise=0.1)
+    paths = resnet_checkpoints(tmp_path, cell)
+    asked = []
+
+    def measure_models(spec, layout, at, loaded, ckpts, stages, device):
+        asked.append((spec.arch, spec.dataset, tuple(stages), dict(spec.metric_options["hessian"]), at, tuple(loaded)))
+        return one_cell(noisy, 2, 128, 0.5)
+
+    monkeypatch.setattr(failure, "measure_models", measure_models)
+    before = files_under(tmp_path)
+    assert main(["diagnose", *paths, "--reference", "model-diagnosis", "--root", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert asked == [("resnet18", "cifar10", failure.REFERENCE_METRICS,
+                      PRESET_SPECS["reference"]["metric_options"]["hessian"], cell, (0, 1))]
+    assert "failure source (reference: model-diagnosis (noisy collection))" in printed
+    got = failure.diagnose_failure(paths, "model-diagnosis", tmp_path)
+    for question in failure.QUESTIONS:
+        assert got.answers[question] == fit_diagnoser(noisy, question).predict(noisy).loc[(2, 128, 0.5)]
+        assert f"  {question}: {got.answers[question]}" in printed
+    assert f"change: {got.change}, expected room for improvement" in printed and got.notes == []
+    assert files_under(tmp_path) == before
+    other = replace(cell, lr=0.05, label_noise=0.0)
+    (tmp_path / "other").mkdir()
+    monkeypatch.setattr(failure, "measure_models", lambda *a: one_cell(noisy, 2, 128, 0.5).assign(lr=0.05, label_noise=0.0))
+    got = failure.diagnose_failure(resnet_checkpoints(tmp_path / "other", other), "model-diagnosis", tmp_path,
+                                   dataset="svhn")
+    assert got.reference == "model-diagnosis (clean collection)"
+    assert [n.split(" (")[0] for n in got.notes] == ["the models' data", "lr 0.05 differs from the reference's"]
+
+
+def test_one_checkpoint_gets_its_phase_diagnosis_and_no_question(finished, capsys):
+    paths = seed_paths(finished, finished.spec.cells()[0])[:1]
+    assert main(["diagnose", *paths, "--study", str(finished.layout.exp_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "second seed" in printed and "note: no question asked: the diagnosers read the models' full phase" in printed
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--reference", "nowhere"], "unknown reference 'nowhere'"),
+    (["--reference", "model-diagnosis"], "holds a mlp model"),
+    (["--reference", "model-diagnosis", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--reference", "model-diagnosis", "--figure", "x.png"], "--figure draws a study's phase map"),
+    (["--study", "STUDY", "--question", "data_vs_temperature"], "data_vs_temperature: study 'tiny' varies no train"),
+    (["--study", "STUDY", "--question", "colour"], "unknown question 'colour'"),
+    (["--study", "STUDY", "--dataset", "cifar10"], "--dataset goes with --reference"),
+    (["--study", "STUDY", "--reference", "model-diagnosis"], "give the study as"),
+])
+def test_diagnose_refusals_one_line_exit_2_nothing_written(finished, tmp_path, capsys, extra, words):
+    paths = seed_paths(finished, finished.spec.cells()[0])
+    extra = [str(finished.layout.exp_dir) if e == "STUDY" else e for e in extra]
+    before = files_under(finished.layout.root), files_under(tmp_path)
+    assert main(["diagnose", *paths, *extra, "--root", str(tmp_path)] if "--study" not in extra
+                else ["diagnose", *paths, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and words in captured.err, captured.err
+    assert (files_under(finished.layout.root), files_under(tmp_path)) == before

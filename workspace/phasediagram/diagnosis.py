@@ -211,6 +211,27 @@ def study_table(study: Study) -> pd.DataFrame:
     return df
 
 
+def measure_models(spec, layout: Layout, cell: Cell, loaded: dict[int, tuple], ckpts: dict[int, dict], stages,
+                   device) -> pd.DataFrame:
+    """The training status rows of the models `loaded` (seeds of `cell`; `ckpts` their checkpoints),
+    then the rows of each of `stages` with `spec`'s options on its dataset at `cell` (`measure.metric_rows`;
+    a pair metric only with two seeds or more); `SpecError` when the models do not fit the dataset."""
+    ds = dataset_for(spec, cell, layout)
+    first = next(iter(ckpts.values()))["model_args"]
+    if tuple(first["input_shape"]) != ds.input_shape or int(first["n_classes"]) != ds.n_classes:
+        raise SpecError("checkpoints", f"the models take inputs {tuple(first['input_shape'])} into "
+                                       f"{first['n_classes']} classes, the study's {spec.dataset} is "
+                                       f"{ds.input_shape} into {ds.n_classes}")
+    ds = ds.to(device)
+    rows = [results.make_row(spec.name, cell, seed, None, "train", "epochs", None, float(c["epoch"]), c["status"],
+                             TRAIN) for seed, c in ckpts.items()]
+    for stage in stages:
+        if METRICS[stage].kind == "pair" and len(loaded) < 2:
+            continue
+        rows += metric_rows(spec, stage, cell, loaded, ds, lambda unit: None)
+    return normalise(pd.DataFrame(rows, columns=list(results.ROW_KEYS)))[COLUMNS]
+
+
 def diagnose(checkpoints, study: Study | str | Path, device="cpu",
              rule: phases_mod.PhaseRule | None = None, threads: int | None = 1) -> Diagnosis:
     """The phase metrics, phase and advice of `checkpoints` (seeds of one setting) on `study`'s map.
@@ -232,22 +253,8 @@ def _diagnose(checkpoints, study: Study | str | Path, device, rule: phases_mod.P
     spec = study.spec
     paths = tuple(Path(p) for p in ([checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints))
     cell, loaded, ckpts = load_checkpoints(paths, study, device)
-    ds = dataset_for(spec, cell, study.layout)
-    first = next(iter(ckpts.values()))["model_args"]
-    if tuple(first["input_shape"]) != ds.input_shape or int(first["n_classes"]) != ds.n_classes:
-        raise SpecError("checkpoints", f"the models take inputs {tuple(first['input_shape'])} into "
-                                       f"{first['n_classes']} classes, the study's {spec.dataset} is "
-                                       f"{ds.input_shape} into {ds.n_classes}")
-    ds = ds.to(device)
     wanted = [m for m in PHASE_METRICS if m in spec.metrics and (m != "hessian" or rule.hessian_threshold is not None)]
-    pairs_possible = len(loaded) > 1
-    rows = [results.make_row(spec.name, cell, seed, None, "train", "epochs", None, float(c["epoch"]), c["status"],
-                             TRAIN) for seed, c in ckpts.items()]
-    for stage in wanted:
-        if METRICS[stage].kind == "pair" and not pairs_possible:
-            continue
-        rows += metric_rows(spec, stage, cell, loaded, ds, lambda unit: None)
-    df = normalise(pd.DataFrame(rows, columns=list(results.ROW_KEYS)))[COLUMNS]
+    df = measure_models(spec, study.layout, cell, loaded, ckpts, wanted, device)
     classified = phases_mod.classify(df, rule).iloc[0].to_dict()
     phase = str(classified["phase"])
     diverged = all(status == "diverged" for _, status in loaded.values())
