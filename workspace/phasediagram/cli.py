@@ -360,6 +360,12 @@ def build_diagnose_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1, as each job of the default local pool: float32 values then "
                         "equal the study's own)")
     p.add_argument("--figure", help="write the phase map with the models' marker here (.png, .pdf or .svg)")
+    p.add_argument("--reference", help="instead of a study, a published reference of labelled cells: model-diagnosis "
+                   "(ResNet18 on CIFAR-10, Zhou et al. 2024); --root then holds data/")
+    p.add_argument("--question", action="append", metavar="Q",
+                   help="ask only this failure-source question (temperature, width_vs_temperature, "
+                        "data_vs_temperature; repeatable; default: every one the reference answers)")
+    p.add_argument("--dataset", help="with --reference: the data the models were trained on (default: the reference's)")
     return p
 
 
@@ -368,13 +374,29 @@ def diagnose_command(argv) -> int:
     bad input gives one line and exit status 2, with nothing written."""
     try:
         args = build_diagnose_parser().parse_args(argv)
-        if (args.study is None) == (args.name is None):
-            raise SpecError("study", "give the study as --study <root>/checkpoint/<name> or as --root R --name N")
+        if (args.study is not None) + (args.name is not None) + (args.reference is not None) != 1:
+            raise SpecError("study", "give the study as --study <root>/checkpoint/<name> or as --root R --name N, or "
+                                     "a published --reference")
         if args.figure and Path(args.figure).suffix.lower().lstrip(".") not in FIGURE_FORMATS:
             raise SpecError("figure", f"{args.figure!r} must end in one of .{', .'.join(FIGURE_FORMATS)}")
+        if args.reference is not None and args.figure:
+            raise SpecError("figure", "--figure draws a study's phase map: give --study, not --reference")
+        if args.reference is None and args.dataset is not None:
+            raise SpecError("dataset", "--dataset goes with --reference (a study measures on its own dataset)")
+        from phasediagram.failure import diagnose_failure
+
+        device = check_device(args.device)
+        if args.reference is not None:
+            failure = diagnose_failure(args.checkpoints, args.reference, args.root, device, args.threads,
+                                       args.question, args.dataset)
+            print(failure.summary())
+            return 0
         study = Path(args.study) if args.study else Path(args.root) / "checkpoint" / args.name
-        result = diagnose(args.checkpoints, study, device=check_device(args.device), threads=args.threads)
+        result = diagnose(args.checkpoints, study, device=device, threads=args.threads)
+        failure = diagnose_failure(args.checkpoints, study, device=device, threads=args.threads,
+                                   questions=args.question, measured=result.rows)
         print(result.summary())
+        print(failure.summary(with_phase=False))
         if args.figure:
             from phasediagram.analysis.plots import save_figure
 
