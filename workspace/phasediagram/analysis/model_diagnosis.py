@@ -13,29 +13,31 @@ label_noise 0.0 or 0.1, lr and weight_decay the reference's :data:`.reference.RE
 ``model_diagnosis_noisy``). Every row has seed and seed_b empty (NaN): it is already the cell mean,
 so the cell means of :func:`.table.cell_means` and :func:`.phases.classify` return it unchanged.
 
-==========================  =======  ======  ====================  ===========================================
-CSV column                  source   split   metric                value
-==========================  =======  ======  ====================  ===========================================
-``train_acc``, ``test_acc``  loss_acc train/test acc               accuracy in %
-``train_loss``, ``test_loss`` loss_acc train/test loss             cross-entropy
-``hessian_e``               hessian  train   top_abs_eigenvalue    exp(hessian_e): the published column is the
-                                                                   natural log of the seeds' mean of PyHessian's
-                                                                   power-iteration eigenvalue (largest magnitude)
-``hessian_t``               hessian  train   trace                 exp(hessian_t): natural log of the mean trace
-``CKA``                     CKA      train   cka_softmax           linear CKA of the softmax outputs on mixup
-                                                                   inputs, mean over ordered seed pairs
-``mode_connectivity``       curve    train   mc                    mc in training error %, as :mod:`.reference`
-``mode_connectivity_peak``  curve    train   err_peak              -mode_connectivity_peak: the largest
-                                                                   training error (%) at the curve's interior
-                                                                   points t = 0.25, 0.5, 0.75
-==========================  =======  ======  ====================  ===========================================
+=============================  ========  ==========  ==================  ======================================
+CSV column                     source    split       metric              value
+=============================  ========  ==========  ==================  ======================================
+``train_acc``, ``test_acc``    loss_acc  train/test  acc                 accuracy in %
+``train_loss``, ``test_loss``  loss_acc  train/test  loss                cross-entropy
+``hessian_e``                  hessian   train       top_abs_eigenvalue  exp(hessian_e): the column is the
+                                                                         natural log of the seeds' mean of
+                                                                         PyHessian's power-iteration eigenvalue
+                                                                         (the largest in magnitude)
+``hessian_t``                  hessian   train       trace               exp(hessian_t): natural log of the
+                                                                         seeds' mean trace
+``CKA``                        CKA       train       cka_softmax         linear CKA of the softmax outputs on
+                                                                         mixup inputs, mean over seed pairs
+``mode_connectivity``          curve     train       mc                  mc in training error %, as
+                                                                         :mod:`.reference` defines it
+``mode_connectivity_peak``     curve     train       err_peak            -mode_connectivity_peak: the largest
+                                                                         training error (%) at the curve's
+                                                                         interior points t = 0.25, 0.5, 0.75
+=============================  ========  ==========  ==================  ======================================
 
 These rows are of kind ``value`` (measurements). The published annotations are rows of kind
 ``label`` (source ``model_diagnosis``, split ``-``), which figures, phases and correlations never
-read (they use :func:`.table.measurements`, kind ``value`` only):
-
-These are the definitions of :mod:`.improvement`, which derives the same rows from any table's
-test accuracy (on both collections it reproduces the published values exactly):
+read (they use :func:`.table.measurements`, kind ``value`` only). Their definitions are those of
+:mod:`.improvement`, which derives the same rows from any table's test accuracy (on both
+collections it reproduces the published values exactly):
 
 - ``rfi_width``, ``rfi_data``, ``rfi_inc_temp``, ``rfi_dec_temp``: room for improvement, in test
   accuracy percentage points: max over the configurations reached by moving one knob in one
