@@ -313,14 +313,16 @@ def test_diagnose_with_the_published_reference(tmp_path, monkeypatch, capsys):
     asked = []
 
     def measure_models(spec, layout, at, loaded, ckpts, stages, device):
-        asked.append((spec.arch, spec.dataset, tuple(stages), dict(spec.metric_options["hessian"]), at, tuple(loaded)))
+        asked.append((spec.arch, spec.dataset, spec.data_root, tuple(stages), dict(spec.metric_options["hessian"]), at,
+                      tuple(loaded)))
         return one_cell(noisy, 2, 128, 0.5)
 
     monkeypatch.setattr(failure, "measure_models", measure_models)
     before = files_under(tmp_path)
-    assert main(["diagnose", *paths, "--reference", "model-diagnosis", "--root", str(tmp_path)]) == 0
+    assert main(["diagnose", *paths, "--reference", "model-diagnosis", "--root", str(tmp_path), "--data-root",
+                 str(tmp_path / "cifar")]) == 0
     printed = capsys.readouterr().out
-    assert asked == [("resnet18", "cifar10", failure.REFERENCE_METRICS,
+    assert asked == [("resnet18", "cifar10", str(tmp_path / "cifar"), failure.REFERENCE_METRICS,
                       PRESET_SPECS["reference"]["metric_options"]["hessian"], cell, (0, 1))]
     assert "failure source (reference: model-diagnosis (noisy collection))" in printed
     got = failure.diagnose_failure(paths, "model-diagnosis", tmp_path)
@@ -352,7 +354,8 @@ def test_one_checkpoint_gets_its_phase_diagnosis_and_no_question(finished, capsy
     (["--reference", "model-diagnosis", "--figure", "x.png"], "--figure draws a study's phase map"),
     (["--study", "STUDY", "--question", "data_vs_temperature"], "data_vs_temperature: study 'tiny' varies no train"),
     (["--study", "STUDY", "--question", "colour"], "unknown question 'colour'"),
-    (["--study", "STUDY", "--dataset", "cifar10"], "--dataset goes with --reference"),
+    (["--study", "STUDY", "--dataset", "cifar10"], "--dataset and --data-root go with --reference"),
+    (["--study", "STUDY", "--data-root", "x"], "--dataset and --data-root go with --reference"),
     (["--study", "STUDY", "--reference", "model-diagnosis"], "give the study as"),
 ])
 def test_diagnose_refusals_one_line_exit_2_nothing_written(finished, tmp_path, capsys, extra, words):

@@ -366,6 +366,8 @@ def build_diagnose_parser() -> argparse.ArgumentParser:
                    help="ask only this failure-source question (temperature, width_vs_temperature, "
                         "data_vs_temperature; repeatable; default: every one the reference answers)")
     p.add_argument("--dataset", help="with --reference: the data the models were trained on (default: the reference's)")
+    p.add_argument("--data-root", help="with --reference: the folder holding that dataset's files (as the spec's "
+                                       "data_root; CIFAR-10: cifar-10-batches-py)")
     return p
 
 
@@ -381,14 +383,15 @@ def diagnose_command(argv) -> int:
             raise SpecError("figure", f"{args.figure!r} must end in one of .{', .'.join(FIGURE_FORMATS)}")
         if args.reference is not None and args.figure:
             raise SpecError("figure", "--figure draws a study's phase map: give --study, not --reference")
-        if args.reference is None and args.dataset is not None:
-            raise SpecError("dataset", "--dataset goes with --reference (a study measures on its own dataset)")
+        if args.reference is None and (args.dataset is not None or args.data_root is not None):
+            raise SpecError("dataset", "--dataset and --data-root go with --reference (a study measures on its own "
+                                       "dataset)")
         from phasediagram.failure import diagnose_failure
 
         device = check_device(args.device)
         if args.reference is not None:
             failure = diagnose_failure(args.checkpoints, args.reference, args.root, device, args.threads,
-                                       args.question, args.dataset)
+                                       args.question, args.dataset, data_root=args.data_root)
             print(failure.summary())
             return 0
         study = Path(args.study) if args.study else Path(args.root) / "checkpoint" / args.name

@@ -80,7 +80,7 @@ class Reference:
     study: Study
 
 
-def model_diagnosis_reference(cell: Cell, seeds, dataset: str | None, root) -> Reference:
+def model_diagnosis_reference(cell: Cell, seeds, dataset: str | None, root, data_root: str | None = None) -> Reference:
     """The Model-Diagnosis collection for models of `cell` (the clean collection without label noise,
     else the noisy one), with the spec that measures them as the collections were measured."""
     collection = "noisy" if cell.label_noise > 0 else "clean"
@@ -88,7 +88,7 @@ def model_diagnosis_reference(cell: Cell, seeds, dataset: str | None, root) -> R
     grid = {"widths": [cell.width], "batch_sizes": [cell.batch_size], "lrs": [cell.lr],
             "weight_decays": [cell.weight_decay], "train_fractions": [cell.train_fraction],
             "label_noises": [cell.label_noise], "seeds": list(seeds)}
-    spec = {**preset, **grid, "name": "model_diagnosis", "dataset": dataset or preset["dataset"],
+    spec = {**preset, **grid, "name": "model_diagnosis", "dataset": dataset or preset["dataset"], "data_root": data_root,
             "metrics": list(REFERENCE_METRICS),
             "metric_options": {m: o for m, o in preset["metric_options"].items() if m in REFERENCE_METRICS}}
     return Reference(f"model-diagnosis ({collection} collection)", md.load_model_diagnosis(collection),
@@ -272,12 +272,13 @@ def differences(reference: Reference, cell: Cell, dataset: str, labels: pd.DataF
 
 def diagnose_failure(checkpoints, reference: str | Study | Path, root: str | Path = ".", device="cpu",
                      threads: int | None = 1, questions=None, dataset: str | None = None,
-                     measured: pd.DataFrame | None = None) -> FailureDiagnosis:
+                     measured: pd.DataFrame | None = None, data_root: str | None = None) -> FailureDiagnosis:
     """Measure `checkpoints` (seeds of one setting) as the reference was measured and answer its questions.
 
     `reference`: ``"model-diagnosis"`` or a finished study (a `Study` or its folder); `root`: the folder
     whose ``data/`` holds the dataset (model-diagnosis only; a study uses its own); `dataset`: the
-    data to measure on (model-diagnosis only; default CIFAR-10); `questions`: the questions to ask
+    data to measure on (model-diagnosis only; default CIFAR-10) and `data_root` the folder of its files
+    (as the spec's ``data_root``); `questions`: the questions to ask
     (default: every one the reference answers); `measured`: rows already measured on these models
     (e.g. `diagnose`'s), whose metrics are not measured again. Everything is checked before any
     metric runs; nothing is written.
@@ -296,7 +297,7 @@ def diagnose_failure(checkpoints, reference: str | Study | Path, root: str | Pat
         if reference in REFERENCES:
             family = Study({**PRESET_SPECS["reference"], "name": "model_diagnosis"}, root)
             cell, loaded, ckpts = load_checkpoints(paths, family, device)
-            ref = model_diagnosis_reference(cell, loaded, dataset, root)
+            ref = model_diagnosis_reference(cell, loaded, dataset, root, data_root)
         else:
             ref = study_reference(as_study(reference))
             cell, loaded, ckpts = load_checkpoints(paths, ref.study, device)
