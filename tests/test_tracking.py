@@ -20,9 +20,11 @@ import math
 import statistics
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from phasediagram.analysis import dynamics
 from phasediagram.cli import build_parser, spec_from_args
 from phasediagram.data.datasets import Dataset, Split
 from phasediagram.errors import SpecError
@@ -163,8 +165,8 @@ def descend(lr: float, batch: int, steps: int = 500) -> tuple[list[float], torch
     with batches of `batch` examples (64: full batch) in orders drawn from a seeded generator; every 5
     steps, so that both parities of GD's period-2 oscillation at the edge of stability are sampled."""
     data, model = regression_data(), tanh_mlp()
-    tracker = tracking.tracker_of(TrackOptions(quantities=("lambda_max",), lanczos_iters=100, tol=1e-4, subset=None),
-                                  0, model)
+    options = TrackOptions(quantities=("loss", "lambda_max"), lanczos_iters=100, tol=1e-4, subset=None)
+    tracker = tracking.tracker_of(options, 0, model)
     order = torch.Generator().manual_seed(5)
     params = list(model.parameters())
     for step in range(steps + 1):
@@ -184,17 +186,25 @@ def last_quarter_median(values: list[float]) -> float:
     return statistics.median(values[-len(values) // 4:])
 
 
+def outcomes(tracker: tracking.Tracker, status: str = "ok") -> set[str]:
+    """The rules of `analysis.dynamics` (default thresholds) that hold on the tracker's rows."""
+    frame = pd.DataFrame(tracker.rows, columns=list(tracking.COLUMNS))
+    return {name for name, holds in dynamics.run_outcomes(frame, status).items() if holds}
+
+
 @pytest.mark.parametrize("lr", [0.27, 0.2, 0.15])
 def test_full_batch_gd_reaches_the_edge_of_stability(lr):
-    sharpness, _, _ = descend(lr, POINTS)
+    sharpness, _, tracker = descend(lr, POINTS)
     assert sharpness[0] < 0.4 * 2 / lr  # progressive sharpening: it starts far below 2 / lr
     assert last_quarter_median(sharpness) == pytest.approx(2 / lr, rel=0.10)
+    assert outcomes(tracker) == {"edge_of_stability", "progressive_sharpening"}
 
 
 def test_sgd_at_batch_8_settles_below_full_batch_sharpness():
     gd, _, _ = descend(0.2, POINTS)
-    sgd, _, _ = descend(0.2, 8)
+    sgd, _, tracker = descend(0.2, 8)
     assert last_quarter_median(sgd) < 0.8 * last_quarter_median(gd)
+    assert "edge_of_stability" not in outcomes(tracker)
 
 
 def test_warm_started_lanczos_equals_a_cold_one():
@@ -337,3 +347,6 @@ def test_study_trajectories_is_a_tidy_table(references, tmp_path):
     assert np.allclose(df["epoch"], df["step"] / 4)
     assert len(df) == sum(len(r) for r in rows(ref, spec.cells()[0]).values())
     assert Study(make_spec("off", track=None), tmp_path).trajectories().empty
+    table = study.table(write=False)
+    assert set(table["source"]) == {"dynamics"} and set(table["kind"]) == {"diagnostic"}
+    assert list(dynamics.read_outcomes(table)["outcome"]) == list(study.dynamics()["outcome"])

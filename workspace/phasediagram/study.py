@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from phasediagram.analysis import correlations, phases, plots, slice_plots, table, trajectories
+from phasediagram.analysis import correlations, dynamics, phases, plots, slice_plots, table, trajectories
 from phasediagram.errors import CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, default_executor
 from phasediagram.execution.jobs import TRAIN, RunReport, is_done, stage_jobs
@@ -267,18 +267,25 @@ class Study:
             log(f"removed the temporary file of an interrupted write: {path}")
         return problems
     def table(self, write: bool = True) -> pd.DataFrame:
-        """Every result file's rows plus each cell's phase rows; written to results.csv when `write`.
+        """Every result file's rows plus each cell's phase rows and, when training was tracked, its
+        trajectory outcome rows (`analysis.dynamics.with_outcomes`); written to results.csv when `write`.
         Result files of other training settings than this study's (`training_hash`) are left out."""
         df = phases.with_phases(table.collect(self.layout, self.spec.name, log=lambda *_: None,
                                               training_hash=self.spec.training_hash()))
+        df = dynamics.with_outcomes(df, self.trajectories())
         if write:
             table.write(df, self.layout.table_path)
         return df
 
     def trajectories(self) -> pd.DataFrame:
         """What was tracked during training (spec `track`): one row per (cell, seed, step, quantity)
-        (`analysis.trajectories.collect`); empty when nothing was. The table's rows are unchanged by it."""
+        (`analysis.trajectories.collect`); empty when nothing was."""
         return trajectories.collect(self.spec, self.layout)
+
+    def dynamics(self, rule: dynamics.TrajectoryRule | None = None) -> pd.DataFrame:
+        """Each cell's trajectory outcome and the fraction of its seeds where each rule holds
+        (`analysis.dynamics.classify`)."""
+        return dynamics.classify(self.trajectories(), rule)
 
     def _table(self, df: pd.DataFrame | None) -> pd.DataFrame:
         return self.table(write=False) if df is None else df
