@@ -56,6 +56,14 @@ def run(root, *argv):
     (["--generate-slurm-scripts", "--jobs-per-task", "-1"], "jobs_per_task: -1 must be an integer >= 1"),
     (["--generate-slurm-scripts", "--mem", "junk"], "mem: 'junk' is not a Slurm memory size"),
     (["--generate-slurm-scripts", "--partition", "gpu\nrm"], "partition: 'gpu\\nrm' holds a control character"),
+    (["--generate-slurm-scripts", "--time", "99:99:99"], "time: '99:99:99' has a field out of range"),
+    (["--generate-slurm-scripts", "--time", "1-24"], "time: '1-24' has a field out of range"),
+    (["--generate-slurm-scripts", "--mem", "0"], "mem: '0' is not a Slurm memory size: a positive integer"),
+    (["--generate-slurm-scripts", "--partition", "a b"], "partition: 'a b' is not a Slurm partition list"),
+    (["--workers", "0"], "workers: 0 must be an integer >= 1"),
+    (["--workers", "-1"], "workers: -1 must be an integer >= 1"),
+    (["--metrics", "CKA", "--metric-option", "CKA.layers=junk"],
+     "metric_options.CKA.layers: 'junk' is not a module of MLP; known: net, net.0"),
     (["--env-setup", "source nowhere/bin/activate"], "env_setup: 'nowhere/bin/activate' does not exist under"),
     (["--device", "junk"], "device: 'junk' is not a torch device"),
     (["--device", "cuda"], "device: 'cuda': this torch has no usable CUDA"),
@@ -156,3 +164,25 @@ def test_root_that_is_a_file_or_empty(tmp_path, capsys):
     assert cli.main([*BASE, "--root", ""]) == 2
     assert "root: must not be empty" in capsys.readouterr().err
 
+
+
+def exiting_loader(data_root):
+    """A dataset loader that ends the process its own way."""
+    sys.exit(0)
+
+
+def exiting_builder(width, n_classes, input_shape):
+    sys.exit("no model today")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--dataset", f"{__name__}:exiting_loader"], f"dataset: {__name__}:exiting_loader(None) raised SystemExit: it "
+                                                   "called sys.exit(0)"),
+    (["--arch", f"{__name__}:exiting_builder"], "raised SystemExit: it called sys.exit('no model today')"),
+])
+def test_a_plug_in_calling_sys_exit_is_one_line_and_exit_2(root, capsys, argv, words):
+    """A plug-in's sys.exit() does not end the command with the status it chose, silently: one line, exit 2."""
+    assert run(root, *argv, "--run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (root / "checkpoint").exists() and not (root / "bash_scripts").exists()

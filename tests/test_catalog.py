@@ -50,3 +50,12 @@ def test_the_outputs_list_declares_every_figure_the_study_writes(tmp_path):
     assert layout.figure_path("phase_map", ".pdf") == layout.exp_dir / "phase_map.pdf"
     with pytest.raises(ValueError, match="not one of the declared figures"):
         layout.figure_path("undeclared", ".png")
+
+
+def test_the_top_level_help_lists_every_command(capsys):
+    """`phasediagram --help` (python example_experiment.py --help) names every command main dispatches to."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert cli.COMMANDS and all(f"  {name}: " in text for name in cli.COMMANDS)

@@ -116,7 +116,7 @@ def other_family_checkpoint(path):
                             "status": "ok"})
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other_family", "no_results", "no_study"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_family", "mismatched_weights", "no_results", "no_study"])
 def test_cli_bad_input_one_line_exit_2_nothing_written(finished, tmp_path, capsys, case):
     good = [str(p) for p in seed_paths(finished, finished.spec.cells()[0])]
     study = str(finished.layout.exp_dir)
@@ -128,6 +128,10 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(finished, tmp_path, capsy
     elif case == "other_family":
         other_family_checkpoint(tmp_path / "resnet.pt")
         given = [str(tmp_path / "resnet.pt")]
+    elif case == "mismatched_weights":  # model_args of width 8 over width-4 weights
+        ckpt = checkpoints.load(good[0])
+        checkpoints.save(tmp_path / "wide.pt", {**ckpt, "model_args": {**ckpt["model_args"], "width": 8}})
+        given = [str(tmp_path / "wide.pt")]
     else:
         given = good
         empty = Study(tiny_spec(name=case.replace("_", "")), finished.layout.root)

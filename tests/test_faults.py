@@ -186,3 +186,54 @@ def test_full_disk_gives_a_clear_error_and_keeps_earlier_files(root):
     assert list(exp.glob("runs/w4_*/seed*/final.pt"))
     assert not list(exp.glob("runs/**/*.tmp"))
     assert cli.main([*ARGV, "--root", str(root), "--widths", "4", "64"]) == 0  # room again: it completes
+
+
+SLOW = "PHASEDIAGRAM_TEST_SLOW"  # set: each forward of `slow_mlp` takes 20 ms more (its values are unchanged)
+REPO = Path(__file__).resolve().parents[1]
+CTRL_C = ["--name", "ctrlc", "--arch", f"{__name__}:slow_mlp", "--widths", "4", "8", "--batch-sizes", "256", "512",
+          "--seeds", "0", "1", "--epochs", "2", "--train-fractions", "0.25", "--metrics", "train", "loss_acc", "dist",
+          "--ensemble", "off", "--run"]
+
+
+def slow_mlp(width, n_classes, input_shape):
+    """The mlp family by import path, slowed down where SLOW is set (so that Ctrl-C lands mid-run)."""
+    from phasediagram.models import families
+
+    model = families.create("mlp", width, input_shape, n_classes)
+    if os.environ.get(SLOW):
+        model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ctrlc_reference(tmp_path_factory, mnist_cache):
+    """The table of an uninterrupted run of CTRL_C."""
+    import shutil
+
+    ref_root = tmp_path_factory.mktemp("ctrlc_reference")
+    shutil.copytree(mnist_cache, ref_root / "data")
+    assert cli.main([*CTRL_C, "--executor", "inprocess", "--root", str(ref_root)]) == 0
+    return table.read(ref_root / "checkpoint" / "ctrlc" / "results.csv", "ctrlc")
+
+
+@pytest.mark.parametrize("executor", ["inprocess", "local"])
+def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_completes(root, ctrlc_reference, executor):
+    """SIGINT to the command's process group (a terminal's Ctrl-C: the pool's workers get it too) once
+    training has begun: one line, exit status 130, no traceback from any process, no temporary file;
+    the rerun's table equals an uninterrupted run's."""
+    argv = [*CTRL_C, "--executor", executor, "--workers", "2"]
+    exp = root / "checkpoint" / "ctrlc"
+    proc = subprocess.Popen([sys.executable, "-m", "phasediagram.cli", *argv, "--root", str(root)], cwd=REPO,
+                            env={**os.environ, SLOW: "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(exp.glob("runs/*/seed*/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err == cli.INTERRUPTED + "\n", err
+    assert not list(exp.rglob(f"*{checkpoints.TEMP_SUFFIX}"))
+    _all_files_valid(exp)
+    assert not (exp / "results.csv").exists()  # it was interrupted before the end
+    assert cli.main([*argv, "--root", str(root)]) == 0
+    pd.testing.assert_frame_equal(_values(table.read(exp / "results.csv", "ctrlc")), _values(ctrlc_reference))

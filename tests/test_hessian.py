@@ -595,3 +595,73 @@ def test_grouped_seeds_save_each_seeds_own_eigenvectors(tmp_path):
         batch_ = data.train.batch(FAST["batch_size"], seeded(10 + s))
         h = reference_hessian(model, batch_.x, batch_.y).numpy()
         assert np.linalg.norm(h @ v - g_values["top1"] * v) <= 1e-3 * abs(g_values["top1"])
+
+
+# --------------------------------------------------------------------------- a parameter the forward never uses
+class Spare(nn.Module):
+    """The mlp family with a spare linear layer the forward never uses (e.g. a head left from pretraining)."""
+
+    def __init__(self, width: int, n_classes: int, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.body = models.create("mlp", width, input_shape, n_classes)
+        self.spare = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_spare(width, n_classes, input_shape):
+    return Spare(width, n_classes, input_shape)
+
+
+@pytest.mark.parametrize("method,chunk", [("double_backward", None), ("double_backward", 3), ("func", None)])
+def test_an_unused_parameter_has_zero_gradient_and_zero_hessian_rows(method, chunk):
+    """H of a model with an unused parameter equals the dense reference, whose rows and columns of that
+    parameter are 0 (the loss does not depend on it), and so does its gradient; matmat too."""
+    torch.manual_seed(0)
+    model = Spare(4, 3, (6,)).to(DT)
+    x, y = batch(16, (6,), 3)
+    exact = reference_hessian(model, x, y)
+    spare = slice(exact.shape[0] - 8, exact.shape[0])  # spare's 3 x 2 weight and 2 biases come last
+    assert not exact[spare].any() and not exact[:, spare].any()
+    op = HessianOperator(model, x, y, chunk_size=chunk, method=method)
+    assert rel_err(op.dense(), exact) < 1e-10
+    assert rel_err(op.matmat(torch.eye(op.dim, dtype=DT)[:, :9]), exact[:, :9]) < 1e-10
+    assert not op.gradient()[spare].any()
+
+
+def test_hessian_grad_norm_and_loss_slice_measure_a_plugged_model_with_an_unused_parameter(root):
+    """A plug-in family with a spare layer passes the spec check, trains, and the metrics that
+    differentiate the loss measure it (the spare layer's derivatives are 0)."""
+    from phasediagram import Study
+    from phasediagram.execution.executors import InProcess
+    from phasediagram.resolve import check
+    from phasediagram.spec.experiment import ExperimentSpec
+
+    stages = ("hessian", "grad_norm", "loss_slice")
+    spec = check(ExperimentSpec(name="spare", arch=f"{__name__}:make_spare", widths=(4,), batch_sizes=(256,),
+                                seeds=(0,), epochs=1, train_fractions=(0.25,), metrics=stages,
+                                metric_options={s: dict(METRICS[s].test_options) for s in stages}))
+    study = Study(spec, root)
+    reports = study.run(executor=InProcess())
+    assert not any(r.failed for r in reports.values()), {s: r.failed for s, r in reports.items()}
+    df = study.table()
+    for stage in stages:
+        rows = df[df.source == stage]
+        assert len(rows) and (rows.status == "ok").all() and np.isfinite(rows.value.astype(float)).any(), stage
+
+
+def test_top_eigenvectors_takes_tensors_pairs_datasets_and_dataloaders():
+    """(x, y) tensors, numpy arrays, a TensorDataset and a DataLoader of it give the eigenpairs of MetricData."""
+    model = tiny_mlp()
+    x, y = batch(48, (6,), 3)
+    reference = top_eigenvectors(model, MetricData(Split(x, y), Split(x, y), 3), k=2)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    for data in ((x, y), (x.numpy(), y.numpy()), dataset, torch.utils.data.DataLoader(dataset, batch_size=10)):
+        pairs = top_eigenvectors(model, data, k=2)
+        np.testing.assert_array_equal(pairs.values, reference.values)
+        assert torch.equal(pairs.vectors, reference.vectors)
+    pairs = top_eigenvectors(model, (x.float(), y), k=2)  # inputs take the model's dtype
+    np.testing.assert_allclose(pairs.values, reference.values, rtol=1e-6)
+    with pytest.raises(TypeError, match="data must be"):
+        top_eigenvectors(model, 3.0, k=1)

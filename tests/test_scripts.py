@@ -123,9 +123,10 @@ def fake_python(folder: Path, record: Path) -> Path:
 
 @pytest.mark.parametrize("value", NASTY)
 def test_sbatch_values_stay_one_word(value):
-    options = SlurmOptions(partition=value, account=value, qos=value, mem="8G", time="10")
+    partition = "".join(value.split())  # a partition name holds no whitespace
+    options = SlurmOptions(partition=partition, account=value, qos=value, mem="8G", time="10")
     flags = sbatch_lines(slurm_script(Layout(Path("/tmp") / value.replace("/", "_"), "n"), "train", 3, options))
-    assert f"--partition={value}" in flags and f"--account={value}" in flags and f"--qos={value}" in flags
+    assert f"--partition={partition}" in flags and f"--account={value}" in flags and f"--qos={value}" in flags
 
 
 def test_scripts_run_without_injection(tmp_path):
@@ -136,7 +137,8 @@ def test_scripts_run_without_injection(tmp_path):
     record = tmp_path / "argv.jsonl"
     exe = fake_python(root, record)
     layout = Layout(root, "nasty")
-    options = SlurmOptions(jobs_per_task=2, partition=NASTY[1], account=NASTY[2], qos=NASTY[3], python=str(exe))
+    options = SlurmOptions(jobs_per_task=2, partition="x;touch${IFS}INJECTED", account=NASTY[2], qos=NASTY[3],
+                           python=str(exe))
     sbatch = slurm_script(layout, "train", 5, options)
     bash = bash_script(layout, "train", 2, python=str(exe))
     layout.scripts_dir.mkdir(parents=True)
@@ -192,6 +194,34 @@ def test_bad_options_name_the_field(field, value):
                                           ("1-0", 1440), ("1-2", 1560), ("1-02:30", 1590), ("0-00:00:30", 1)])
 def test_time_minutes(text, minutes):
     assert time_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["99:99:99", "1:60:00", "60:60", "10:75", "1-24", "1-23:60", "1-0:0:60",
+                                  "1:2:3:4", "1-2-3", ":30", "1:", "-1", "1.5", "2 hours", "", "9999999999"])
+def test_times_outside_slurms_forms_or_ranges_are_refused(text):
+    """sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]];
+    a field after another is below its unit's size (hours < 24 after days, minutes and seconds < 60)."""
+    with pytest.raises(SpecError, match="time"):
+        SlurmOptions(time=text)
+
+
+@pytest.mark.parametrize("text", ["0", "1", "90", "48:00:00", "100:59:59", "0:59", "7-23:59:59", "0-0", "UNLIMITED"])
+def test_times_in_slurms_forms_are_accepted(text):
+    assert SlurmOptions(time=text).time == text
+
+
+@pytest.mark.parametrize("field,good,bad", [
+    ("mem", ["1", "500M", "8G", "8g", "2T", "16000", "64K"], ["0", "0G", "-1", "8GB", "8 G", "1.5G", "G", "lots"]),
+    ("partition", ["gpu", "gpu,long", "debug-2", "a.b_c"], ["a b", "gpu,", ",gpu", "gpu,,long", " gpu", "a\tb"]),
+])
+def test_memory_and_partitions_in_slurms_grammar(field, good, bad):
+    """--mem: a positive integer of megabytes or with a K/M/G/T suffix; --partition: names without
+    whitespace, separated by commas."""
+    for value in good:
+        assert getattr(SlurmOptions(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(SpecError, match=field):
+            SlurmOptions(**{field: value})
 
 
 def test_gpus_select_the_cuda_device():

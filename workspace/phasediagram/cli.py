@@ -5,7 +5,8 @@
     python example_experiment.py --preset demo --metrics loss_acc dist --run
     python example_experiment.py --preset demo --run --plot                # the whole study
 
-Exit status 0 on success, 1 when some jobs failed (the rest completed), 2 for bad input.
+Exit status 0 on success, 1 when some jobs failed (the rest completed), 2 for bad input, 130 after
+Ctrl-C (one line: rerun the same command to resume; every file on disk is whole).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import os
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
 from phasediagram.study import Study, merged_spec, remove_stale_temporaries
 
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
+INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
 class ArgumentError(SpecError):
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="example_experiment.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="Lists accept presets: --widths reference, --batch-sizes efficient_fine, --lrs coarse|fine, "
-                      "--weight-decays coarse|fine.")
+                      "--weight-decays coarse|fine.\n\n" + commands_help())
     p.add_argument("--list-metrics", action="store_true", help="print the metric registry as a table and exit")
     p.add_argument("--list-methods", action="store_true", help="print the optimizers and regularizers and exit")
     s = p.add_argument_group("the spec (a preset, then a file, then these flags; later ones win)")
@@ -264,11 +267,14 @@ def uses_tasks(args) -> bool:
 
 
 def check_devices(args) -> None:
-    """--device and --workers-per-gpu, before anything is written: the device's spelling, and that this
-    machine has it unless the jobs run on a cluster only (Slurm scripts, --submit, --executor slurm),
-    whose nodes have the GPUs a login node may lack (`SlurmOptions` checks --gpus there)."""
+    """--device, --workers and --workers-per-gpu, before anything is written (whether or not the jobs run
+    here): the device's spelling, and that this machine has it unless the jobs run on a cluster only
+    (Slurm scripts, --submit, --executor slurm), whose nodes have the GPUs a login node may lack
+    (`SlurmOptions` checks --gpus there)."""
     if args.workers_per_gpu < 1:
         raise SpecError("workers_per_gpu", f"{args.workers_per_gpu} must be an integer >= 1")
+    if args.workers is not None and args.workers < 1:
+        raise SpecError("workers", f"{args.workers} must be an integer >= 1 (or left out: one per core)")
     device = args.device or "cpu"
     on_cluster = args.executor == "slurm" or args.submit or args.generate_slurm_scripts
     if (args.run and args.executor != "slurm") or not on_cluster:
@@ -317,8 +323,8 @@ def draw(study: Study, df) -> None:
 
 def main(argv=None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    if words[:1] == ["diagnose"]:
-        return diagnose_command(words[1:])
+    if words[:1] and words[0] in COMMANDS:
+        return COMMANDS[words[0]][0](words[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.list_metrics or args.list_methods:
@@ -343,6 +349,15 @@ def main(argv=None) -> int:
         else:
             print(f"error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted()
+
+
+def interrupted() -> int:
+    """Ctrl-C: the one line and exit status 130 (128 + SIGINT). Every write is atomic and removes its
+    temporary file when interrupted, and every job is resumable, so the rerun completes the work."""
+    print(INTERRUPTED, file=sys.stderr)
+    return 130
 
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
@@ -413,6 +428,22 @@ def diagnose_command(argv) -> int:
     except OSError as exc:
         print(f"error: {exc.filename or 'diagnose'}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted()
+
+
+# the commands other than the study's own (main's options): {name: (function of its arguments, its parser)};
+# `main` dispatches on the first word, and `--help` lists them
+COMMANDS = {"diagnose": (diagnose_command, build_diagnose_parser)}
+
+
+def commands_help() -> str:
+    """The other commands, as `--help` lists them: each with its parser's description."""
+    lines = ["other commands (each with its own --help):"]
+    for name, (_, parser) in COMMANDS.items():
+        lines.append(textwrap.fill(f"{name}: {parser().description}", width=100, initial_indent="  ",
+                                   subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def console(argv=None) -> int:

@@ -10,7 +10,9 @@ method registries, checks what needs them:
   the family (it names the family, if it names any, and its `check_model` accepts a plugged-in
   family's model);
 - every batch size fits the training set at every train fraction;
-- optimizer, regularizer and metric options build their option objects (`SpecError` otherwise);
+- optimizer, regularizer and metric options build their option objects (`SpecError` otherwise), and
+  those whose options name parts of the model (a `check_model(model)` method: CKA's layers) check
+  them on the family's model at the smallest width;
 - pairwise metrics have at least two seeds.
 """
 
@@ -76,7 +78,12 @@ def check(spec: ExperimentSpec) -> ExperimentSpec:
                                            f"{str(exc).removeprefix(f'{exc.field}: ')}") from None
     method_options(spec)
     for name in dict.fromkeys([*spec.metrics, *spec.metric_options]):
-        metric_options(spec, name)
+        options = metric_options(spec, name)
+        if hasattr(options, "check_model"):  # options naming parts of the model, e.g. CKA's layers
+            if model is None:
+                with torch.random.fork_rng(devices=[]):
+                    model = families.create(spec.arch, min(spec.widths), facts.input_shape, facts.n_classes)
+            options.check_model(model)
     pairwise = [m for m in spec.metrics if METRICS[m].kind == "pair"]
     if len(spec.seeds) < 2 and pairwise:
         raise SpecError("seeds", f"pairwise metrics ({', '.join(pairwise)}) need at least two seeds")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from phasediagram.errors import SpecError
-from phasediagram.plugins import is_import_path, load_object
+from phasediagram.plugins import call, is_import_path, load_object
 from phasediagram.seeding import stable_seed
 from phasediagram.storage.checkpoints import atomic_write_bytes
 from phasediagram.storage.safepickle import NUMPY_ARRAY_GLOBALS, load_allowed
@@ -354,12 +354,7 @@ def load_plugged(path: str, data_root: str | None = None) -> Dataset:
         takes_root = bool(inspect.signature(loader).parameters)
     except (TypeError, ValueError):
         takes_root = True
-    try:
-        returned = loader(data_root) if takes_root else loader()
-    except SpecError:
-        raise
-    except Exception as exc:  # the loader is the user's code
-        raise SpecError("dataset", f"{path}({data_root!r}) raised {type(exc).__name__}: {exc}") from None
+    returned = call("dataset", f"{path}({data_root!r})", loader, *([data_root] if takes_root else []))
     if not isinstance(returned, (tuple, list)) or len(returned) != 3:
         raise SpecError("dataset", f"{path} returned a {type(returned).__name__}; expected (train, test, n_classes)")
     train, test, n_classes = returned

@@ -34,6 +34,10 @@ from phasediagram.execution.runtime import (
     deterministic_algorithms,
     exit_with,
     freeze_alive,
+    interrupt_tasks_only,
+    interruptible_task,
+    interrupts_deferred,
+    interrupts_ignored,
     main_script_withheld,
     pool_slots,
 )
@@ -327,7 +331,8 @@ def _pool_init(owner: int, slots: list[tuple[str, int]], started) -> None:
     """A pool worker: the next entry (device, threads) of `slots` (`started`: a shared count of the
     workers started so far), its torch threads and, on a GPU, that GPU made the current device; torch
     and this package, imported by now, frozen (`freeze_alive`); it ends when the pool's owner, process
-    `owner`, ends (`exit_with`), even if the owner was SIGKILLed."""
+    `owner`, ends (`exit_with`), even if the owner was SIGKILLed; Ctrl-C interrupts its tasks only
+    (`interrupt_tasks_only`)."""
     global _worker_device
     with started.get_lock():
         index = started.value
@@ -337,6 +342,7 @@ def _pool_init(owner: int, slots: list[tuple[str, int]], started) -> None:
     if _worker_device != "cpu":
         torch.cuda.set_device(_worker_device)
     exit_with(owner)
+    interrupt_tasks_only()
     freeze_alive()
 
 
@@ -358,7 +364,9 @@ def start_pool(workers: int | None = None, device: str = "cpu", workers_per_gpu:
     here, with the caller's main script withheld (`runtime.main_script_withheld`), so a script
     without a main guard is not run again in the workers.
     The fork server serves every pool of this process and ends with it; it starts with this process's
-    environment and standard streams at its first pool. CUDA pools are always spawned: a fresh
+    environment and standard streams at its first pool; it ignores Ctrl-C, and so does every worker
+    until it is ready (`runtime.interrupts_ignored`); Ctrl-C while the workers start takes effect once
+    they have (`runtime.interrupts_deferred`). CUDA pools are always spawned: a fresh
     interpreter has initialised no CUDA whatever its parent did (a fork of a process that has is
     unusable for CUDA), and the import time is small beside GPU jobs. Each worker takes the device
     named by its start order and makes it its current CUDA device before it runs a job."""
@@ -368,12 +376,17 @@ def start_pool(workers: int | None = None, device: str = "cpu", workers_per_gpu:
     context = get_context("forkserver" if forks else "spawn")
     if forks:
         context.set_forkserver_preload([f"{__package__}.pool_preload"])
-        multiprocessing.forkserver.ensure_running()
+        with interrupts_ignored():
+            multiprocessing.forkserver.ensure_running()
     pool = ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pool_init,
                                initargs=(os.getpid(), slots, context.Value("i", 0)))
-    with main_script_withheld():
-        for _ in slots:  # each submit with no idle worker starts one
-            pool.submit(_pool_ready)
+    try:
+        with main_script_withheld(), interrupts_deferred() if forks else interrupts_ignored():
+            for _ in slots:  # each submit with no idle worker starts one
+                pool.submit(_pool_ready)
+    except KeyboardInterrupt:
+        pool.shutdown()  # waits for the workers to start and end: none is left to start without its owner
+        raise
     return pool
 
 
@@ -383,9 +396,10 @@ def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: di
 
     spec = ExperimentSpec.from_dict(json.loads(spec_json))
     layout, cell_ = Layout(Path(root), name), Cell(**cell)
-    if stages == [TRAIN]:
-        return {TRAIN: run_job(spec, layout, Job(TRAIN, cell_), _worker_device, log=print)}
-    return run_cell_metrics(spec, layout, stages, cell_, _worker_device, log=print)
+    with interruptible_task():
+        if stages == [TRAIN]:
+            return {TRAIN: run_job(spec, layout, Job(TRAIN, cell_), _worker_device, log=print)}
+        return run_cell_metrics(spec, layout, stages, cell_, _worker_device, log=print)
 
 
 def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: int | None = None,
@@ -398,7 +412,8 @@ def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: i
     Training jobs go first, largest models first; as soon as a cell's training job ends, one task
     runs all that cell's metric jobs (its checkpoints loaded once for all of them), so metrics
     overlap with the rest of the training and the pool starts once for the whole study. Returns
-    a report per stage.
+    a report per stage. On Ctrl-C the tasks not yet started are cancelled and KeyboardInterrupt
+    propagates (the running ones end by their own, `runtime.interrupt_tasks_only`).
     """
     reports = {stage: RunReport() for stage in stages}
     metric_stages = [s for s in stages if s != TRAIN]
@@ -415,7 +430,12 @@ def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: i
         elif metric_stages:
             futures.update({submit(metric_stages, c): (metric_stages, c) for c in spec.cells()})
         while futures:
-            fut = next(as_completed(futures))
+            try:
+                fut = next(as_completed(futures))
+            except KeyboardInterrupt:
+                for fut in futures:
+                    fut.cancel()
+                raise
             task_stages, cell = futures.pop(fut)
             outcome = attempt(cell.id, fut.result, fatal=())  # the task itself failed: each of its jobs did
             outcomes = ({s: JobFailure(Job(s, cell).id, outcome.cause, outcome.trace) for s in task_stages}

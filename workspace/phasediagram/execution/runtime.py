@@ -27,6 +27,7 @@ import gc
 import multiprocessing
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -121,6 +122,71 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class _Interrupts:
+    """A pool worker's Ctrl-C state: whether SIGINT came, whether a task is running."""
+
+    seen = False
+    in_task = False
+
+
+def interrupt_tasks_only() -> None:
+    """A pool worker's SIGINT handler. Ctrl-C reaches every process of the terminal's process group,
+    the pool's workers with their owner: a worker raises KeyboardInterrupt only inside a task
+    (`interruptible_task`), where the writers remove their temporary files and the pool hands the
+    exception to the owner (which prints the one line), never while idle, where it would end the
+    worker with a traceback; every task started after it ends at once the same way."""
+
+    def on_sigint(signum, frame) -> None:
+        _Interrupts.seen = True
+        if _Interrupts.in_task:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+@contextlib.contextmanager
+def interrupts_ignored():
+    """SIGINT ignored in this process for the block, so that the processes it starts there (a fork
+    server, spawned workers) begin with it ignored, a disposition that survives `exec`: Python then
+    installs no KeyboardInterrupt handler, and no process that is only starting (importing torch)
+    ends with a traceback. A fork server keeps ignoring it; a pool worker takes it up in
+    `interrupt_tasks_only`. For blocks that only start processes (a fork and an exec): a SIGINT to
+    this process within them is lost."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT held back for the block and raised as KeyboardInterrupt when it ends: for a block whose work
+    must not be left half done, such as asking a fork server for workers (a worker forked after its
+    owner has gone fails to rebuild the pool's semaphores, with a traceback)."""
+    came = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible_task():
+    """The block of one pool task, interrupted by SIGINT (`interrupt_tasks_only`); KeyboardInterrupt at
+    once where SIGINT came before."""
+    if _Interrupts.seen:
+        raise KeyboardInterrupt
+    _Interrupts.in_task = True
+    try:
+        yield
+    finally:
+        _Interrupts.in_task = False
+
+
 def in_forked_process(fn: Callable[..., T], *args) -> Callable[[], T]:
     """Start fn(*args) in a forked child process; return a callable that waits for its result (and
     re-raises its exception). A fork starts in milliseconds with every module already imported,
@@ -155,7 +221,10 @@ def in_forked_process(fn: Callable[..., T], *args) -> Callable[[], T]:
 
 
 def _send_result(writer, fn: Callable, args: tuple) -> None:
-    """In the forked child: send (True, fn(*args)) or (False, the exception) through `writer`."""
+    """In the forked child: send (True, fn(*args)) or (False, the exception) through `writer`. Ctrl-C is
+    the parent's to handle: the child ignores SIGINT and finishes its short work, which the parent
+    waits for."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         message = (True, fn(*args))
     except Exception as exc:  # re-raised in the parent

@@ -33,8 +33,16 @@ from phasediagram.storage.layout import Layout
 
 WORKER = "phasediagram.execution.worker"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
-_MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
+# sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds (`time_seconds`); --mem: a size in megabytes, or with a K, M, G or T suffix;
+# --partition: a comma-separated list of partition names
+_TIME = re.compile(r"^(?:(\d+)-(\d{1,2})(?::(\d{1,2}))?(?::(\d{1,2}))?|(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?)$", re.ASCII)
+_MEM = re.compile(r"^0*[1-9]\d*[KMGT]?$", re.IGNORECASE | re.ASCII)
+_PARTITION = re.compile(r"^[^\s,]+(,[^\s,]+)*$")
+NO_LIMIT = ("UNLIMITED", "INFINITE")
+SLURM_MAX_SECONDS = 2**31 - 1  # Slurm reads a time limit into a C int of seconds
+TIME_FORMS = "minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes or " \
+             "days-hours:minutes:seconds, hours < 24 after days, minutes and seconds < 60 after another field"
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,14 @@ class SlurmOptions:
             value = getattr(self, name)
             if value is not None:
                 check_text(name, value)
-        if self.time is not None and not _TIME.match(self.time):
-            raise SpecError("time", f"{self.time!r} is not a Slurm time (minutes, HH:MM:SS, D-HH[:MM[:SS]])")
+        if self.time is not None and self.time not in NO_LIMIT:
+            time_seconds(self.time)
         if self.mem is not None and not _MEM.match(self.mem):
-            raise SpecError("mem", f"{self.mem!r} is not a Slurm memory size (e.g. 8G, 500M, 16000)")
+            raise SpecError("mem", f"{self.mem!r} is not a Slurm memory size: a positive integer of megabytes, or "
+                                   "with a K, M, G or T suffix (e.g. 8G, 500M, 16000)")
+        if self.partition is not None and not _PARTITION.match(self.partition):
+            raise SpecError("partition", f"{self.partition!r} is not a Slurm partition list: names without spaces, "
+                                         "separated by commas (e.g. gpu or gpu,long)")
         if not self.python:
             raise SpecError("python", "must not be empty")
         if self.device is not None:
@@ -94,26 +106,35 @@ def check_text(field: str, value: str) -> str:
     return value
 
 
-def time_minutes(text: str) -> int:
-    """A Slurm time ("90", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS") in whole minutes, rounded up.
+def time_seconds(text: str) -> int:
+    """A Slurm time in seconds: "M", "M:S", "H:M:S", "D-H", "D-H:M" or "D-H:M:S" (sbatch's --time forms).
 
-    0 means no limit, as for Slurm.
+    The first field is any count; a later one is bounded by the next unit: hours after days below 24,
+    minutes and seconds after another field below 60. Slurm's own reader adds the fields without
+    such checks (99:99:99 would be 100:40:39), so a field out of range is a typo refused here, as is
+    a total past Slurm's 2^31 - 1 seconds. `SpecError("time", ...)` otherwise; 0 means no limit.
     """
-    if not _TIME.match(text) or text in ("UNLIMITED", "INFINITE"):
-        raise SpecError("time", f"{text!r} is not a Slurm time (minutes, HH:MM:SS, D-HH[:MM[:SS]])")
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
-        parts += [0] * (3 - len(parts))
-        h, m, s = parts
-        seconds = ((int(days) * 24 + h) * 60 + m) * 60 + s
-    elif len(parts) == 1:  # minutes
-        seconds = parts[0] * 60
-    elif len(parts) == 2:  # MM:SS
-        seconds = parts[0] * 60 + parts[1]
-    else:  # HH:MM:SS
-        seconds = (parts[0] * 60 + parts[1]) * 60 + parts[2]
-    return math.ceil(seconds / 60)
+    match = _TIME.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise SpecError("time", f"{text!r} is not a Slurm time ({TIME_FORMS})")
+    d, dh, dm, ds, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if d is not None:  # days-hours[:minutes[:seconds]]
+        days, hours, minutes, seconds, bounded = d, dh, dm or 0, ds or 0, [(dh, 24), (dm, 60), (ds, 60)]
+    elif third is not None:  # hours:minutes:seconds
+        days, hours, minutes, seconds, bounded = 0, first, second, third, [(second, 60), (third, 60)]
+    else:  # minutes[:seconds]
+        days, hours, minutes, seconds, bounded = 0, 0, first, second or 0, [(second, 60)]
+    if any(value is not None and value >= limit for value, limit in bounded):
+        raise SpecError("time", f"{text!r} has a field out of range ({TIME_FORMS})")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total > SLURM_MAX_SECONDS:
+        raise SpecError("time", f"{text!r} is longer than Slurm's largest time limit ({SLURM_MAX_SECONDS} seconds)")
+    return total
+
+
+def time_minutes(text: str) -> int:
+    """A Slurm time (`time_seconds`) in whole minutes, rounded up, as Slurm does; 0 means no limit."""
+    return math.ceil(time_seconds(text) / 60)
 
 
 def worker_argv(layout: Layout, stage: str, index: int | str, jobs_per_task: int = 1, python: str = "python",

@@ -111,6 +111,36 @@ class MetricData:
         return self.train if name == "train" else self.test
 
 
+def metric_data(data, like: nn.Module | None = None) -> MetricData:
+    """`data` as the `MetricData` a metric reads, for the public numerical functions
+    (`hessian.top_eigenvectors`): a `MetricData` as it is; otherwise one set of examples, given as a
+    `Split`, a pair (x, y) of tensors or arrays, a torch Dataset of (x, label) items (a TensorDataset),
+    or an iterable of (x, y) batches (a DataLoader, its batches concatenated in order), which then
+    serves as both splits, with n_classes = 1 + its largest label. With `like` (a model) the inputs
+    move to the device and dtype of its parameters, the labels to its device. `TypeError` for
+    anything else."""
+    if isinstance(data, MetricData):
+        return data
+    if isinstance(data, Split):
+        x, y = data.x, data.y
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
+        x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        x, y = torch.stack([torch.as_tensor(item[0]) for item in items]), torch.as_tensor([int(i[1]) for i in items])
+    elif hasattr(data, "__iter__"):
+        batches = [(torch.as_tensor(b[0]), torch.as_tensor(b[1])) for b in data]
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    else:
+        raise TypeError(f"data must be MetricData, a Split, (x, y), a Dataset of (x, label) items or a DataLoader "
+                        f"of (x, y) batches, not {type(data).__name__}")
+    split = Split(x, y.long())
+    if like is not None:
+        p = next(like.parameters())
+        split = split.to(p.device, p.dtype)
+    return MetricData(split, split, int(split.y.max()) + 1)
+
+
 def key(split: str, quantity: str, coord: float | None = None) -> str:
     return f"{split}/{quantity}" + ("" if coord is None else f"@{coord:.6g}")
 

@@ -289,6 +289,12 @@ class CKAOptions:
                                f"{'batch' if self.estimator == 'minibatch' else 'measurement'} "
                                f"with estimator {self.estimator!r}")
 
+    def check_model(self, model: nn.Module) -> None:
+        """At spec check (`resolve.check`, on the family's model): every name of `layers` is a module of
+        `model`; `SpecError` naming the modules it has otherwise."""
+        for handle in _hooks(model, self.layers, {}):
+            handle.remove()
+
 
 def _hooks(model: nn.Module, layers: tuple[str, ...], store: dict):
     handles = []

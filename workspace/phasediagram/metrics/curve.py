@@ -64,6 +64,7 @@ from phasediagram.accel import ensemble_models, policy
 from phasediagram.data.datasets import Split
 from phasediagram.errors import CorruptFile
 from phasediagram.metrics.base import PAIR_SELECTIONS, Metric, MetricData, Panel, evaluate, key
+from phasediagram.numerics.hvp import gradients
 from phasediagram.numerics.sgd import momentum_of, set_lr, set_momentum, sgd
 from phasediagram.options import choice, flag, integer, real, validate
 from phasediagram.storage.checkpoints import atomic_write_bytes
@@ -361,7 +362,7 @@ def _train_alone(run: _BendRun, model_a: nn.Module, train: Split, options: Curve
             point = bezier(run.theta_0, run.bend, run.theta_1, t)
             out = functional_call(net, point, (train.x[idx],))
             loss = F.cross_entropy(out, train.y[idx]) + l2_term(point, options.weight_decay)
-            descend(opt, bend, torch.autograd.grad(loss, bend))
+            descend(opt, bend, gradients(loss, bend))
         run.velocity = momentum_of(opt, run.bend)
         run.epoch = epoch + 1
         run.save()
@@ -424,7 +425,7 @@ def train_bends(pairs: Sequence[tuple[nn.Module, nn.Module]], train: Split, opti
             y = torch.stack([train.y[i] for i in idx])
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
             total = loss.view(members, -1).mean(1).sum() + l2_term(params, options.weight_decay)
-            descend(opt, list(bend.values()), torch.autograd.grad(total, list(bend.values())))
+            descend(opt, list(bend.values()), gradients(total, list(bend.values())))
         velocity = momentum_of(opt, bend)
         for i, r in enumerate(runs):  # copies, so that each pair's state file holds its own tensors only
             r.bend = {n: v[i].detach().clone() for n, v in bend.items()}

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from phasediagram.metrics.base import Metric, MetricData, Panel, key
 from phasediagram.models.modes import eval_mode
+from phasediagram.numerics.hvp import gradients
 from phasediagram.options import choice, integer, out_of_range, real, validate
 
 BATCHNORM_MODES = ("eval", "train")
@@ -109,7 +110,7 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bat
         xc, yc = x[start:start + chunk_size], y[start:start + chunk_size]
         losses = per_example_losses(clone(xc), yc, logit_norm)
         eye = torch.eye(len(xc), dtype=losses.dtype, device=losses.device)
-        g = torch.autograd.grad(losses, ps, grad_outputs=eye, is_grads_batched=True)
+        g = gradients(losses, ps, grad_outputs=eye, is_grads_batched=True)
         rows.append(torch.cat([gi.reshape(len(xc), -1) for gi in g], dim=1))
     return torch.cat(rows)
 

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from phasediagram.metrics.base import Metric, MetricData, Panel, key
 from phasediagram.metrics.local_energy import subset_of
 from phasediagram.models.modes import eval_mode
+from phasediagram.numerics.hvp import gradients
 from phasediagram.options import integer, subset, validate
 
 SPLITS = ("train", "test")
@@ -43,7 +44,7 @@ def loss_gradient(model: torch.nn.Module, split, batch_size: int) -> list[torch.
     with eval_mode(model), torch.enable_grad():
         for batch in split.batches(batch_size):
             loss = F.cross_entropy(model(batch.x), batch.y, reduction="sum")
-            for acc, g in zip(total, torch.autograd.grad(loss, params)):
+            for acc, g in zip(total, gradients(loss, params)):
                 acc.add_(g)
     return [g / len(split) for g in total]
 

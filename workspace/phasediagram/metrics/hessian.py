@@ -70,7 +70,7 @@ from torch.nn import functional as F
 from phasediagram.accel import ensemble_models, policy
 from phasediagram.accel.hvp_lockstep import LockstepHessians
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import Metric, MetricData, Panel, key, parse_key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key, metric_data, parse_key
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics import linalg, xtrace
 from phasediagram.numerics.hvp import METHODS, HessianOperator
@@ -361,7 +361,7 @@ class EigenPairs:
 EIGENVECTOR_OPTIONS = HessianOptions(eig_rule="residual", eig_start="gradient", density_probes=0)
 
 
-def top_eigenvectors(model, data: MetricData, k: int = 1, options: HessianOptions | None = None,
+def top_eigenvectors(model, data, k: int = 1, options: HessianOptions | None = None,
                      generator: torch.Generator | None = None, *, bottom: bool = False) -> EigenPairs:
     """The k largest algebraic eigenpairs of H (with `bottom`, the k smallest), by Lanczos.
 
@@ -376,11 +376,14 @@ def top_eigenvectors(model, data: MetricData, k: int = 1, options: HessianOption
     (see `EigenPairs`); the gap rule bounds the eigenvalues' errors by r_i^2 / gap_i and lets
     r_i, and so the vector error, stay near sqrt(tol |theta| gap_i).
 
+    `data`: a `MetricData`, or the training examples as (x, y) tensors, a Dataset or a DataLoader
+    (`base.metric_data`, moved to the model's device and dtype).
     Returns `EigenPairs` (values float64, vectors as one (k, P) tensor and per parameter via `tensors`).
     Raises ValueError for k outside [1, min(lanczos_iters, P)] or a loss on the batch that is not finite.
     """
     options = options if options is not None else EIGENVECTOR_OPTIONS
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    data = metric_data(data, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for _, p in named)
     if not 1 <= k <= min(options.lanczos_iters, n_params):

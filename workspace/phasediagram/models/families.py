@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from phasediagram.errors import SpecError
-from phasediagram.plugins import is_import_path, load_object
+from phasediagram.plugins import call, is_import_path, load_object
 
 
 class MLP(nn.Module):
@@ -133,13 +133,8 @@ def create(arch: str, width: int, input_shape: tuple[int, ...], n_classes: int) 
         return MODELS[arch](width, input_shape, n_classes)
     if not is_import_path(arch):
         raise KeyError(f"unknown arch {arch!r}; known: {', '.join(MODELS)}, or an import path module:function")
-    try:
-        model = load_object("arch", arch)(width=width, n_classes=n_classes, input_shape=input_shape)
-    except SpecError:
-        raise
-    except Exception as exc:  # the builder is the user's code
-        raise SpecError("arch", f"{arch}(width={width}, n_classes={n_classes}, input_shape={input_shape}) raised "
-                                f"{type(exc).__name__}: {exc}") from None
+    model = call("arch", f"{arch}(width={width}, n_classes={n_classes}, input_shape={input_shape})",
+                 load_object("arch", arch), width=width, n_classes=n_classes, input_shape=input_shape)
     if not isinstance(model, nn.Module):
         raise SpecError("arch", f"{arch} returned a {type(model).__name__}, not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
@@ -161,7 +156,7 @@ def check_outputs(arch: str, width: int, input_shape: tuple[int, ...], n_classes
         try:
             with torch.no_grad():
                 out = model(torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device))
-        except Exception as exc:  # a user's forward may raise anything on a wrong shape
+        except (Exception, SystemExit) as exc:  # a user's forward may raise anything on a wrong shape
             raise SpecError("arch", f"{arch} at width {width} cannot take inputs of shape (N, {input_shape}): "
                                     f"{type(exc).__name__}: {exc}") from None
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (2, n_classes):

@@ -23,6 +23,9 @@ On CPU the cached double backward is the faster one (bench/bench_hessian.py, sec
 both; docs/performance.md), so it is the default.
 When the batch is split into chunks (to bound memory on large batches), H v is the
 example-weighted sum sum_c (N_c / N) H_c v, and the graph is rebuilt per chunk and product.
+
+A parameter the forward never uses (a plug-in model's spare layer) does not enter L: its gradient
+and its rows and columns of H are exactly 0, which `gradients` returns for it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,23 @@ METHODS = ("double_backward", "func")
 def trainable(model: nn.Module) -> list[torch.Tensor]:
     """The parameters that H differentiates with respect to (those with requires_grad)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def gradients(outputs, inputs: Sequence[torch.Tensor], grad_outputs=None, **kwargs) -> tuple[torch.Tensor, ...]:
+    """`torch.autograd.grad(outputs, inputs, grad_outputs, **kwargs)` with the derivative of what does not
+    depend on an input written as the zero it is: 0 for an input the outputs never reach (a parameter
+    the forward does not use), and outputs that are constants (such a zero gradient, differentiated
+    again) left out with their grad_outputs. With `is_grads_batched` a zero has the batch's leading
+    dimension."""
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    weights = ([None] * len(outputs) if grad_outputs is None
+               else [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else list(grad_outputs))
+    kept = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
+    found = torch.autograd.grad([o for o, _ in kept], inputs, [w for _, w in kept], allow_unused=True,
+                                **kwargs) if kept else [None] * len(inputs)
+    lead = tuple(weights[0].shape[:1]) if kwargs.get("is_grads_batched") else ()
+    return tuple(torch.zeros(lead + p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                 for g, p in zip(found, inputs))
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -95,15 +115,15 @@ class HessianOperator:
         """dL_c/dtheta with its graph kept, for one chunk (eval mode)."""
         with eval_mode(self.model), torch.enable_grad():
             loss = self.loss(self.model(x), y)
-            return torch.autograd.grad(loss, self.params, create_graph=True)
+            return gradients(loss, self.params, create_graph=True)
 
     def _double_backward(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._grads is not None:
-            return list(torch.autograd.grad(self._grads, self.params, grad_outputs=vs, retain_graph=True))
+            return list(gradients(self._grads, self.params, grad_outputs=vs, retain_graph=True))
         total = [torch.zeros_like(p) for p in self.params]
         for x, y in self.chunks:
             grads = self._gradient_graph(x, y)
-            hv = torch.autograd.grad(grads, self.params, grad_outputs=vs)
+            hv = gradients(grads, self.params, grad_outputs=vs)
             for t, h in zip(total, hv):
                 t.add_(h, alpha=len(y) / self.n_examples)
         return total
@@ -146,8 +166,7 @@ class HessianOperator:
         for start in range(0, vs.shape[1], block):
             chunk = vs[:, start:start + block].T.to(self.device, self.params[0].dtype)
             pieces = [t.reshape(len(chunk), *p.shape) for t, p in zip(torch.split(chunk, sizes, dim=1), self.params)]
-            hv = torch.autograd.grad(self._grads, self.params, grad_outputs=pieces, retain_graph=True,
-                                     is_grads_batched=True)
+            hv = gradients(self._grads, self.params, grad_outputs=pieces, retain_graph=True, is_grads_batched=True)
             out.append(torch.cat([h.detach().reshape(len(chunk), -1) for h in hv], dim=1).T)
             self.n_products += len(chunk)
         return torch.cat(out, dim=1).to(vs.dtype)
@@ -160,7 +179,7 @@ class HessianOperator:
         total = [torch.zeros_like(p) for p in self.params]
         with eval_mode(self.model), torch.enable_grad():
             for x, y in self.chunks:
-                grads = torch.autograd.grad(self.loss(self.model(x), y), self.params)
+                grads = gradients(self.loss(self.model(x), y), self.params)
                 for t, g in zip(total, grads):
                     t.add_(g, alpha=len(y) / self.n_examples)
         return flatten(total)

@@ -489,11 +489,18 @@ def remove_states(layout: Layout, cell: Cell, seed: int) -> None:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model stored in checkpoint `path`; return (model in eval mode, checkpoint dict)."""
+    """Rebuild the model stored in checkpoint `path`; return (model in eval mode, checkpoint dict).
+    `CorruptFile` when its weights do not fit the model its `model_args` describe (a size mismatch, a
+    missing or unexpected parameter), or those are not a model's arguments."""
     ckpt = checkpoints.load(path, map_location=device)
-    model = models.from_args(ckpt["model_args"])
-    first = next(iter(ckpt["model"].values()))
-    model = model.to(device=device, dtype=first.dtype)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = models.from_args(ckpt["model_args"])
+        first = next(iter(ckpt["model"].values()))
+        model = model.to(device=device, dtype=first.dtype)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, StopIteration) as exc:
+        reason = " ".join(str(exc).split())  # load_state_dict's message spans lines
+        raise CorruptFile(path, f"its weights do not fit the model its model_args {ckpt.get('model_args')} describe "
+                                f"({type(exc).__name__}: {reason[:300]})") from None
     model.eval()
     return model, ckpt
