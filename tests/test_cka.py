@@ -4,6 +4,7 @@ references and Kornblith et al.'s demo, batch accumulation, and the metric."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from phasediagram.models import families as models
 from phasediagram.resolve import check, metric_options
 from phasediagram.spec.experiment import ExperimentSpec
 
+cka_module = importlib.import_module("phasediagram.metrics.cka")  # `phasediagram.metrics.cka` is also a function
 TOL = 1e-10  # float64 agreement between mathematically equal quantities
 
 # (n examples, p features of X, q features of Y): features fewer than, equal to and more than examples
@@ -99,6 +101,49 @@ def test_symmetric(form, shape):
 def test_feature_and_gram_forms_agree(shape, debiased):
     x, y = pair(*shape, seed=5)
     assert linear_cka_feature(x, y, debiased) == pytest.approx(linear_cka_gram(x, y, debiased), abs=TOL)
+
+
+def dense_gram_cka(x, y, debiased):
+    """The Gram form in float64 as a general product: K = X X^T, then H K H or the U-centring, dense."""
+    def centre(k):
+        n = len(k)
+        if debiased:
+            k = k - torch.diag(torch.diag(k))
+            m = k.sum(0) / (n - 2)
+            m = m - m.sum() / (2 * (n - 1))
+            k = k - m[None, :] - m[:, None]
+            return k - torch.diag(torch.diag(k))
+        h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+        return h @ k @ h
+
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    k, l_ = centre(x @ x.T), centre(y @ y.T)
+    return float((k * l_).sum() / (torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l_)))
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("layout", ["float32", "float64", "float64 strided"])
+def test_wide_gram_form_equals_the_general_product_to_1e12(debiased, layout):
+    """More features than examples (the Gram form; 5000 columns: a full and a partial column chunk):
+    the symmetric update of K and the centring leave the value of the dense float64 computation."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(120, 5000, generator=g) + 0.3
+    y = torch.tanh(x).add_(torch.randn(120, 5000, generator=g), alpha=0.5)
+    if layout != "float32":
+        x, y = x.double(), y.double()
+    if layout == "float64 strided":
+        x, y = x[:, ::2], y[:, ::2]
+    value = linear_cka(x, y, debiased)
+    assert cka_module.choose_form(x.shape[1], y.shape[1], len(x)) == "gram"
+    assert abs(value - dense_gram_cka(x, y, debiased)) <= 1e-12
+
+
+def test_gram_is_exactly_symmetric_and_equals_x_xt():
+    x = torch.randn(70, 4500, generator=torch.Generator().manual_seed(4))
+    k = cka_module._gram(x)
+    exact = x.double() @ x.double().T
+    assert torch.equal(k, k.T)
+    assert float((k - exact).abs().max() / exact.abs().max()) <= 1e-14
 
 
 # ------------------------------------------------------------------ numpy references of the estimators

@@ -11,8 +11,10 @@ The two forms are equal because <K~, L~>_F = tr(Xc Xc^T Yc Yc^T) = ||Yc^T Xc||_F
 ||K~||_F = ||Xc Xc^T||_F = ||Xc^T Xc||_F. CKA lies in [0, 1], equals 1 for X = Y, and is invariant
 to orthogonal transforms and isotropic scalings of either representation, but not to general
 invertible linear maps. Both forms cost memory for one side only: the feature form
-O((p + q)^2), accumulated over batches of rows, the Gram form O(n^2) plus the rows; the one with
-the smaller side is chosen (feature form when max(p, q) <= n).
+O((p + q)^2), accumulated over batches of rows, the Gram form O(n^2) plus the rows and a float64
+copy of up to 4096 of their columns at a time; the one with the smaller side is chosen (feature
+form when max(p, q) <= n). The Gram form's K = X X^T is symmetric, so it is formed by a symmetric
+rank-k update (half the multiply-adds of a general product) on the CPU.
 
 Estimators (`estimator` option), all ratios HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)):
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,7 +57,7 @@ PAIRS = PAIR_SELECTIONS
 METHODS = ("auto", "feature", "gram")
 ESTIMATORS = ("biased", "debiased", "minibatch")
 UNBIASED_MIN_EXAMPLES = 4  # HSIC_1 divides by n (n - 3)
-_GRAM_CHUNK = 512  # feature columns per chunk when forming an n x n Gram matrix in float64
+_GRAM_CHUNK = 4096  # feature columns per chunk when forming an n x n Gram matrix in float64
 _ROW_CHUNK = 4096  # rows per batch when `linear_cka` accumulates the feature form
 
 
@@ -223,33 +226,54 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    """X X^T in float64, formed from column chunks of X so that only one chunk is copied to float64."""
-    k = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[1], _GRAM_CHUNK):
-        c = x[:, start:start + _GRAM_CHUNK].double()
-        k.addmm_(c, c.T)
-    return k
+    """K = X X^T (n x n) in float64, X copied to float64 one column chunk at a time.
+
+    K is symmetric: on the CPU each chunk's X_c X_c^T is numpy's product of the float64 chunk with
+    its own transpose, which numpy computes by a symmetric rank-k update (BLAS syrk: one triangle,
+    half the multiply-adds of a general product, then mirrored). Elsewhere (torch has no
+    symmetric product) the chunks' full products are summed. A float64 X held contiguously is used
+    as it is, in one product."""
+    n, d = x.shape
+    if x.device.type != "cpu":
+        k = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        for start in range(0, d, _GRAM_CHUNK):
+            c = x[:, start:start + _GRAM_CHUNK].double()
+            k.addmm_(c, c.T)
+        return k
+    if x.dtype == torch.float64 and x.is_contiguous():
+        chunks = [x.numpy()]
+    else:
+        width = min(d, _GRAM_CHUNK)
+        buf = torch.empty(n * width, dtype=torch.float64)
+        chunks = (buf[:n * c.shape[1]].view(n, c.shape[1]).copy_(c).numpy()
+                  for c in (x[:, s:s + width] for s in range(0, d, width)))
+    k = None
+    for c in chunks:
+        part = c @ c.T
+        k = part if k is None else np.add(k, part, out=k)
+    return torch.from_numpy(k) if k is not None else torch.zeros(n, n, dtype=torch.float64)
 
 
 def _centre(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """H K H (biased), or the U-centred K^ of Szekely & Rizzo (2014) with <K^, L^> = n (n - 3) HSIC_1(K, L):
-    K' = K - diag(K), m = K' 1 / (n - 2) - 1^T K' 1 / (2 (n - 1)(n - 2)), K^ = K' - m 1^T - 1 m^T, diag(K^) = 0."""
-    if not unbiased:
-        row = k.mean(0, keepdim=True)
-        return k.sub_(row).sub_(row.T).add_(row.mean())
+    """H K H (biased), or the U-centred K^ of Szekely & Rizzo (2014) with <K^, L^> = n (n - 3) HSIC_1(K, L), in place.
+
+    Both subtract m 1^T + 1 m^T from K (from K' = K - diag(K) when unbiased), with r the row sums:
+    biased r = K 1, m = r / n - 1^T r / (2 n^2), so that K - m 1^T - 1 m^T = H K H; unbiased r = K' 1,
+    m = r / (n - 2) - 1^T r / (2 (n - 1)(n - 2)), and diag(K^) = 0."""
     n = len(k)
-    k.fill_diagonal_(0.0)
-    m = k.sum(0) / (n - 2)
-    m -= m.sum() / (2 * (n - 1))
-    return k.sub_(m[None, :]).sub_(m[:, None]).fill_diagonal_(0.0)
+    if unbiased:
+        k.fill_diagonal_(0.0)
+    r = k.sum(0)
+    m = r / (n - 2) - r.sum() / (2 * (n - 1) * (n - 2)) if unbiased else r / n - r.sum() / (2 * n * n)
+    k.sub_(m[None, :]).sub_(m[:, None])
+    return k.fill_diagonal_(0.0) if unbiased else k
 
 
 def _gram_hsic(x: torch.Tensor, y: torch.Tensor, unbiased: bool) -> tuple[float, float, float]:
     """(HSIC(K, L), HSIC(K, K), HSIC(L, L)) of K = X X^T, L = Y Y^T in Gram space."""
     n = len(x)
     scale = n * (n - 3) if unbiased else max(n - 1, 1) ** 2
-    k, l_ = _centre(_gram(x), unbiased), _centre(_gram(y), unbiased)
-    k, l_ = k.reshape(-1), l_.reshape(-1)
+    k, l_ = _centre(_gram(x), unbiased).reshape(-1), _centre(_gram(y), unbiased).reshape(-1)
     return float(k @ l_) / scale, float(k @ k) / scale, float(l_ @ l_) / scale
 
 
