@@ -7,6 +7,7 @@ labels `fine_labels`), unpickled through an allow-list; SVHN from the cropped-di
 (`train_32x32.mat`, `test_32x32.mat`: X of shape (32, 32, 3, N), y of shape (N, 1) with the digit 0
 labelled 10), read with `scipy.io.loadmat`. Images are scaled to [0, 1] and normalised per channel
 by the dataset's usual mean and standard deviation.
+The token datasets `modular_addition` and `reversal` are generated locally (`data.sequences`).
 Any other dataset is named by import path (`dataset: "mypkg.data:load"`, see `load_plugged`).
 Training subsets (by fraction) and random labels (by fraction) are seeded independently of the
 training seed, so every cell and seed of a study sees the same data.
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phasediagram.data import sequences
 from phasediagram.errors import SpecError
 from phasediagram.plugins import call, is_import_path, load_object
 from phasediagram.seeding import stable_seed
@@ -54,6 +56,8 @@ DATASETS = {
     "cifar10": DatasetInfo(50000, 10000, (3, 32, 32), 10),
     "cifar100": DatasetInfo(50000, 10000, (3, 32, 32), 100),
     "svhn": DatasetInfo(73257, 26032, (3, 32, 32), 10),
+    "modular_addition": DatasetInfo(97 * 97, 97 * 97, (4,), 99),  # the test set: the pairs not trained on
+    "reversal": DatasetInfo(4000, 1000, (12,), 11),
 }
 FOLDERS = {"cifar10": "cifar-10-batches-py (data_batch_1..5, test_batch)", "cifar100": "cifar-100-python (train, test)",
            "svhn": "train_32x32.mat and test_32x32.mat"}  # what data_root holds, per image dataset
@@ -116,6 +120,8 @@ def load(name: str, *, data_root: str | os.PathLike | None = None, cache_dir: st
     `label_noise` fraction of its labels by uniformly random ones."""
     if name == "mnist1d":
         full = _mnist1d(cache_dir)
+    elif name in sequences.GENERATED:
+        return _generated(name, train_fraction, label_noise, dtype)
     elif is_import_path(name):
         full = load_plugged(name, None if data_root is None else str(data_root))
     elif name in READERS:
@@ -130,11 +136,39 @@ def load(name: str, *, data_root: str | os.PathLike | None = None, cache_dir: st
     return Dataset(name, train.to("cpu", dtype), full.test.to("cpu", dtype), full.n_classes)
 
 
+def _generated(name: str, train_fraction: float, label_noise: float, dtype: torch.dtype) -> Dataset:
+    """A token dataset of `data.sequences`; one without a test set of its own is tested on the examples
+    its `train_fraction` leaves out (so the fraction must be below 1)."""
+    train, test, n_classes = sequences.GENERATED[name]()
+    train, seed = Split(*train), stable_seed("subset", name, train_fraction)
+    if label_noise > 0:
+        raise SpecError("label_noises", f"{name} takes no label noise (its labels are tokens), got {label_noise}")
+    if test is None:
+        if train_fraction >= 1.0:
+            raise SpecError("train_fractions", f"{name} is tested on the examples not trained on: a train_fraction "
+                                               "below 1 is needed")
+        test = held_out(train, train_fraction, seed)
+    else:
+        test = Split(*test)
+    return Dataset(name, subset(train, train_fraction, seed).to("cpu", dtype), test.to("cpu", dtype), n_classes)
+
+
+def held_out(split: Split, fraction: float, seed: int) -> Split:
+    """The examples `subset(split, fraction, seed)` leaves out, in their order."""
+    keep = torch.zeros(len(split), dtype=torch.bool)
+    keep[torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:_kept(split, fraction)]] = True
+    return Split(split.x[~keep], split.y[~keep])
+
+
+def _kept(split: Split, fraction: float) -> int:
+    return max(1, int(round(fraction * len(split))))
+
+
 def subset(split: Split, fraction: float, seed: int) -> Split:
     """A seeded random subset holding round(fraction * N) examples (the split itself if fraction is 1)."""
     if fraction >= 1.0:
         return split
-    n = max(1, int(round(fraction * len(split))))
+    n = _kept(split, fraction)
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return Split(split.x[idx], split.y[idx])
 

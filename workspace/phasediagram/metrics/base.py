@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from phasediagram.data.datasets import Split
+from phasediagram.data.sequences import IGNORE
 from phasediagram.models.modes import eval_mode
 
 NO_SPLIT = "-"
@@ -154,12 +155,13 @@ def parse_key(k: str) -> tuple[str, str, float | None]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (percent) of `model` over `split`, in eval mode."""
-    total_loss, correct = 0.0, 0
+    """Mean cross-entropy and accuracy (percent) of `model` over `split`, in eval mode: per example, or,
+    for token labels (N, T) and logits (N, C, T), per labelled token (labels -100, `IGNORE`, skipped)."""
+    total_loss, correct, n = 0.0, 0, 0
     with eval_mode(model):
         for batch in split.batches(batch_size):
             out = model(batch.x)
-            total_loss += float(F.cross_entropy(out, batch.y, reduction="sum"))
+            total_loss += float(F.cross_entropy(out, batch.y, reduction="sum", ignore_index=IGNORE))
             correct += int((out.argmax(1) == batch.y).sum())
-    n = len(split)
+            n += int((batch.y != IGNORE).sum())
     return total_loss / n, 100.0 * correct / n

@@ -6,6 +6,9 @@
   global average pooling, linear head. The small-input analogue of the reference ResNet18.
 - `resnet18`: CIFAR-style ResNet18: 3x3 stem, BasicBlocks [2, 2, 2, 2] with k, 2k, 4k, 8k
   channels; k = 64 is the standard ResNet18.
+- `transformer`, `transformer_seq`: a pre-LayerNorm causal transformer over tokens with d_model k
+  (`models.transformer`); the logits of the last position (N, n_classes), or of every position
+  (N, n_classes, T) for the token cross-entropy.
 
 Any other family is named by import path (`arch: "mypkg.nets:make_vit"`, see `create`).
 A checkpoint stores `model_args` (the keyword arguments of `create`, the import path included) so it
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from phasediagram.errors import SpecError
+from phasediagram.models.transformer import transformer, transformer_seq
 from phasediagram.plugins import call, is_import_path, load_object
 
 
@@ -118,6 +122,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "resnet1d": _resnet1d,
     "resnet18": _resnet18,
+    "transformer": transformer,
+    "transformer_seq": transformer_seq,
 }
 
 
