@@ -180,6 +180,23 @@ def test_boundaries_and_labels_outline_the_phases():
     assert [tuple(r) for r in arr] == [KNOWN[bs] for bs in BATCH_SIZES]
 
 
+def test_a_label_of_an_edge_column_stays_inside_its_panel():
+    labels = np.array([["I", "II", "IV-B"], ["I", "II", "IV-B"]], dtype=object)
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ex, ey = plots.edges([2, 4, 8]), plots.edges([10, 20])
+    ax.set_xscale("log")
+    ax.set_xlim(ex[0], ex[-1])
+    ax.set_ylim(ey[0], ey[-1])
+    plots.draw_phase_labels(ax, labels, ex, ey)
+    texts = {t.get_text(): t for t in ax.texts}
+    assert (texts["I"].get_ha(), texts["II"].get_ha(), texts["IV-B"].get_ha()) == ("left", "center", "right")
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    for t in ax.texts:
+        extent = t.get_window_extent()
+        assert box.x0 - 1e-6 <= extent.x0 and extent.x1 <= box.x1 + 1e-6, t.get_text()
+
+
 def test_phase_map_alone_and_saving_at_the_default_resolution(tmp_path):
     fig = plots.phase_map(synthetic_table())
     assert isinstance(fig, Figure) and [ax.get_title(loc="left") for ax in fig.axes][0] == "phases"

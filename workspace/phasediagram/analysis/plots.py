@@ -355,9 +355,20 @@ def _centre(e, k):
     return math.sqrt(e[k] * e[k + 1]) if e[0] > 0 else (e[k] + e[k + 1]) / 2
 
 
+def label_anchor(e, k: int) -> tuple[float, str]:
+    """Where the label of cell k along an axis with edges `e` sits and how it is aligned: at the centre
+    of an inner cell, against the outer edge of a first or last cell (so it stays inside the axes)."""
+    if len(e) > 2 and k == 0:
+        return e[0], "left"
+    if len(e) > 2 and k == len(e) - 2:
+        return e[-1], "right"
+    return _centre(e, k), "center"
+
+
 def draw_phase_labels(ax, labels: np.ndarray, ex, ey, fontsize=9, box=True):
     for lab, (i, j) in label_cells(labels).items():
-        ax.text(_centre(ex, j), _centre(ey, i), lab, ha="center", va="center", fontsize=fontsize, fontweight="bold",
+        x, ha = label_anchor(ex, j)
+        ax.text(x, _centre(ey, i), lab, ha=ha, va="center", fontsize=fontsize, fontweight="bold",
                 color="black", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75) if box else None)
 
 
