@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature-axis", help="batch_size | lr | weight_decay")
     s.add_argument("--seeds", nargs="+", help="seeds, e.g. 0 1 2")
     s.add_argument("--epochs", help="training epochs")
-    s.add_argument("--schedule", help="constant | step (x lr_decay_factor at lr_decay_at of the epochs)")
+    s.add_argument("--schedule", help="constant | step (x lr_decay_factor at lr_decay_at of the epochs) | cosine")
     s.add_argument("--optimizer", help="training method: sgd, sam, entropy_sgd, replicated_sgd")
     s.add_argument("--optimizer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the optimizer (repeatable)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from phasediagram.methods.adamw import AdamW, AdamWOptions
 from phasediagram.methods.base import MethodEntry, make_options
 from phasediagram.methods.entropy_sgd import EntropySGD, EntropySGDOptions
 from phasediagram.methods.infomcr import InfoMCR, InfoMCROptions
@@ -28,6 +29,8 @@ OPTIMIZERS: dict[str, MethodEntry] = {
     "replicated_sgd": MethodEntry(
         ReplicatedSGD, ReplicatedSGDOptions, ensemble_ok=False,
         description="y replicas coupled to their mean (the centre, evaluated), gamma scoping"),
+    "adamw": MethodEntry(AdamW, AdamWOptions, ensemble_ok=False,
+                         description="AdamW: Adam (beta1 = momentum) with decoupled weight decay, linear warmup"),
 }
 
 REGULARIZERS: dict[str, MethodEntry] = {

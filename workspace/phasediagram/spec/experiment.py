@@ -35,7 +35,7 @@ AXIS_FIELDS = {
     "train_fraction": "train_fractions",
     "label_noise": "label_noises",
 }
-SCHEDULES = ("constant", "step")
+SCHEDULES = ("constant", "step", "cosine")
 METRIC_CHECKPOINTS = ("final", "best")
 DTYPES = ("float32", "float64")
 ENSEMBLE_CHOICES = ("auto", "on", "off")

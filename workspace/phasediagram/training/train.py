@@ -54,9 +54,12 @@ RESUMABLE = ("prev", "last")  # the training states a run keeps, older first
 
 
 def lr_at(spec: ExperimentSpec, base_lr: float, epoch: int) -> float:
-    """The learning rate of `epoch` (0-based) under the spec's schedule."""
+    """The learning rate of `epoch` (0-based) under the spec's schedule: "step" as the module says,
+    "cosine" base_lr (1 + cos(pi epoch / epochs)) / 2."""
     if spec.schedule == "step" and epoch >= math.floor(spec.lr_decay_at * spec.epochs):
         return base_lr * spec.lr_decay_factor
+    if spec.schedule == "cosine":
+        return base_lr * (1 + math.cos(math.pi * epoch / spec.epochs)) / 2
     return base_lr
 
 
