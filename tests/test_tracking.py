@@ -350,3 +350,24 @@ def test_study_trajectories_is_a_tidy_table(references, tmp_path):
     table = study.table(write=False)
     assert set(table["source"]) == {"dynamics"} and set(table["kind"]) == {"diagnostic"}
     assert list(dynamics.read_outcomes(table)["outcome"]) == list(study.dynamics()["outcome"])
+
+
+def test_a_diverging_run_is_tracked_until_it_diverges(tmp_path):
+    """A NaN put into the epoch-1 state: the run diverges at the first step of epoch 1, its trajectory
+    file holds the points of epoch 0 and the status "diverged"."""
+    spec = dataclasses.replace(make_spec("off"), seeds=(0,))
+    cell, layout, data = spec.cells()[0], Layout(tmp_path, "t"), make_dataset()
+    with pytest.raises(Killed):
+        ensemble.train_cell_auto(spec, cell, layout, data, on_epoch=kill_at(0, 1), **QUIET)
+    last = layout.checkpoint(cell, 0, "last")
+    ckpt = checkpoints.load(last)
+    next(iter(ckpt["model"].values())).view(-1)[0] = float("nan")
+    checkpoints.save(last, ckpt)
+    assert ensemble.train_cell_auto(spec, cell, layout, data, **QUIET) == {0: "diverged"}
+    trajectory = tracking.load_trajectory(layout.trajectory_path(cell, 0))
+    assert trajectory["status"] == "diverged" and sorted({r[0] for r in trajectory["rows"]}) == [0, 1, 2, 3, 4]
+
+
+def test_a_product_that_is_not_finite_stops_lanczos():
+    with pytest.raises(tracking.NonFinite):
+        tracking.finite(lambda v: v / 0.0)(torch.ones(3))

@@ -22,7 +22,8 @@ its running statistics), L(theta) = (1/|S|) sum_{i in S} l(f_theta(x_i), y_i), l
       |G|^2 ~ (|S| |G_S|^2 - b |G_b|^2) / (|S| - b),   tr(Sigma) ~ (|G_b|^2 - |G_S|^2) / (1/b - 1/|S|);
 - `weight_norm`: |theta|; `distance`: |theta - theta_0|, theta_0 the run's initial parameters.
 
-A point where L is not finite records only what needs no derivative (the others are NaN). Nothing
+A point where L is not finite records only what needs no derivative (the others are NaN), and one
+where a Hessian-vector product is not finite records lambda_max as NaN (warm start kept). Nothing
 of the model changes (weights, buffers, gradients, train/eval flags) and no global random number is
 drawn: the Lanczos restarts and the probes come from a generator seeded by (seed, step), so a
 resumed run measures what an uninterrupted one does, given the tracker's state (`Tracker.state_dict`:
@@ -100,11 +101,14 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, options: T
     op = HessianOperator(model, x, y, None, "double_backward", loss=loss)
     dtype, device = theta.dtype, theta.device
     if "lambda_max" in want:
-        eigs = linalg.lanczos_eigs(op, op.dim, 1, options.lanczos_iters, options.tol, generator, device,
-                                   dtype=dtype, hint=op.gradient() if start is None else None, start=start,
-                                   magnitude=False)
-        start = eigs.vectors[0]
-        out.update(lambda_max=float(eigs.top[0]), lr_lambda_max=lr * float(eigs.top[0]))
+        try:
+            eigs = linalg.lanczos_eigs(finite(op), op.dim, 1, options.lanczos_iters, options.tol, generator, device,
+                                       dtype=dtype, hint=op.gradient() if start is None else None, start=start,
+                                       magnitude=False)
+            start = eigs.vectors[0]
+            out.update(lambda_max=float(eigs.top[0]), lr_lambda_max=lr * float(eigs.top[0]))
+        except NonFinite:
+            pass
     if "trace" in want:
         out["trace"] = linalg.hutchinson(op, op.dim, options.trace_probes, 0.0, generator, device, "stderr",
                                          dtype).value
@@ -114,6 +118,20 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, options: T
         if "noise_scale" in want:
             out["noise_scale"] = noise_scale(model, x, y, options.noise_batch, big, loss)
     return out, start
+
+
+class NonFinite(ArithmeticError):
+    """A Hessian-vector product that is not finite (weights on their way to divergence)."""
+
+
+def finite(matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`matvec` raising `NonFinite` where a product is not finite, so that Lanczos stops there (lambda_max NaN)."""
+    def checked(v: torch.Tensor) -> torch.Tensor:
+        hv = matvec(v)
+        if not bool(torch.isfinite(hv).all()):
+            raise NonFinite
+        return hv
+    return checked
 
 
 def noise_scale(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, big: float,
