@@ -2,7 +2,7 @@
 
 import sys
 
-from phasediagram.cli import console
+from phasediagram.__main__ import console
 
 if __name__ == "__main__":
     sys.exit(console())

@@ -223,7 +223,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_completes(root, ctrlc_re
     the rerun's table equals an uninterrupted run's."""
     argv = [*CTRL_C, "--executor", executor, "--workers", "2"]
     exp = root / "checkpoint" / "ctrlc"
-    proc = subprocess.Popen([sys.executable, "-m", "phasediagram.cli", *argv, "--root", str(root)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "phasediagram", *argv, "--root", str(root)], cwd=REPO,
                             env={**os.environ, SLOW: "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -237,3 +237,23 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_completes(root, ctrlc_re
     assert not (exp / "results.csv").exists()  # it was interrupted before the end
     assert cli.main([*argv, "--root", str(root)]) == 0
     pd.testing.assert_frame_equal(_values(table.read(exp / "results.csv", "ctrlc")), _values(ctrlc_reference))
+
+
+def test_ctrl_c_while_the_command_line_is_imported_is_the_same_one_line(monkeypatch, capsys):
+    """SIGINT while `cli` is being imported (torch, pandas, matplotlib: seconds) is held until the imports
+    are done, then ends the command as Ctrl-C during a run does: the one line, exit status 130."""
+    import builtins
+
+    from phasediagram import __main__ as entry
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "phasediagram" and "cli" in (args[2] or ()):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    assert entry.console(["--list-metrics"]) == 130
+    assert capsys.readouterr() == ("", cli.INTERRUPTED + "\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

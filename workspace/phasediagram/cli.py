@@ -23,7 +23,7 @@ from pathlib import Path
 
 from phasediagram.catalog import method_table, metric_table
 from phasediagram.diagnosis import diagnose
-from phasediagram.errors import CorruptFile, SpecError
+from phasediagram.errors import INTERRUPTED, CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit, pool_size
 from phasediagram.execution.jobs import TRAIN, dataset_for, start_pool
 from phasediagram.execution.runtime import (
@@ -40,7 +40,6 @@ from phasediagram.spec.presets import PRESET_SPECS, PRESETS, preset
 from phasediagram.study import Study, merged_spec, remove_stale_temporaries
 
 EXECUTORS = ("inprocess", "local", "slurm", "submitit-local")
-INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
 class ArgumentError(SpecError):
@@ -447,8 +446,8 @@ def commands_help() -> str:
 
 
 def console(argv=None) -> int:
-    """`main` for a process that ends when it returns (the `phasediagram` script, example_experiment.py,
-    `python -m phasediagram.cli`): what is then still alive is frozen (`freeze_alive`), so the
+    """`main` for a process that ends when it returns (through `phasediagram.__main__.console`: the
+    `phasediagram` script, example_experiment.py, `python -m phasediagram`): what is then still alive is frozen (`freeze_alive`), so the
     interpreter's exit skips it in its last garbage collection (bench/bench_exit.py)."""
     status = main(argv)
     freeze_alive()

@@ -4,7 +4,8 @@
 bug catches it. `SpecError` (a bad spec, option or argument) and `SubmitError` (the cluster
 refused a submission) are `ValueError`s and end the command line with exit status 2;
 `CorruptFile` names a checkpoint or result file that fails validation; `MissingCheckpoint` and
-`JobsFailed` report jobs that could not run or did not finish.
+`JobsFailed` report jobs that could not run or did not finish. A command ended by Ctrl-C prints
+`INTERRUPTED` (exit status 130).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MAX_MESSAGE = 2000  # characters of a SpecError's message kept (a value in it may be huge)
+INTERRUPTED = "interrupted: rerun the same command to resume"  # every job resumes where it stopped
 
 
 class PhaseDiagramError(Exception):
