@@ -31,8 +31,8 @@ def trajectories() -> pd.DataFrame:
 def test_grid_figure_draws_every_cell_with_its_outcome(tmp_path):
     df = trajectories()
     fig = trajectory_plots.grid_figure(df, "width", "lr")
-    assert fig.titles == ["width 8, lr 0.1: progressive sharpening", "width 16, lr 0.1: progressive sharpening",
-                          "width 8, lr 0.2: edge of stability", "width 16, lr 0.2: edge of stability"]
+    assert fig.titles == ["width 8, lr 0.1\nprogressive sharpening", "width 16, lr 0.1\nprogressive sharpening",
+                          "width 8, lr 0.2\nedge of stability", "width 16, lr 0.2\nedge of stability"]
     assert fig.outcomes.equals(dynamics.classify(df).reset_index(drop=True)[fig.outcomes.columns])
     ax = fig.axes[2]  # width 8, lr 0.2
     lines = ax.get_lines()
@@ -40,7 +40,7 @@ def test_grid_figure_draws_every_cell_with_its_outcome(tmp_path):
     assert np.allclose(lines[2].get_ydata(), 10.0) and lines[2].get_linestyle() == "--"
     assert np.allclose(lines[0].get_ydata(), df[(df["cell"] == "w8_lr0.2") & (df["seed"] == 0)
                                                 & (df["quantity"] == "lambda_max")]["value"])
-    assert ax.get_xscale() == "symlog"
+    assert ax.get_xscale() == "symlog" and ax.get_ylim()[1] == pytest.approx(1.15 * 10.01)
     fig.savefig(tmp_path / "grid.png")
 
 

@@ -8,7 +8,9 @@
   each panel titled and framed in the colour of the cell's outcome (`analysis.dynamics.classify`).
 
 The step axis is symlog (linear below 1, logarithmic above), since the tracked steps are log-spaced
-from 0. Non-finite values (a diverged run's last points) are left out of the lines. The Figure's
+from 0. Non-finite values (a diverged run's last points) are left out of the lines. A lambda_max
+panel reaches up to its largest value or the lowest 2 / lr, whichever is higher (a 2 / lr raised
+tenfold by the schedule's decay runs off its top). The Figure's
 `titles` list the panels' titles; `grid_figure`'s `outcomes` holds the classification.
 """
 
@@ -44,6 +46,9 @@ def _draw(ax, runs: pd.DataFrame, quantity: str, colors: dict) -> None:
     if quantity == "lambda_max":
         limit = _series(runs[runs["seed"] == runs["seed"].min()], "two_over_lr")
         ax.plot(limit["step"], limit["value"], color="k", ls="--", lw=0.9, drawstyle="steps-post")
+        values = _series(runs, quantity)["value"]
+        if len(values) and len(limit):
+            ax.set_ylim(min(0.0, float(values.min())), 1.15 * max(float(values.max()), float(limit["value"].min())))
     if quantity == "lr_lambda_max":
         ax.axhline(2.0, color="k", ls="--", lw=0.9)
     ax.set_xscale("symlog", linthresh=1.0)
@@ -106,7 +111,7 @@ def grid_figure(trajectories: pd.DataFrame, load: str = "width", temperature: st
                 continue
             _draw(ax, part, quantity, colors)
             outcome = outcomes.loc[part["cell"].iloc[0], "outcome"]
-            titles.append(f"{load} {x:g}, {temperature} {y:g}: {outcome.replace('_', ' ')}")
+            titles.append(f"{load} {x:g}, {temperature} {y:g}\n{outcome.replace('_', ' ')}")
             ax.set_title(titles[-1], fontsize=7, loc="left", color=OUTCOME_COLORS[outcome])
             for side in ax.spines.values():
                 side.set_edgecolor(OUTCOME_COLORS[outcome])

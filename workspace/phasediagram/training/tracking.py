@@ -53,7 +53,6 @@ from phasediagram.spec.tracking import TrackOptions
 from phasediagram.storage.checkpoints import atomic_write_json
 
 COLUMNS = ("step", "epoch", "quantity", "value")
-BESIDE = {"lambda_max": ("two_over_lr", "lr_lambda_max")}  # stored beside a quantity
 DERIVED = ("lambda_max", "trace", "grad_norm", "noise_scale")  # quantities that need the gradient
 
 
@@ -114,7 +113,8 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, options: T
                                          dtype).value
     if "grad_norm" in want or "noise_scale" in want:
         big = float(torch.linalg.vector_norm(op.gradient())) ** 2
-        out.update({"grad_norm": math.sqrt(big)} if "grad_norm" in want else {})
+        if "grad_norm" in want:
+            out["grad_norm"] = math.sqrt(big)
         if "noise_scale" in want:
             out["noise_scale"] = noise_scale(model, x, y, options.noise_batch, big, loss)
     return out, start
