@@ -15,11 +15,14 @@ import math
 import pytest
 import torch
 
+from phasediagram import resolve
+from phasediagram.data import sequences
 from phasediagram.data.datasets import Split
 from phasediagram.errors import SpecError
 from phasediagram.metrics import DIAGNOSTIC, METRICS, STDERR, VALUE, MetricData, parse_key
 from phasediagram.models import families as models
 from phasediagram.options import Rule, rules
+from phasediagram.spec.experiment import ExperimentSpec
 
 
 def tiny_data() -> MetricData:
@@ -106,6 +109,47 @@ def test_every_value_is_finite_at_the_default_options(name, arch, tmp_path):
             assert metric.quantity_kind(q) == DIAGNOSTIC, q
         else:
             assert metric.quantity_kind(q) == VALUE, q
+
+
+TOKEN_DATASETS = {"transformer": "modular_addition", "transformer_seq": "reversal"}
+# what a spec check refuses: weight matching cannot trace attention's head split; the metrics of one label
+# per example (per-example gradients, losses, a class's probability) cannot take token logits (N, C, T)
+REFUSED = {("aligned_barrier", "transformer"), ("aligned_barrier", "transformer_seq"), ("fisher", "transformer_seq"),
+           ("local_energy", "transformer_seq"), ("loss_slice", "transformer_seq")}
+
+
+def token_data(arch: str) -> MetricData:
+    """Modular addition mod 7 (49 pairs, V = 9) for `transformer`; for `transformer_seq` the reversal of strings
+    of 3 of 4 symbols (V = 5), labels on the last 3 of 6 positions."""
+    x, y = sequences.modular_arithmetic(7) if arch == "transformer" else sequences.reversal(4, 3, 48, seed=0)
+    x = x.to(torch.float64)
+    return MetricData(Split(x[:32], y[:32]), Split(x[32:48], y[32:48]), 9 if arch == "transformer" else 5)
+
+
+@pytest.mark.parametrize("arch", sorted(TOKEN_DATASETS))
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_metric_measures_the_transformer_families_or_refuses_them_when_the_spec_is_checked(name, arch,
+                                                                                                 tmp_path):
+    """Never a silent missing panel: a spec naming the metric on the family and its token dataset is refused
+    in one line naming the metric (exactly the pairs of REFUSED), or the metric's values are finite and hold its
+    panels' quantities."""
+    metric = METRICS[name]
+    spec = ExperimentSpec(arch=arch, dataset=TOKEN_DATASETS[arch], widths=(8,), train_fractions=(0.5,),
+                          metrics=(name,))
+    if (name, arch) in REFUSED:
+        with pytest.raises(SpecError, match=f"{name} cannot measure arch {arch}") as info:
+            resolve.check(spec)
+        assert "\n" not in str(info.value)
+        return
+    resolve.check(spec)
+    data = token_data(arch)
+    torch.manual_seed(0)
+    models_ = [models.create(arch, 8, data.train.x.shape[1:], data.n_classes).double()
+               for _ in range(1 if metric.kind == "single" else 2)]
+    out = metric.compute(*models_, dataclasses.replace(data, state_dir=tmp_path), options_for(name),
+                         torch.Generator().manual_seed(1))
+    assert out and all(isinstance(v, float) and math.isfinite(v) for v in out.values()), out
+    assert {p.quantity for p in metric.panels} <= {parse_key(k)[1] for k in out}
 
 
 def rule_cases(rule: Rule) -> tuple[list, list]:

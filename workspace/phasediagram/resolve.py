@@ -6,9 +6,11 @@ method registries, checks what needs them:
 - `arch` and `dataset` are registered or import paths (a plugged-in dataset is loaded and checked,
   and a plugged-in family, or a family on a plugged-in dataset, is built at the smallest width and
   must map the dataset's inputs to logits of its class count);
+- a token family (`transformer`, `transformer_seq`) and a token dataset (`modular_addition`,
+  `reversal`) go together, the family's logits fitting the dataset's labels;
 - `optimizer`, `regularizer` and every metric name are registered, and each metric can measure
-  the family (it names the family, if it names any, and its `check_model` accepts a plugged-in
-  family's model);
+  the family (it names the family, if it names any, and its `check_model` accepts the family's
+  model at the smallest width);
 - every batch size fits the training set at every train fraction;
 - optimizer, regularizer and metric options build their option objects (`SpecError` otherwise), and
   those whose options name parts of the model (a `check_model(model)` method: CKA's layers) check
@@ -26,11 +28,13 @@ import torch
 
 from phasediagram.data import datasets
 from phasediagram.data.datasets import DATASETS
+from phasediagram.data.sequences import LABELS as DATASET_LABELS
 from phasediagram.errors import SpecError
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS, method_options
 from phasediagram.metrics import METRICS
 from phasediagram.models import families
 from phasediagram.models.families import MODELS
+from phasediagram.models.transformer import LABELS as FAMILY_LABELS
 from phasediagram.plugins import is_import_path
 from phasediagram.spec.experiment import ExperimentSpec
 
@@ -45,10 +49,23 @@ def _registered_or_plugged(field_name: str, value: str, registry: Mapping) -> No
         _registered(field_name, value, registry)
 
 
+def _tokens_fit(arch: str, dataset: str) -> None:
+    """`SpecError` unless a token family's logits fit a token dataset's labels (a plugged-in side is the user's)."""
+    fits, has = FAMILY_LABELS.get(arch), DATASET_LABELS.get(dataset)
+    if fits == has or (is_import_path(arch) or is_import_path(dataset)):
+        return
+    if fits is None:
+        raise SpecError("arch", f"dataset {dataset} is token sequences with {has}: it needs arch "
+                                f"{' or '.join(a for a, f in FAMILY_LABELS.items() if f == has)}, not {arch}")
+    raise SpecError("arch", f"{arch} takes token sequences with {fits}: a dataset of them "
+                            f"({', '.join(d for d, h in DATASET_LABELS.items() if h == fits)}), not {dataset}")
+
+
 def check(spec: ExperimentSpec) -> ExperimentSpec:
     """`spec` itself once every name it holds is registered and every option it sets is valid."""
     _registered_or_plugged("arch", spec.arch, MODELS)
     _registered_or_plugged("dataset", spec.dataset, DATASETS)
+    _tokens_fit(spec.arch, spec.dataset)
     facts = datasets.info(spec.dataset, spec.data_root)
     model = None
     if is_import_path(spec.arch) or is_import_path(spec.dataset):
@@ -69,7 +86,10 @@ def check(spec: ExperimentSpec) -> ExperimentSpec:
         measured = METRICS[name].families
         if measured is not None and spec.arch not in measured:
             raise SpecError("metrics", f"{name} measures only {', '.join(measured)} models, not arch {spec.arch}")
-        if METRICS[name].check_model is not None and is_import_path(spec.arch):
+        if METRICS[name].check_model is not None:
+            if model is None:
+                with torch.random.fork_rng(devices=[]):
+                    model = families.create(spec.arch, min(spec.widths), facts.input_shape, facts.n_classes).eval()
             p = next(model.parameters())
             try:
                 METRICS[name].check_model(model, torch.zeros((2, *facts.input_shape), dtype=p.dtype, device=p.device))

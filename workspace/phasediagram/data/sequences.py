@@ -51,3 +51,4 @@ def reversal_task() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tens
 
 
 GENERATED = {"modular_addition": modular_addition, "reversal": reversal_task}  # name -> (train, test or None, V)
+LABELS = {"modular_addition": "one label per sequence", "reversal": "a label per position"}

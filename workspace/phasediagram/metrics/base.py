@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from phasediagram.data.datasets import Split
 from phasediagram.data.sequences import IGNORE
+from phasediagram.errors import SpecError
 from phasediagram.models.modes import eval_mode
 
 NO_SPLIT = "-"
@@ -140,6 +141,17 @@ def metric_data(data, like: nn.Module | None = None) -> MetricData:
         p = next(like.parameters())
         split = split.to(p.device, p.dtype)
     return MetricData(split, split, int(split.y.max()) + 1)
+
+
+def per_example_logits(model: nn.Module, example: torch.Tensor) -> None:
+    """A `check_model` for the metrics that take one label per example (per-example losses, a class's
+    probabilities): `SpecError` on "arch" when `model` maps the inputs `example` to logits other than
+    (N, C), e.g. the token logits (N, C, T) of `transformer_seq`."""
+    with torch.no_grad(), eval_mode(model):
+        shape = tuple(model(example).shape)
+    if len(shape) != 2:
+        raise SpecError("arch", f"its logits have shape {shape}; the metric needs one label per example, "
+                                "logits (N, C)")
 
 
 def key(split: str, quantity: str, coord: float | None = None) -> str:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from phasediagram.metrics.base import Metric, MetricData, Panel, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key, per_example_logits
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics.hvp import gradients
 from phasediagram.options import choice, integer, out_of_range, real, validate
@@ -167,5 +167,6 @@ METRIC = Metric(
     panels=(Panel("fisher", "train", "Fisher metric 1/2 log det JJ^T (InfoMCR)", cmap="magma"),),
     description="InfoMCR observed-Fisher metric: mean over batches of sum log singular values of per-example gradients",
     diagnostics=("fisher_floored",),
+    check_model=per_example_logits,
     test_options={"n_batches": 2, "batch_size": 10},
 )

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from phasediagram.accel import ensemble_models
 from phasediagram.data.datasets import Split
-from phasediagram.metrics.base import Metric, MetricData, Panel, key
+from phasediagram.metrics.base import Metric, MetricData, Panel, key, per_example_logits
 from phasediagram.models.modes import eval_mode
 from phasediagram.options import choice, integer, is_real, real, rule, subset, validate
 
@@ -215,5 +215,6 @@ METRIC = Metric(
             Panel("local_energy", "test", "local energy dE at sigma_value (test loss)", cmap="magma")),
     description="Pittorino et al. local energy under multiplicative Gaussian weight noise, curve over sigma",
     stderrs=("local_energy_se", "local_energy_err_se"),
+    check_model=per_example_logits,
     test_options={"n_samples": 3, "n_examples": 64},
 )

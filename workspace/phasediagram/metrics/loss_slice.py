@@ -59,7 +59,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from phasediagram.metrics.base import NO_SPLIT, Metric, MetricData, Panel, key
+from phasediagram.metrics.base import NO_SPLIT, Metric, MetricData, Panel, key, per_example_logits
 from phasediagram.metrics.hessian import EIGENVECTOR_OPTIONS, hessian_batch, top_eigenvectors
 from phasediagram.metrics.local_energy import split_loss_fn, subset_of
 from phasediagram.models.modes import eval_mode
@@ -223,6 +223,7 @@ METRIC = Metric(
     description="loss slices L(w + t d) - L(w) along the top Hessian eigenvector and filter-normalised random "
                 "directions (1D, 2D), with the rise at the radius and the curvature at 0",
     diagnostics=("slice_eig_converged", "hvp_slice"),
+    check_model=per_example_logits,
     test_options={"slices": ("eigen", "eigen_bottom", "random", "random2d"), "steps": 2, "steps_2d": 1,
                   "n_examples": 64, "hessian_batch_size": 64, "lanczos_iters": 10},
 )

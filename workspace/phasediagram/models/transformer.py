@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 HEAD_DIM = 16
+LABELS = {"transformer": "one label per sequence", "transformer_seq": "a label per position"}  # what each family fits
 
 
 def heads_of(width: int) -> int:
