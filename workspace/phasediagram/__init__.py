@@ -25,6 +25,7 @@ _HOMES = {
     "ExperimentSpec": "phasediagram.spec.experiment",
     "Cell": "phasediagram.spec.experiment",
     "PRESET_SPECS": "phasediagram.spec.presets",
+    "TrackOptions": "phasediagram.spec.tracking",
     "load_spec": "phasediagram.resolve",
     "check_spec": "phasediagram.resolve",
     "MODELS": "phasediagram.models.families",
@@ -40,6 +41,9 @@ _HOMES = {
     "phase_figure": "phasediagram.analysis.plots",
     "phase_map": "phasediagram.analysis.plots",
     "save_figure": "phasediagram.analysis.plots",
+    "TrajectoryRule": "phasediagram.analysis.dynamics",
+    "trajectory_figure": "phasediagram.analysis.trajectory_plots",
+    "trajectory_grid": "phasediagram.analysis.trajectory_plots",
     "Study": "phasediagram.study",
     "diagnose": "phasediagram.diagnosis",
     "top_eigenvectors": "phasediagram.metrics.hessian",
@@ -48,7 +52,8 @@ _HOMES = {
     "LocalPool": "phasediagram.execution.executors",
     "Submitit": "phasediagram.execution.executors",
 }
-_ALIASES = {"check_spec": "check", "load_table": "read"}
+_ALIASES = {"check_spec": "check", "load_table": "read", "trajectory_figure": "cell_figure",
+            "trajectory_grid": "grid_figure"}
 
 __all__ = sorted(_HOMES)
 
