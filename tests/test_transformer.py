@@ -110,3 +110,20 @@ def test_hessian_top_eigenvalue_equals_the_dense_one(arch):
     exact = np.linalg.eigvalsh(h.numpy())[-1]
     top = linalg.lanczos_eigs(op, op.dim, k=1, max_iter=200, tol=1e-12, generator=torch.Generator().manual_seed(0))
     assert abs(top.top[0] - exact) / abs(exact) < 1e-8
+
+
+def test_transformer_seq_learns_reversal_under_the_token_cross_entropy():
+    """AdamW on the token cross-entropy (the training loop's F.cross_entropy on logits (N, V, T)): 60 steps
+    of batch 64 on strings of 3 of 4 symbols take the token accuracy on new strings from chance (25 %) past 99 %."""
+    from phasediagram.methods import OPTIMIZERS
+    from phasediagram.methods.adamw import AdamWOptions
+
+    torch.manual_seed(0)
+    model = families.create("transformer_seq", 16, (6,), 5)
+    method = OPTIMIZERS["adamw"].build(model, lr=1e-2, momentum=0.9, weight_decay=0.0, epochs=1, seed=0,
+                                       options=AdamWOptions(warmup_steps=10))
+    x, y = sequences.reversal(4, 3, 64 * 60, seed=3)
+    for step in range(60):
+        method.step(x[64 * step:64 * (step + 1)].float(), y[64 * step:64 * (step + 1)], epoch=0)
+    xt, yt = sequences.reversal(4, 3, 512, seed=4)
+    assert evaluate(model, Split(xt.float(), yt))[1] > 99.0
