@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a named spec (demo: the embedded MNIST-1D ResNet grid)")
     s.add_argument("--spec", help="a JSON or YAML spec file")
     s.add_argument("--name", help="experiment name (folder under checkpoint/ and bash_scripts/)")
-    s.add_argument("--arch", help="model family: mlp, resnet1d, resnet18, or an import path module:function")
-    s.add_argument("--dataset", help="mnist1d (generated locally), cifar10, cifar100, svhn, or an import path "
-                                      "module:function")
+    s.add_argument("--arch", help="model family: mlp, resnet1d, resnet18, transformer, transformer_seq, or an import "
+                                   "path module:function")
+    s.add_argument("--dataset", help="mnist1d, modular_addition, reversal (generated locally), cifar10, cifar100, "
+                                      "svhn, or an import path module:function")
     s.add_argument("--data-root", help="folder holding cifar-10-batches-py, cifar-100-python or the SVHN .mat files")
     s.add_argument("--widths", nargs="+", help="load axis: model widths, or a preset name")
     s.add_argument("--batch-sizes", nargs="+", help="temperature axis: batch sizes, or a preset name")
