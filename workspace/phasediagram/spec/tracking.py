@@ -29,7 +29,7 @@ class TrackOptions:
     log_points: int = integer(20, low=0)  # steps log-spaced over 1..T (0: none)
     every_epoch: bool = flag(True)  # the end of every epoch
     every_steps: int | None = integer(None, low=1, optional=True)  # every this many steps (null: none)
-    subset: int | None = integer(256, low=1, optional=True)  # examples of the training set (null: all)
+    subset: int | None = integer(128, low=1, optional=True)  # examples of the training set (null: all)
     lanczos_iters: int = integer(20, low=1)  # most Lanczos steps (Hessian-vector products) for lambda_max
     tol: float = real(1e-3, low=0, high=1, open_low=True)  # lambda_max's tolerance (gap rule), relative
     trace_probes: int = integer(10, low=1)  # Hutchinson probes for `trace`
