@@ -1,6 +1,6 @@
 """How long a short local run takes with its pool's workers forked from the fork server or spawned.
 
-`jobs.start_pool` starts one fork server, which imports torch, this package and torch._dynamo
+`local_pool.start_pool` starts one fork server, which imports torch, this package and torch._dynamo
 (`pool_preload`) while the CLI checks the dataset, and forks each worker from it; where nothing
 forks, each worker is spawned and imports torch and this package itself, and torch._dynamo when
 it builds its first optimizer. On a small machine those imports share the cores with the CLI's own

@@ -32,13 +32,13 @@ def _run_cli(root: Path, epoch_log: Path | None = None) -> None:
     if epoch_log is not None:
         plain = jobs.run_job
 
-        def logged(spec, layout, job, device="cpu", log=print, on_epoch=None):
+        def logged(spec, layout, job, device="cpu", log=print, on_epoch=None, models=None):
             def note(cell, seed, epoch):
                 with open(epoch_log, "a") as f:
                     f.write(f"{cell.id} {seed} {epoch}\n")
                     f.flush()
                     os.fsync(f.fileno())
-            return plain(spec, layout, job, device, log, note)
+            return plain(spec, layout, job, device, log, note, models)
 
         jobs.run_job = logged
     sys.stdout = open(os.devnull, "w")

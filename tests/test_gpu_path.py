@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from phasediagram import cli
 from phasediagram.errors import SpecError
-from phasediagram.execution import cluster, executors, jobs, runtime, worker
+from phasediagram.execution import cluster, executors, inprocess, jobs, local_pool, runtime, worker
 from phasediagram.execution.scripts import SlurmOptions, bash_script, slurm_script
 from phasediagram.methods.sgd import SGD
 from phasediagram.spec.experiment import ExperimentSpec
@@ -91,14 +91,9 @@ def recorded(monkeypatch):
         calls.append((job.id, str(device)))
         return "done"
 
-    def run_cell_metrics(spec, layout, stages, cell, device="cpu", log=print):
-        calls.extend((f"{stage}:{cell.id}", str(device)) for stage in stages)
-        return {stage: "done" for stage in stages}
-
     monkeypatch.setattr(jobs, "run_job", run_job)
-    monkeypatch.setattr(jobs, "run_cell_metrics", run_cell_metrics)
-    monkeypatch.setattr(cluster, "run_job", run_job)
-    monkeypatch.setattr(executors, "check_device", runtime.parse_device)
+    monkeypatch.setattr(inprocess, "check_device", runtime.parse_device)
+    monkeypatch.setattr(local_pool, "check_device", runtime.parse_device)
     return calls
 
 
@@ -131,9 +126,9 @@ class FakePool:
 
     def submit(self, fn, *args):
         future = Future()
-        if fn is jobs._pool_ready:
+        if fn is local_pool._pool_ready:
             self.initializer(*self.initargs)
-            self.devices.append(jobs._worker_device)
+            self.devices.append(local_pool._worker_device)
             future.set_result(None)
         else:
             future.set_result(fn(*args))
@@ -153,12 +148,12 @@ def test_local_pool_pins_its_workers_to_the_gpus(tiny, recorded, monkeypatch):
     pinned, threads = [], []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
-    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(jobs, "configure_worker", threads.append)
-    monkeypatch.setattr(jobs, "exit_with", lambda pid: None)
-    monkeypatch.setattr(jobs, "freeze_alive", lambda: None)
-    monkeypatch.setattr(jobs, "ProcessPoolExecutor", FakePool)
-    monkeypatch.setattr(jobs, "_worker_device", "cpu")
+    monkeypatch.setattr(local_pool.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(local_pool, "configure_worker", threads.append)
+    monkeypatch.setattr(local_pool, "exit_with", lambda pid: None)
+    monkeypatch.setattr(local_pool, "freeze_alive", lambda: None)
+    monkeypatch.setattr(local_pool, "ProcessPoolExecutor", FakePool)
+    monkeypatch.setattr(local_pool, "_worker_device", "cpu")
     FakePool.made.clear()
     reports = executors.LocalPool(device="cuda", workers_per_gpu=2).run(spec, layout, ["train", "loss_acc"])
     (pool,) = FakePool.made

@@ -22,7 +22,8 @@ from phasediagram import cli
 from phasediagram.analysis import table
 from phasediagram.data import datasets as data
 from phasediagram.errors import SpecError
-from phasediagram.execution.jobs import run_inprocess, stage_jobs
+from phasediagram.execution.inprocess import run_inprocess
+from phasediagram.execution.jobs import stage_jobs
 from phasediagram.methods import OPTIMIZERS, REGULARIZERS, build_method
 from phasediagram.methods.infomcr import InfoMCR, InfoMCROptions
 from phasediagram.methods.nrs import NRS, NRSOptions

@@ -10,16 +10,9 @@ import torch
 
 from phasediagram import cli
 from phasediagram.analysis import table
-from phasediagram.execution.jobs import (
-    Job,
-    dataset_for,
-    run_cell_metrics,
-    run_inprocess,
-    run_job,
-    run_pool,
-    stage_jobs,
-    start_pool,
-)
+from phasediagram.execution.inprocess import run_inprocess
+from phasediagram.execution.jobs import Job, dataset_for, run_job, run_jobs, stage_jobs
+from phasediagram.execution.local_pool import run_pool, start_pool
 from phasediagram.metrics.base import evaluate
 from phasediagram.storage import checkpoints, results
 from phasediagram.storage.layout import Layout
@@ -178,8 +171,8 @@ def test_metric_job_needs_trained_checkpoints(tiny):
 
 
 def test_a_cells_metric_jobs_load_each_checkpoint_once(tiny, monkeypatch, tmp_path_factory):
-    """`run_cell_metrics` (the pool's per-cell task) loads each seed's final checkpoint once for all the
-    cell's metric stages and writes the same results as one `run_job` per stage."""
+    """`run_jobs` over a cell's metric jobs (a pool worker's task) loads each seed's final checkpoint once
+    for all the cell's metric stages and writes the same results as one `run_job` per stage."""
     _, layout = tiny
     spec = tiny_spec(metrics=("loss_acc", "dist", "hessian"), metric_options={"hessian": {"density_iters": 10}})
     cell = spec.cells()[0]
@@ -188,10 +181,10 @@ def test_a_cells_metric_jobs_load_each_checkpoint_once(tiny, monkeypatch, tmp_pa
     real = train.load_model
     monkeypatch.setattr(train, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
     stages = ["loss_acc", "dist", "hessian"]
-    outcomes = run_cell_metrics(spec, layout, stages, cell)
+    outcomes = {job.stage: outcome for job, outcome in run_jobs(spec, layout, [Job(s, cell) for s in stages])}
     assert outcomes == {s: "done" for s in stages}
     assert sorted(loads) == sorted(layout.checkpoint(cell, seed, "final") for seed in spec.seeds)
-    assert run_cell_metrics(spec, layout, stages, cell) == {s: "skipped" for s in stages}
+    assert [outcome for _, outcome in run_jobs(spec, layout, [Job(s, cell) for s in stages])] == ["skipped"] * 3
     monkeypatch.setattr(train, "load_model", real)
     other = Layout(tmp_path_factory.mktemp("per_stage"), spec.name)
     for seed in spec.seeds:  # the same checkpoints, one job per stage
@@ -219,9 +212,9 @@ def test_no_progress_bar_and_no_tqdm_lock_without_a_terminal(monkeypatch, capsys
 
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     monkeypatch.setattr(tqdm, "get_lock", classmethod(taken))
-    with jobs._progress(3, "x") as bar:
+    with jobs.progress(3, "x") as bar:
         bar.update()
-    jobs._write("a line")
+    jobs.write_line("a line")
     assert "a line" in capsys.readouterr().out
 
     class Terminal(io.StringIO):
@@ -230,7 +223,7 @@ def test_no_progress_bar_and_no_tqdm_lock_without_a_terminal(monkeypatch, capsys
 
     monkeypatch.undo()
     monkeypatch.setattr(sys, "stderr", Terminal())
-    bar = jobs._progress(3, "x")
+    bar = jobs.progress(3, "x")
     assert isinstance(bar, tqdm)
     bar.close()
 

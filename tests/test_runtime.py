@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from phasediagram.execution import jobs, runtime
+from phasediagram.execution import local_pool, runtime
 
 # In a fresh interpreter: minor page faults of 40 rounds of malloc + touch + free of 3, 5 and 1 MiB
 # blocks (what a training step does with activations), before and after `keep_freed_memory`.
@@ -102,7 +102,7 @@ def test_pool_workers_are_forks_of_one_server_that_imported_torch_optims_lazy_im
     """Where the platform has a fork server, both workers are its children, not this process's, and start with
     torch, this package and torch._dynamo (which torch.optim imports at a process's first optimizer) imported,
     and those imports exempt from garbage collection (`freeze_alive`)."""
-    with jobs.start_pool(2) as pool:
+    with local_pool.start_pool(2) as pool:
         states = set(pool.map(_worker_state, range(8)))
     assert len({pid for pid, _, _, _ in states}) == 2
     parents = {parent for _, parent, _, _ in states}
@@ -112,7 +112,7 @@ def test_pool_workers_are_forks_of_one_server_that_imported_torch_optims_lazy_im
 
 def test_pool_spawns_its_workers_where_nothing_forks(monkeypatch):
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
-    with jobs.start_pool(1) as pool:
+    with local_pool.start_pool(1) as pool:
         _, parent, _, frozen = pool.submit(_worker_state).result()
     assert parent == os.getpid() and frozen > TORCH_OBJECTS
 
@@ -192,9 +192,9 @@ def test_in_forked_process_child_exits_when_its_parent_died(tmp_path):
 # A pool's owner (a script without a main guard) that prints its workers' pids, then sleeps until it is killed.
 POOL_OWNER = textwrap.dedent("""
     import multiprocessing, time
-    from phasediagram.execution import jobs
+    from phasediagram.execution import local_pool
 
-    pool = jobs.start_pool(2)  # its workers start here
+    pool = local_pool.start_pool(2)  # its workers start here
     print(*sorted(p.pid for p in multiprocessing.active_children()), flush=True)
     time.sleep(600)
 """)

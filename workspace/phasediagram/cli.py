@@ -25,7 +25,8 @@ from phasediagram.catalog import method_table, metric_table
 from phasediagram.diagnosis import diagnose
 from phasediagram.errors import INTERRUPTED, CorruptFile, SpecError
 from phasediagram.execution.executors import Executor, InProcess, LocalPool, Submitit, pool_size
-from phasediagram.execution.jobs import TRAIN, dataset_for, start_pool
+from phasediagram.execution.jobs import TRAIN, dataset_for
+from phasediagram.execution.local_pool import start_pool
 from phasediagram.execution.runtime import (
     check_device,
     freeze_alive,
@@ -255,7 +256,7 @@ def slurm_options(args, root: Path) -> SlurmOptions:
 
 
 def uses_pool(args) -> bool:
-    """Whether `--run` runs the jobs in a local pool of worker processes (`jobs.run_pool`): one of
+    """Whether `--run` runs the jobs in a local pool of worker processes (`local_pool.run_pool`): one of
     several workers (cores, or GPUs x --workers-per-gpu)."""
     return args.executor == "local" and pool_size(args.workers, args.device or "cpu", args.workers_per_gpu) > 1
 

@@ -28,22 +28,23 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
 
 from phasediagram.errors import CorruptFile, JobsFailed, SpecError, SubmitError
-from phasediagram.execution.failures import JobFailure, attempt
+from phasediagram.execution.failures import JobFailure
 from phasediagram.execution.jobs import (
     TRAIN,
     Job,
     RunReport,
-    _progress,
-    _write,
     cost_order,
     is_done,
-    run_job,
+    progress,
+    run_jobs,
     stage_jobs,
+    write_line,
 )
 from phasediagram.execution.runtime import configure_worker, freeze_alive
 from phasediagram.execution.scripts import SlurmOptions, check_text, log_dir, time_minutes
@@ -83,13 +84,14 @@ class StageTask(submitit.helpers.Checkpointable):
         layout = Layout.from_experiment_dir(self.experiment_dir)
         spec = load_spec(layout.spec_path)  # the spec on disk, not a pickled copy
         known = {c.id for c in spec.cells()}
-        outcomes, failures = [], []
-        for job in self.jobs():
+        jobs = self.jobs()
+        for job in jobs:
             if job.cell.id not in known:
                 raise SpecError("cell", f"{job.cell.id} is not a cell of {layout.spec_path}")
             if job.stage == TRAIN:
                 self._say_resume(spec, layout, job.cell)
-            outcome = attempt(job.id, lambda job=job: run_job(spec, layout, job, self.device), fatal=())
+        outcomes, failures = [], []
+        for job, outcome in run_jobs(spec, layout, jobs, self.device, fatal=()):
             if isinstance(outcome, JobFailure):  # report it and go on with the task's other jobs
                 print(outcome.trace, file=sys.stderr, end="", flush=True)
                 failures.append(str(outcome))
@@ -291,7 +293,7 @@ def wait(spec, layout, pairs: list[tuple[StageTask, object]], report: RunReport,
     """Wait for submitted tasks, with a progress bar over jobs; `submit_more()` refills a throttled queue."""
     total = sum(len(t.cells) for t, _ in pairs) + (submit_more.remaining() if submit_more else 0)
     pending = list(pairs)
-    with _progress(total, desc) as bar:
+    with progress(total, desc) as bar:
         while pending or (submit_more and submit_more.remaining()):
             if submit_more:
                 pending += submit_more(len(pending))
@@ -304,7 +306,7 @@ def wait(spec, layout, pairs: list[tuple[StageTask, object]], report: RunReport,
                     collect(spec, layout, task, handle, report, vanished)
                     bar.update(len(task.cells))
                     for job, _ in report.failed[n_failed:]:
-                        _write(f"{desc}: FAILED {job.id} (task {handle.job_id})", file=sys.stderr)
+                        write_line(f"{desc}: FAILED {job.id} (task {handle.job_id})", file=sys.stderr)
                 else:
                     still.append((task, handle))
             pending = still
@@ -367,6 +369,19 @@ def run_submitit(spec: ExperimentSpec, layout: Layout, jobs: list[Job], executor
                   "command skips the jobs that have finished", file=sys.stderr)
         raise
     return report
+
+
+@dataclass
+class Submitit:
+    """The submitit backend: Slurm job arrays ("slurm") or local submitit processes ("submitit-local"),
+    waited for (`run_submitit`); `options` give their resources and device."""
+
+    kind: str = "slurm"
+    options: SlurmOptions = field(default_factory=SlurmOptions)
+
+    def run(self, spec: ExperimentSpec, layout: Layout, stages: list[str]) -> dict[str, RunReport]:
+        return {stage: run_submitit(spec, layout, stage_jobs(spec, stage), self.kind, self.options, desc=stage)
+                for stage in stages}
 
 
 # --------------------------------------------------------------------------- sbatch chain

@@ -1,27 +1,24 @@
-"""Jobs: the deterministic job list of a stage, how one job runs, and the executors.
+"""Jobs: the deterministic job list of a stage, how one job runs (`run_job`), the one loop every
+executor runs its jobs with (`run_jobs`), and their reports.
 
 A stage is "train" or a metric name; it has one job per cell, in `spec.cells()` order, so array
 index i always means the same job. A job whose valid result exists is skipped, so every job is
-idempotent and rerunning a stage resumes it. Executors run a job list in this process, in a
-local pool of worker processes (one-thread CPU workers, or workers pinned to GPUs), or through
-submitit (see `cluster`).
+idempotent and rerunning a stage resumes it. The executors (`executors`) run job lists in this
+process (`inprocess`), in a local pool of worker processes (`local_pool`) or through submitit
+(`cluster`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import multiprocessing.forkserver
 import os
 import socket
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
-from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -30,16 +27,7 @@ from phasediagram.data import datasets as data_mod
 from phasediagram.errors import MissingCheckpoint, SpecError
 from phasediagram.execution.failures import FATAL, JobFailure, attempt
 from phasediagram.execution.runtime import (
-    configure_worker,
     deterministic_algorithms,
-    exit_with,
-    freeze_alive,
-    interrupt_tasks_only,
-    interruptible_task,
-    interrupts_deferred,
-    interrupts_ignored,
-    main_script_withheld,
-    pool_slots,
 )
 from phasediagram.measure import metric_rows
 from phasediagram.metrics import METRICS
@@ -181,16 +169,18 @@ def record_failure(layout: Layout, job: Job, exc: BaseException) -> None:
         "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
 
 
-def run_cell_metrics(spec: ExperimentSpec, layout: Layout, stages: list[str], cell: Cell,
-                     device: str | torch.device = "cpu", log=print) -> dict[str, str | Exception]:
-    """Run the metric jobs of `stages` for `cell` one after another, loading its checkpoints once for
-    all of them; {stage: 'skipped' | 'done' | the exception that job raised}."""
-    models = CellModels(spec, layout, cell, device, log)
-    outcomes: dict[str, str | Exception] = {}
-    for stage in stages:
-        job = Job(stage, cell)
-        outcomes[stage] = attempt(job.id, lambda job=job: run_job(spec, layout, job, device, log, models=models))
-    return outcomes
+def run_jobs(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device: str | torch.device = "cpu", log=print,
+             fatal: tuple[type[BaseException], ...] = FATAL, on_epoch=None) -> Iterator[tuple[Job, str | JobFailure]]:
+    """Run `jobs` one after another (`run_job`), yielding each with its outcome: 'done', 'skipped', or
+    the `JobFailure` it raised (an exception of a `fatal` type propagates: bad input stops the run).
+    The one loop of every executor (in-process, a pool worker's task, a submitit task, an array task).
+    The metric jobs of one cell in a row share its checkpoints, loaded once (`CellModels`)."""
+    models = None
+    for job in jobs:
+        if job.stage != TRAIN and (models is None or models.cell != job.cell):
+            models = CellModels(spec, layout, job.cell, device, log)
+        shared = None if job.stage == TRAIN else models
+        yield job, attempt(job.id, lambda: run_job(spec, layout, job, device, log, on_epoch, shared), fatal)
 
 
 def _train_job(spec, layout, cell, device, log, on_epoch=None) -> list[dict]:
@@ -259,7 +249,7 @@ def _metric_job(spec, layout, stage, cell, device, models: CellModels) -> list[d
                        lambda unit: layout.state_dir(stage, cell, unit))
 
 
-# --------------------------------------------------------------------------- executors
+# --------------------------------------------------------------------------- reports
 @dataclass
 class RunReport:
     done: int = 0
@@ -278,8 +268,8 @@ class RunReport:
             self.done += 1
 
 
-class _NoProgress:
-    """What `_progress` gives without a terminal: no tqdm object at all, so no tqdm lock is taken (a
+class NoProgress:
+    """What `progress` gives without a terminal: no tqdm object at all, so no tqdm lock is taken (a
     process killed while holding tqdm's multiprocessing lock would block its forked siblings forever)."""
 
     def update(self, n: int = 1) -> None:
@@ -295,154 +285,15 @@ class _NoProgress:
         return False
 
 
-def _progress(total: int, desc: str):
+def progress(total: int, desc: str):
     """A progress bar on a terminal (stderr a tty), else a no-op with the same methods."""
     if not sys.stderr.isatty():
-        return _NoProgress()
+        return NoProgress()
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def _write(message: str, file=None) -> None:
+def write_line(message: str, file=None) -> None:
     """A log line that does not break a progress bar: `tqdm.write` on a terminal, else print."""
     (tqdm.write if sys.stderr.isatty() else print)(message, file=file)
 
 
-def run_inprocess(spec: ExperimentSpec, layout: Layout, jobs: list[Job], device="cpu", desc="jobs") -> RunReport:
-    """Run `jobs` one after another here: a bar for the stage and, for training, one for the job's epochs."""
-    report = RunReport()
-    with _progress(len(jobs), desc) as bar:
-        for job in jobs:
-            epochs = _progress(spec.epochs * len(spec.seeds), job.cell.id) if job.stage == TRAIN else None
-            on_epoch = (lambda *_: epochs.update()) if epochs is not None else None
-            try:
-                report.add(job, attempt(job.id, lambda job=job: run_job(spec, layout, job, device, log=_write,
-                                                                        on_epoch=on_epoch)))
-            finally:
-                if epochs is not None:
-                    epochs.close()
-            bar.update()
-    return report
-
-
-_worker_device = "cpu"  # in a pool worker: the device its jobs run on (`_pool_init`)
-
-
-def _pool_init(owner: int, slots: list[tuple[str, int]], started) -> None:
-    """A pool worker: the next entry (device, threads) of `slots` (`started`: a shared count of the
-    workers started so far), its torch threads and, on a GPU, that GPU made the current device; torch
-    and this package, imported by now, frozen (`freeze_alive`); it ends when the pool's owner, process
-    `owner`, ends (`exit_with`), even if the owner was SIGKILLed; Ctrl-C interrupts its tasks only
-    (`interrupt_tasks_only`)."""
-    global _worker_device
-    with started.get_lock():
-        index = started.value
-        started.value += 1
-    _worker_device, threads = slots[index % len(slots)]
-    configure_worker(threads)
-    if _worker_device != "cpu":
-        torch.cuda.set_device(_worker_device)
-    exit_with(owner)
-    interrupt_tasks_only()
-    freeze_alive()
-
-
-def _pool_ready() -> None:
-    """A task that does nothing: submitting it makes the pool start a worker process."""
-
-
-def start_pool(workers: int | None = None, device: str = "cpu", workers_per_gpu: int = 1) -> ProcessPoolExecutor:
-    """A pool of worker processes whose imports start now, while the caller goes on (the CLI checks the
-    dataset meanwhile): on the CPU `workers` one-thread workers (default: one per core); on CUDA
-    `workers_per_gpu` workers per GPU ("cuda": every visible one; "cuda:N": that one), each pinned to
-    its GPU with its share of the cores (`runtime.pool_slots`). Shut it down with `shutdown` (or use
-    it as a context manager).
-
-    CPU pools: where the platform has a fork server, that one process imports torch, this package and
-    torch._dynamo (`pool_preload`) once, and the workers are forks of it; else each worker is spawned
-    and imports torch and this package itself, side by side with the caller's own work, and
-    torch._dynamo at its first optimizer (bench/bench_start.py compares them). Every worker starts
-    here, with the caller's main script withheld (`runtime.main_script_withheld`), so a script
-    without a main guard is not run again in the workers.
-    The fork server serves every pool of this process and ends with it; it starts with this process's
-    environment and standard streams at its first pool; it ignores Ctrl-C, and so does every worker
-    until it is ready (`runtime.interrupts_ignored`); Ctrl-C while the workers start takes effect once
-    they have (`runtime.interrupts_deferred`). CUDA pools are always spawned: a fresh
-    interpreter has initialised no CUDA whatever its parent did (a fork of a process that has is
-    unusable for CUDA), and the import time is small beside GPU jobs. Each worker takes the device
-    named by its start order and makes it its current CUDA device before it runs a job."""
-    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
-    slots = pool_slots(device, workers, workers_per_gpu, os.cpu_count() or 1, gpus)
-    forks = gpus == 0 and "forkserver" in multiprocessing.get_all_start_methods()
-    context = get_context("forkserver" if forks else "spawn")
-    if forks:
-        context.set_forkserver_preload([f"{__package__}.pool_preload"])
-        with interrupts_ignored():
-            multiprocessing.forkserver.ensure_running()
-    pool = ProcessPoolExecutor(len(slots), mp_context=context, initializer=_pool_init,
-                               initargs=(os.getpid(), slots, context.Value("i", 0)))
-    try:
-        with main_script_withheld(), interrupts_deferred() if forks else interrupts_ignored():
-            for _ in slots:  # each submit with no idle worker starts one
-                pool.submit(_pool_ready)
-    except KeyboardInterrupt:
-        pool.shutdown()  # waits for the workers to start and end: none is left to start without its owner
-        raise
-    return pool
-
-
-def _pool_task(spec_json: str, root: str, name: str, stages: list[str], cell: dict) -> dict[str, str | Exception]:
-    """In a pool worker: the train job (stages == ["train"]) or a cell's metric jobs; {stage: outcome}."""
-    import json
-
-    spec = ExperimentSpec.from_dict(json.loads(spec_json))
-    layout, cell_ = Layout(Path(root), name), Cell(**cell)
-    with interruptible_task():
-        if stages == [TRAIN]:
-            return {TRAIN: run_job(spec, layout, Job(TRAIN, cell_), _worker_device, log=print)}
-        return run_cell_metrics(spec, layout, stages, cell_, _worker_device, log=print)
-
-
-def run_pool(spec: ExperimentSpec, layout: Layout, stages: list[str], workers: int | None = None,
-             pool: ProcessPoolExecutor | None = None, device: str = "cpu",
-             workers_per_gpu: int = 1) -> dict[str, RunReport]:
-    """Run the jobs of `stages` in the workers of `start_pool(workers, device, workers_per_gpu)`
-    (default: one one-thread process per core), those of `pool` (from `start_pool`; the caller shuts
-    it down, and its devices apply) when given.
-
-    Training jobs go first, largest models first; as soon as a cell's training job ends, one task
-    runs all that cell's metric jobs (its checkpoints loaded once for all of them), so metrics
-    overlap with the rest of the training and the pool starts once for the whole study. Returns
-    a report per stage. On Ctrl-C the tasks not yet started are cancelled and KeyboardInterrupt
-    propagates (the running ones end by their own, `runtime.interrupt_tasks_only`).
-    """
-    reports = {stage: RunReport() for stage in stages}
-    metric_stages = [s for s in stages if s != TRAIN]
-    spec_json = spec.to_json()
-    total = sum(len(stage_jobs(spec, s)) for s in stages)
-    with (start_pool(workers, device, workers_per_gpu) if pool is None else contextlib.nullcontext(pool)) as pool, \
-            _progress(total, "jobs") as bar:
-        def submit(task_stages: list[str], cell: Cell):
-            return pool.submit(_pool_task, spec_json, str(layout.root), layout.name, task_stages, cell.as_dict())
-
-        futures = {}
-        if TRAIN in stages:
-            futures.update({submit([TRAIN], j.cell): ([TRAIN], j.cell) for j in cost_order(stage_jobs(spec, TRAIN))})
-        elif metric_stages:
-            futures.update({submit(metric_stages, c): (metric_stages, c) for c in spec.cells()})
-        while futures:
-            try:
-                fut = next(as_completed(futures))
-            except KeyboardInterrupt:
-                for fut in futures:
-                    fut.cancel()
-                raise
-            task_stages, cell = futures.pop(fut)
-            outcome = attempt(cell.id, fut.result, fatal=())  # the task itself failed: each of its jobs did
-            outcomes = ({s: JobFailure(Job(s, cell).id, outcome.cause, outcome.trace) for s in task_stages}
-                        if isinstance(outcome, JobFailure) else outcome)
-            for stage, outcome in outcomes.items():
-                reports[stage].add(Job(stage, cell), outcome)
-                bar.update()
-            if task_stages == [TRAIN] and metric_stages:
-                futures[submit(metric_stages, cell)] = (metric_stages, cell)
-    return reports

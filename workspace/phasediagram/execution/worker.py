@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from phasediagram.errors import CorruptFile, SpecError
-from phasediagram.execution.failures import JobFailure, attempt
-from phasediagram.execution.jobs import run_job, stage_jobs
+from phasediagram.execution.failures import JobFailure
+from phasediagram.execution.jobs import run_jobs, stage_jobs
 from phasediagram.execution.runtime import check_device, configure_worker, freeze_alive
 from phasediagram.resolve import load_spec
 from phasediagram.storage.layout import Layout
@@ -47,8 +47,7 @@ def main(argv=None) -> int:
             raise SpecError("index", f"{args.index} is out of range: stage {args.stage} has {len(jobs)} job(s), "
                             f"{args.jobs_per_task} per task")
         failed = 0
-        for job in jobs[first:first + args.jobs_per_task]:
-            outcome = attempt(job.id, lambda job=job: run_job(spec, layout, job, device))
+        for job, outcome in run_jobs(spec, layout, jobs[first:first + args.jobs_per_task], device):
             if isinstance(outcome, JobFailure):  # report it and go on with the task's other jobs
                 failed += 1
                 print(f"{job.id}: FAILED: {type(outcome.cause).__name__}: {outcome.cause}", file=sys.stderr,
