@@ -94,6 +94,7 @@ def compare(model: nn.Module) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="SGD steps of the trained models")
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/performance.md")
     args = parser.parse_args()
     try:
         import weightwatcher  # noqa: F401
@@ -101,7 +102,7 @@ def main() -> int:
         print("weightwatcher is not installed (requirements-dev.txt: weightwatcher==0.7.7, powerlaw==1.5, safetensors)")
         return 0
     print(f"{'model':30s} {'state':7s} read fitted same  max|dalpha| weighted(ours) weighted(ww) |dweighted|")
-    ok = True
+    ok, rows = True, []
     for arch, width, shape in MODELS:
         label = arch if width is None else f"{arch} w{width}"
         for state in ("init", "trained"):
@@ -113,7 +114,19 @@ def main() -> int:
             ok &= r["same_layers"] and r["max_diff"] <= TOL and dw <= TOL
             print(f"{label:30s} {state:7s} {r['read']:4d} {r['ww']:6d} {str(r['same_layers']):5s} {r['max_diff']:11.2e} "
                   f"{r['weighted']:14.6f} {r['ww_weighted']:12.6f} {dw:11.2e}")
-    print("all within 1e-4 on the same layers" if ok else "DIFFERENCES beyond 1e-4 or different layers")
+            rows.append([label, state, r["read"], r["ww"], r["same_layers"], f"{r['max_diff']:.1e}",
+                         f"{r['weighted']:.6f}", f"{r['ww_weighted']:.6f}", f"{dw:.1e}"])
+    verdict = "all within 1e-4 on the same layers" if ok else "DIFFERENCES beyond 1e-4 or different layers"
+    print(verdict)
+    if args.write_docs:
+        import report  # bench/report.py: bench/ is the script's folder, so on sys.path
+
+        report.write_section("esd", report.command(__file__), (
+            "`esd_alpha` against weightwatcher 0.7.7's `analyze()` (powerlaw 1.5), per model at init and after "
+            f"{args.steps} SGD steps: layers read, layers weightwatcher fits, whether ours fits the same ones, the "
+            f"largest alpha difference over them and both weighted alphas; {verdict}.\n\n"
+            + report.table(["model", "state", "layers read", "fitted (ww)", "same layers", "max abs d alpha",
+                            "weighted (ours)", "weighted (ww)", "abs d weighted"], rows)))
     return 0 if ok else 1
 
 
