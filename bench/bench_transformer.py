@@ -23,11 +23,10 @@ gradient by reverse mode (torch.func.jacrev of torch.func.grad).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+from bench_peak import median_time  # bench/: the script's folder, so on sys.path
 from torch.func import functional_call, grad, jacrev
 from torch.nn import functional as F
 
@@ -35,16 +34,6 @@ from phasediagram.data.sequences import modular_arithmetic
 from phasediagram.models import families
 from phasediagram.numerics import linalg
 from phasediagram.numerics.hvp import HessianOperator, flatten, unflatten
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def timings(width: int, batch: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
@@ -64,8 +53,9 @@ def timings(width: int, batch: int, dtype: torch.dtype, repeats: int) -> dict[st
         g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
         torch.autograd.grad(g, params, grad_outputs=v)
 
-    return {"gradient": median_time(gradient, repeats), "HVP, cached": median_time(lambda: op.matvec(vector), repeats),
-            "HVP, uncached": median_time(uncached, repeats), "P": op.dim}
+    return {"gradient": median_time(gradient, repeats, warmup=1),
+            "HVP, cached": median_time(lambda: op.matvec(vector), repeats, warmup=1),
+            "HVP, uncached": median_time(uncached, repeats, warmup=1), "P": op.dim}
 
 
 def eigenvalue_agreement() -> tuple[float, float, int]:
