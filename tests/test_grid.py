@@ -36,7 +36,7 @@ from .conftest import tiny_spec
     ("epochs", 0, "out of range"),
     ("lrs", (0.0,), "out of range"),
     ("lrs", (float("nan"),), "not a finite number"),
-    ("schedule", "cosine", "not one of constant, step"),
+    ("schedule", "linear", "not one of constant, step, cosine"),
     ("name", "../escape", "must be 1-64 characters"),
     ("name", "/abs", "must be 1-64 characters"),
     ("load_axis", "depth", "not one of width, train_fraction, label_noise"),
