@@ -28,7 +28,7 @@ OUTCOME_COLORS = {"stable": "#7f7f7f", "progressive_sharpening": "#9467bd", "edg
                   "catapult": "#17becf", "diverged": "#d62728"}
 LABELS = {"lambda_max": r"$\lambda_{max}$", "loss": "loss (subset)", "trace": "tr H", "grad_norm": "|g|",
           "noise_scale": r"$B_{simple}$", "weight_norm": r"$|\theta|$", "distance": r"$|\theta - \theta_0|$",
-          "accuracy": "accuracy (subset)", "lr_lambda_max": r"lr $\lambda_{max}$"}
+          "accuracy": "accuracy (%, subset)", "lr_lambda_max": r"lr $\lambda_{max}$"}
 LOG_SCALE = ("loss", "noise_scale", "grad_norm")
 
 

@@ -5,7 +5,7 @@ At step k of a run (after k optimizer steps; k = 0 is the initial model, the ste
 run of a study), with theta the trainable parameters and the model in eval mode (BatchNorm reads
 its running statistics), L(theta) = (1/|S|) sum_{i in S} l(f_theta(x_i), y_i), l the cross-entropy:
 
-- `loss`: L; `accuracy`: the fraction of S classified right;
+- `loss`: L; `accuracy`: the percentage of S's labelled targets classified right (as the table's `acc`);
 - `lambda_max`: the largest eigenvalue of H = d^2 L / d theta^2, by Lanczos (`linalg.lanczos_eigs`,
   stopped when the gap bound is within `tol` of it) on Hessian-vector products (`hvp.HessianOperator`),
   warm-started from the previous point's top Ritz vector u: H changes little between points, so u
@@ -45,6 +45,7 @@ import torch
 from torch.nn import functional as F
 
 from phasediagram.data.datasets import Split
+from phasediagram.data.sequences import IGNORE
 from phasediagram.models.modes import eval_mode
 from phasediagram.numerics import linalg
 from phasediagram.numerics.hvp import HessianOperator, flatten, trainable
@@ -89,7 +90,8 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, options: T
         outputs = model(x)
         value = float(loss(outputs, y))
         out = {"loss": value,
-               "accuracy": float((outputs.argmax(1) == y).double().mean()) if "accuracy" in want else math.nan,
+               "accuracy": (100.0 * float((outputs.argmax(1) == y).sum()) / max(int((y != IGNORE).sum()), 1)
+                            if "accuracy" in want else math.nan),
                "weight_norm": float(torch.linalg.vector_norm(theta)),
                "distance": float(torch.linalg.vector_norm(theta - init.to(theta)))}
     out = {q: out.get(q, math.nan) for q in want}
