@@ -1,13 +1,17 @@
-"""Hessian top eigenvalue and trace: this package against PyHessian 0.1, on the same model and batch.
+"""Hessian top eigenvalue and trace: this package against PyHessian 0.1, on the same models and batch.
 
-Model: resnet1d (width 16 by default, 28,506 parameters) trained briefly with SGD on MNIST-1D
-(seeded), float32, eval mode; batch: 200 seeded training examples; loss: mean cross-entropy.
+Models (`--models`, arch:width): resnet1d width 7 (a BatchNorm conv net of 5,799 parameters),
+resnet1d width 16 (28,506 parameters) and mlp width 64 (7,434 parameters), each trained
+briefly with SGD on MNIST-1D (seeded), float32, eval mode; batch: 200 seeded training examples;
+loss: mean cross-entropy. Sections 1 and 2 run on every model, sections 3-5 on the first
+(resnet1d width 7), section 6 on `--cert-models` (resnet1d width 7 and mlp width 64).
 Everything runs with one torch thread (as the job pool's workers do), which also keeps timings
 sane on a shared machine.
 
 Printed, each measured side by side in this run (time.perf_counter medians over `--repeats`
 runs after one warm-up run each, the methods interleaved within every repeat, each repeat with
-its own random start):
+its own random start; a speed ratio is the median over the repeats of the two arms' ratio in
+that repeat):
 
 1. Top eigenvalue at the same tolerance (1e-3, at most 100 products): PyHessian's power iteration
    (`eigenvalues(maxIter=100, tol=1e-3)`, lambda_max alone) vs our Lanczos for lambda_max alone
@@ -21,20 +25,29 @@ its own random start):
    converged (the eigenvalue of largest magnitude needs both ends). Then the same error: PyHessian
    at tighter tolerances, against the gap rule from the gradient start for lambda_max alone.
 2. Trace, both with at most 100 probes and tol 1e-3: our Hutchinson (same reference stopping
-   rule, with |trace|) and Hutch++ (sketch 10) vs PyHessian's `trace(maxIter=100, tol=1e-3)`.
+   rule, with |trace|) and Hutch++ (sketch 10) vs PyHessian's `trace(maxIter=100, tol=1e-3)`;
+   then at equal products, 42 each (tol 0, so every run takes them all): our Hutch++ (sketch 14,
+   28 products, then 14 probes) against PyHessian's Hutchinson (42 probes).
 3. Lanczos vs power iteration: products needed to reach relative accuracy 1e-2 ... 1e-6, on the
    trained model and at initialisation: (a) both from the same random start (as before);
    (b) both from the same gradient-mixed start; (c) products until each method's own
    a-posteriori bound first certifies the target (Lanczos: gap bound min(r, r^2/gap) and residual
    bound r; power iteration: its residual ||H v - mu v||, the only bound it has), with the worst
-   true error at that point over the starts, in units of the target (<= 1: the certificate held).
+   true error at that point over the starts, in units of the target (<= 1: the certificate held
+   in those `--seeds` starts; section 6 counts over many starts).
 4. Hessian-vector products: cached double backward vs torch.func forward-over-reverse.
 5. The k largest eigenvalues (k in --top-k, default 1, 2, 3, 5; the metric's `top_k`): products
    until all k are within 1e-2 ... 1e-4 of the exact values, our Lanczos against power iteration
    with deflation (PyHessian's `top_n`: each next eigenvalue by power iteration on H projected off
    the eigenvectors found before), from random starts, on the trained model and at initialisation
    (a k whose lambda_k is below |lambda_min| is left out: power iteration finds another set there).
-6. (with --sweep) Robustness of the stopping rules and starts at tol 1e-3 on 20 Hessians
+6. Certificates over `--starts` random starts (default 40) on each `--cert-models`, tol 1e-3: for each
+   stopping rule and start of section 1 (lambda_max alone, float32 as the metric) and the
+   metric's default (both ends), the median products, the worst true error in units of tol and
+   the number of starts whose answer is further than tol from the exact lambda_max; power
+   iteration with the reference's change rule (`linalg.power_iteration`, PyHessian's algorithm)
+   for comparison.
+7. (with --sweep) Robustness of the stopping rules and starts at tol 1e-3 on 20 Hessians
    (resnet1d widths 4, 8, 32 and mlp widths 32, 128, each after 0, 1, 5 and 20 epochs), with
    --sweep-starts random starts each: median products, worst error / tol and the number of
    runs beyond tol, for our Lanczos rules and starts and for power iteration with the reference's
@@ -42,14 +55,14 @@ its own random start):
 
 "Exact" values: the top eigenvalue from Lanczos on the float64 copy of the model run to a
 residual of 1e-10 (exact to ~1e-10 relative, far below the float32 errors measured). The trace
-cannot be formed exactly at this size (28,506 products), so its reference is a long float64
+of a larger model is not formed exactly (one product per parameter), so its reference is a long float64
 Hutch++ estimate (`--ref-sketch` + `--ref-probes` products), printed with its standard error;
-with `--width 4` (2,046 parameters) the exact trace sum_i e_i^T H e_i is used instead.
+for a model of at most 5,000 parameters the exact trace sum_i e_i^T H e_i is used instead.
 
     python bench/bench_hessian.py
-    python bench/bench_hessian.py --width 4 --repeats 5
-    python bench/bench_hessian.py --sweep   # adds section 6 (printed only)
-    python bench/bench_hessian.py --write-docs   # also writes the tables of sections 1-5 into docs/performance.md
+    python bench/bench_hessian.py --models resnet1d:4 mlp:32 --repeats 5
+    python bench/bench_hessian.py --sweep   # adds section 7 (printed only)
+    python bench/bench_hessian.py --write-docs   # also writes the tables of sections 1-6 into docs/performance.md
 """
 
 from __future__ import annotations
@@ -75,6 +88,7 @@ from phasediagram.numerics.hvp import HessianOperator
 
 TOL = 1e-3
 MAX_ITER = 100
+EQUAL_PRODUCTS = 42  # the fixed budget of section 2's equal-products rows
 EXACT_TRACE_MAX_PARAMS = 5000
 
 
@@ -95,11 +109,12 @@ def trained_model(width: int, epochs: int, dataset, arch: str = "resnet1d") -> n
     return model.eval()
 
 
-def timed(fns: dict, repeats: int) -> dict:
+def timed(fns: dict, repeats: int, per_repeat: dict | None = None) -> dict:
     """name -> (median seconds, results) over `repeats` calls fn(r), r = 0..repeats-1.
 
     One warm-up call each first; the methods are interleaved within every repeat (in rotating
-    order), so a change in machine load hits all of them alike.
+    order), so a change in machine load hits all of them alike. `per_repeat`, when given, receives
+    name -> the list of each repeat's seconds (for `paired_ratio`).
     """
     for fn in fns.values():
         fn(0)
@@ -112,7 +127,14 @@ def timed(fns: dict, repeats: int) -> dict:
             out = fns[name](r)
             times[name].append(time.perf_counter() - t0)
             results[name].append(out)
+    if per_repeat is not None:
+        per_repeat.update(times)
     return {k: (statistics.median(times[k]), results[k]) for k in fns}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over repeats of numerator[r] / denominator[r] (two arms timed in the same repeat)."""
+    return float(np.median(np.array(numerator) / np.array(denominator)))
 
 
 # --------------------------------------------------------------------------- the two implementations
@@ -127,11 +149,11 @@ def ours_top(model, x, y, r: int, rule: str = "gap", start: str = "gradient", bo
     return float(res.top[0]), res.n_products
 
 
-def ours_trace(model, x, y, r: int, sketch: int = 0):
+def ours_trace(model, x, y, r: int, sketch: int = 0, probes: int = MAX_ITER, tol: float = TOL):
     op = HessianOperator(model, x, y)
     g = torch.Generator().manual_seed(r)
-    res = linalg.hutchpp(op, op.dim, sketch, MAX_ITER, TOL, g) if sketch else \
-        linalg.hutchinson(op, op.dim, MAX_ITER, TOL, g)
+    res = linalg.hutchpp(op, op.dim, sketch, probes, tol, g) if sketch else \
+        linalg.hutchinson(op, op.dim, probes, tol, g)
     return res.value, res.n_products
 
 
@@ -146,12 +168,13 @@ def pyhessian_top(model, x, y, r: int, tol: float = TOL, max_iter: int = MAX_ITE
     return value, counter()
 
 
-def pyhessian_trace(model, x, y, r: int):
+def pyhessian_trace(model, x, y, r: int, max_iter: int = MAX_ITER, tol: float = TOL):
+    """PyHessian's Hutchinson; with tol 0 it takes all `max_iter` probes (its test is `change < tol`)."""
     from pyhessian import hessian
 
     torch.manual_seed(r)
     h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-    samples = h.trace(maxIter=MAX_ITER, tol=TOL)
+    samples = h.trace(maxIter=max_iter, tol=tol)
     model.zero_grad(set_to_none=True)
     return float(np.mean(samples)), len(samples)
 
@@ -208,13 +231,13 @@ def header(title: str) -> None:
     print(f"\n{title}\n  {'method':<30} {'time (s)':>9} {'HVPs':>7} {'value':>12} {'med err':>10} {'max err':>10}")
 
 
-def run_rows(model, x, y, exact: float, repeats: int, entries) -> dict[str, tuple[float, list[float], float]]:
+def run_rows(model, x, y, exact: float, repeats: int, entries) -> dict[str, tuple[float, list[float], float, list[float]]]:
     """Time (interleaved) and print each (name, fn(model, x, y, r) -> (value, products)); return
-    name -> (median seconds, relative errors, median products)."""
+    name -> (median seconds, relative errors, median products, each repeat's seconds)."""
     fns = {name: (lambda r, fn=fn: fn(model, x, y, r)) for name, fn in entries}
-    out = {}
-    for name, (seconds, res) in timed(fns, repeats).items():
-        out[name] = (seconds, [rel(v, exact) for v, _ in res], float(np.median([n for _, n in res])))
+    out, times = {}, {}
+    for name, (seconds, res) in timed(fns, repeats, times).items():
+        out[name] = (seconds, [rel(v, exact) for v, _ in res], float(np.median([n for _, n in res])), times[name])
         row(name, seconds, [n for _, n in res], out[name][1], [v for v, _ in res])
     return out
 
@@ -232,64 +255,80 @@ def ours_name(rule: str, start: str) -> str:
     return f"ours: {rule} rule, {start} start"
 
 
-def compare_top(model, x, y, exact: float, repeats: int) -> str:
-    """Section 1, printed; returns its markdown."""
-    header(f"1. top eigenvalue, same tolerance (tol {TOL:g}, <= {MAX_ITER} products); exact = {exact:.8g} "
+def compare_top(model, x, y, exact: float, repeats: int, label: str) -> str:
+    """Section 1 on one model, printed; returns its markdown."""
+    header(f"1. {label}: top eigenvalue, same tolerance (tol {TOL:g}, <= {MAX_ITER} products); exact = {exact:.8g} "
            f"(float64 Lanczos, residual 1e-10)")
     res = run_rows(model, x, y, exact, repeats, [("PyHessian power iteration", pyhessian_top)] + [
         (ours_name(rule, start), lambda m, a, b, r, rule=rule, start=start: ours_top(m, a, b, r, rule, start))
         for rule, start in OURS] + [(METRIC_DEFAULT, lambda m, a, b, r: ours_top(m, a, b, r, both_ends=True))])
-    t_py, e_py, _ = res["PyHessian power iteration"]
+    py = res["PyHessian power iteration"]
     for name in list(res)[1:]:
-        t, e, _ = res[name]
-        print(f"  {name[6:50]:<26}: speed-up {t_py / t:.2f}x (target >= 2x), median error ours / PyHessian "
-              f"{np.median(e) / np.median(e_py):.2g}, max error ours / PyHessian {np.max(e) / np.max(e_py):.2g} "
-              f"(target <= 1)")
+        t, e, _, ts = res[name]
+        print(f"  {name[6:50]:<26}: speed-up {paired_ratio(py[3], ts):.2f}x (target >= 2x), median error ours / "
+              f"PyHessian {np.median(e) / np.median(py[1]):.2g}, max error ours / PyHessian "
+              f"{np.max(e) / np.max(py[1]):.2g} (target <= 1)")
     default = ours_name(*OURS[0])
-    t_us, e_us, _ = res[default]
     print(f"\n  same error: PyHessian with tighter tolerances (<= 1000 products) vs {default[6:]} at tol {TOL:g}")
     tighter = run_rows(model, x, y, exact, repeats, [
         (f"PyHessian power, tol {t:g}", lambda m, a, b, r, t=t: pyhessian_top(m, a, b, r, t, 1000))
-        for t in (1e-4, 1e-5, 1e-6)])
-    match = next(((n, t) for n, (t, e, _) in tighter.items() if np.median(e) <= np.median(e_us)), None)
+        for t in (1e-4, 1e-5, 1e-6)] + [(default, lambda m, a, b, r: ours_top(m, a, b, r))])
+    ours_again = tighter.pop(default)
+    match = next((n for n, (_, e, _, _) in tighter.items() if np.median(e) <= np.median(ours_again[1])), None)
     if match:
-        print(f"  first PyHessian setting with median error <= ours: {match[0]}; speed-up {match[1] / t_us:.2f}x")
+        speed = paired_ratio(tighter[match][3], ours_again[3])
+        print(f"  first PyHessian setting with median error <= ours: {match}; speed-up {speed:.2f}x")
         same = (f"The first PyHessian setting whose median error is at most ours (gap rule, gradient start, "
-                f"lambda_max alone): {match[0]}; ours is **{match[1] / t_us:.2f}x** faster.")
+                f"lambda_max alone): {match}; ours is **{speed:.2f}x** faster (timed alternating with it).")
     else:
         print("  no PyHessian setting tried reached our median error")
         same = ("No PyHessian setting tried (tol down to 1e-6) reached the median error of ours (gap rule, gradient "
                 "start, lambda_max alone).")
     rows = []
-    for name, (t, e, n) in {**res, **tighter}.items():
-        label = name + (" (lambda_max alone, as PyHessian)" if name == default else "")
-        speed = f"**{t_py / t:.2f}x**" if name == default else f"{t_py / t:.2f}x"
-        rows.append([label, f"{t:.3f}", f"{n:.0f}", errors(e), speed])
-    return (f"Top eigenvalue at tol {TOL:g} (at most {MAX_ITER} products; PyHessian at tighter tolerances at most "
-            f"1000); exact value {exact:.6g} (float64 Lanczos). Every row computes lambda_max alone, as PyHessian's "
-            f"`eigenvalues` does, except the metric's default, which also waits for lambda_min (for the eigenvalue "
-            f"of largest magnitude, signed):\n\n"
+    for name, (t, e, n, ts) in res.items():
+        tag = " (lambda_max alone, as PyHessian)" if name == default else ""
+        speed = paired_ratio(py[3], ts)
+        rows.append([name + tag, f"{t:.3f}", f"{n:.0f}", errors(e),
+                     f"**{speed:.2f}x**" if name == default else f"{speed:.2f}x"])
+    for name, (t, e, n, ts) in tighter.items():
+        rows.append([name, f"{t:.3f}", f"{n:.0f}", errors(e), f"ours {paired_ratio(ts, ours_again[3]):.2f}x faster"])
+    return (f"{label}: top eigenvalue at tol {TOL:g} (at most {MAX_ITER} products; PyHessian at tighter tolerances "
+            f"at most 1000); exact value {exact:.6g} (float64 Lanczos). Every row computes lambda_max alone, as "
+            f"PyHessian's `eigenvalues` does, except the metric's default, which also waits for lambda_min (for the "
+            f"eigenvalue of largest magnitude, signed). Speed: the median over repeats of PyHessian's time / the row's "
+            f"(the tighter PyHessian rows: the row's time / ours', timed together):\n\n"
             + report.table(["method", "time (s)", "products", "median / max relative error",
                             f"speed vs PyHessian at tol {TOL:g}"], rows) + "\n\n" + same)
 
 
-def compare_trace(model, x, y, ref: tuple[float, float, str], repeats: int) -> str:
-    """Section 2, printed; returns its markdown."""
+def compare_trace(model, x, y, ref: tuple[float, float, str], repeats: int, label: str) -> str:
+    """Section 2 on one model, printed; returns its markdown."""
     value, stderr, how = ref
-    header(f"2. trace (tol {TOL:g}, <= {MAX_ITER} probes); reference = {value:.6g} +- {stderr:.2g} ({how})")
+    m = EQUAL_PRODUCTS
+    fixed = f"ours: Hutch++, {m} products (sketch {m // 3} + {m // 3} probes, tol 0)"
+    equal = f"PyHessian Hutchinson, {m} probes (tol 0)"
+    header(f"2. {label}: trace (tol {TOL:g}, <= {MAX_ITER} probes); reference = {value:.6g} +- {stderr:.2g} ({how})")
     res = run_rows(model, x, y, value, repeats, (
         ("PyHessian Hutchinson", pyhessian_trace), ("ours: Hutchinson", ours_trace),
-        ("ours: Hutch++ (sketch 10)", lambda m, a, b, r: ours_trace(m, a, b, r, sketch=10))))
-    t_py, e_py, _ = res["PyHessian Hutchinson"]
-    for name in list(res)[1:]:
-        t, e, _ = res[name]
-        print(f"  {name[6:]}: speed-up {t_py / t:.2f}x, median error ours / PyHessian "
-              f"{np.median(e) / np.median(e_py):.2g}")
-    rows = [[name, f"{t:.3f}", f"{n:.0f}", errors(e), f"{t_py / t:.2f}x", f"{np.median(e) / np.median(e_py):.2f}x"]
-            for name, (t, e, n) in res.items()]
-    return (f"Trace at tol {TOL:g} (at most {MAX_ITER} probes); reference {value:.6g} +- {stderr:.2g} ({how}):\n\n"
+        ("ours: Hutch++ (sketch 10)", lambda m, a, b, r: ours_trace(m, a, b, r, sketch=10)),
+        (fixed, lambda net, a, b, r: ours_trace(net, a, b, r, m // 3, m // 3, 0.0)),
+        (equal, lambda net, a, b, r: pyhessian_trace(net, a, b, r, m, 0.0))))
+    py, plus, same = res["PyHessian Hutchinson"], res[fixed], res[equal]
+    rows = []
+    for name, (t, e, n, ts) in res.items():
+        speed = paired_ratio(py[3], ts)
+        ratio = np.median(e) / np.median(py[1])
+        print(f"  {name}: speed vs PyHessian {speed:.2f}x, median error / PyHessian's {ratio:.2g}")
+        rows.append([name, f"{t:.3f}", f"{n:.0f}", errors(e), f"{speed:.2f}x", f"{ratio:.2f}x"])
+    time_ratio = paired_ratio(plus[3], same[3])
+    error_ratio = np.median(plus[1]) / np.median(same[1])
+    print(f"  equal products: Hutch++ time / PyHessian's {time_ratio:.2f}, median error / PyHessian's {error_ratio:.2f}")
+    return (f"{label}: trace at tol {TOL:g} (at most {MAX_ITER} probes); reference {value:.6g} +- {stderr:.2g} "
+            f"({how}); speed: the median over repeats of PyHessian's time at tol {TOL:g} / the row's:\n\n"
             + report.table(["method", "time (s)", "products", "median / max relative error", "speed vs PyHessian",
-                            "median error / PyHessian's"], rows))
+                            "median error / PyHessian's"], rows)
+            + f"\n\nAt equal products ({m} each, timed together): ours: Hutch++ takes **{time_ratio:.2f}x** the time "
+            f"of PyHessian's Hutchinson for **{error_ratio:.2f}x** its median error.")
 
 
 def first_within(history: list[float], exact: float, target: float) -> int | None:
@@ -380,9 +419,10 @@ def compare_counts(models_: dict, x, y, max_iter: int, seeds: int) -> str:
     return (f"Products until the top eigenvalue stays within a relative error (float64 copies, median of {seeds} "
             "starts, the same for both): Lanczos / power iteration: ratio\n\n"
             + report.table(["model", "start", *head], oracle)
-            + "\n\nProducts until each method's own bound certifies the target (random start): Lanczos gap rule / "
-            "Lanczos residual rule / power iteration's residual, each with its worst true error there in units of "
-            "the target (at most 1: the certificate held)\n\n" + report.table(["model", *head], certified))
+            + f"\n\nProducts until each method's own bound certifies the target (random start, median of {seeds}): "
+            "Lanczos gap rule / Lanczos residual rule / power iteration's residual, each with its worst true error "
+            f"there over the {seeds} starts in units of the target (at most 1: the certificate held in those starts; "
+            "section 6 counts over many starts)\n\n" + report.table(["model", *head], certified))
 
 
 def exact_eigs(model, x, y, k: int) -> tuple[np.ndarray, float]:
@@ -478,13 +518,13 @@ def compare_topk(models_: dict, x, y, ks: tuple[int, ...], max_iter: int, seeds:
             + report.table(["model", "k", *(f"{t:.0e}" for t in targets)], rows))
 
 
-def compare_hvp(model, x, y, repeats: int) -> str:
+def compare_hvp(model, x, y, repeats: int, label: str = "resnet1d") -> str:
     """Section 4, printed; returns its markdown."""
     print("\n4. one Hessian-vector product (median ms; graph build excluded for the cached method)")
     rows = []
     torch.manual_seed(0)
     mlp = models.create("mlp", 32, (x.shape[1],), 10).eval()
-    for label, net in (("resnet1d", model), ("mlp width 32", mlp)):
+    for label, net in ((label, model), ("mlp width 32 at init", mlp)):
         ops = {m: HessianOperator(net, x, y, method=m) for m in ("double_backward", "func")}
         v = torch.randn(ops["func"].dim, generator=torch.Generator().manual_seed(0))
         ms = {m: 1e3 * t for m, (t, _) in timed({m: (lambda r, op=op: op.matvec(v)) for m, op in ops.items()},
@@ -496,6 +536,59 @@ def compare_hvp(model, x, y, repeats: int) -> str:
     return ("One Hessian-vector product, median ms:\n\n"
             + report.table(["model", "cached double backward (default)", "torch.func forward-over-reverse",
                             "func / double backward"], rows))
+
+
+CERT_CONFIGS = [(rule, start, False) for rule, start in OURS[:4]] + [("gap", "gradient", True), ("power", "random", False)]
+
+
+def cert_label(rule: str, start: str, both_ends: bool) -> str:
+    if rule == "power":
+        return "power iteration, change rule (PyHessian's)"
+    return f"{rule} rule, {start} start" + (", both ends (the metric's default)" if both_ends else "")
+
+
+def certificate_runs(op, exact: float, starts: int, configs=CERT_CONFIGS) -> dict:
+    """(rule, start, both_ends) -> (products, relative errors / TOL) of each random start r = 0..starts-1, at TOL
+    with float32 vectors as the metric; `exact` is lambda_max."""
+    hint = op.gradient()
+    out = {}
+    for rule, start, both in configs:
+        used, errs = [], []
+        for r in range(starts):
+            g = torch.Generator().manual_seed(r)
+            if rule == "power":
+                res = linalg.power_iteration(op, op.dim, MAX_ITER, TOL, g, dtype=vector_dtype(op))
+                value, n = res.eigenvalue, res.n_products
+            else:
+                res = linalg.lanczos_eigs(op, op.dim, 1, MAX_ITER, TOL, g, rule=rule, dtype=vector_dtype(op),
+                                          hint=hint if start == "gradient" else None, magnitude=both)
+                value, n = float(res.top[0]), res.n_products
+            used.append(n)
+            errs.append(rel(value, exact) / TOL)
+        out[(rule, start, both)] = (used, errs)
+    return out
+
+
+def compare_certificates(models_: dict, x, y, starts: int) -> str:
+    """Section 6: each rule's answer against the exact lambda_max over `starts` random starts per model."""
+    print(f"\n6. certificates at tol {TOL:g} over {starts} random starts (float32): median products, worst error / tol, "
+          "starts beyond tol")
+    rows = []
+    for label, model in models_.items():
+        exact = exact_top(model, x, y)
+        runs = certificate_runs(HessianOperator(model, x, y), exact, starts)
+        for config, (used, errs) in runs.items():
+            beyond = sum(e > 1 for e in errs)
+            print(f"  {label:<40} {cert_label(*config):<52} {np.median(used):5.1f} {max(errs):8.3g} {beyond:3d}/{starts}",
+                  flush=True)
+            rows.append([label, cert_label(*config), f"{np.median(used):.0f}", f"{max(errs):.2f}", f"{beyond} of {starts}"])
+    return (f"Certificates at tol {TOL:g}: each rule's answer for lambda_max against the exact value (float64 Lanczos) "
+            f"over {starts} random starts per model (seeds 0..{starts - 1}; float32 vectors, at most {MAX_ITER} "
+            "products). The gap rule's bound min(r, r^2 / gap) holds only under its gap assumption "
+            "(`linalg.ritz_bounds`); the residual rule's bound r needs none. Worst error in units of tol (at most 1: "
+            "every answer within tol):\n\n"
+            + report.table(["model", "rule and start", "median products", "worst error / tol", "starts beyond tol"],
+                           rows))
 
 
 SWEEP = [("resnet1d", 4), ("resnet1d", 8), ("resnet1d", 32), ("mlp", 32), ("mlp", 128)]
@@ -541,41 +634,62 @@ def sweep(ds, x, y, starts: int) -> None:
                                             f"power iteration {f}/{n}" for (r, st), (f, n) in total.items()))
 
 
+def model_label(arch: str, width: int, model: nn.Module, epochs: int) -> str:
+    kind = " (BatchNorm conv net)" if arch == "resnet1d" else ""
+    return f"{arch} width {width}{kind}, {models.n_params(model)} parameters, trained {epochs} ep"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--models", nargs="+", default=["resnet1d:7", "resnet1d:16", "mlp:64"],
+                    help="arch:width of the models of sections 1 and 2; sections 3-5 use the first")
+    ap.add_argument("--cert-models", nargs="+", default=["resnet1d:7", "mlp:64"], help="arch:width of section 6's models")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--power-iters", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3, help="random starts in sections 3 and 5")
+    ap.add_argument("--starts", type=int, default=40, help="random starts per model in section 6")
     ap.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 3, 5], help="k in section 5")
     ap.add_argument("--ref-sketch", type=int, default=50)
     ap.add_argument("--ref-probes", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default="/tmp/pd_data")
-    ap.add_argument("--sweep", action="store_true", help="add section 6 (robustness over 20 Hessians)")
+    ap.add_argument("--sweep", action="store_true", help="add section 7 (robustness over 20 Hessians)")
     ap.add_argument("--sweep-starts", type=int, default=10)
-    ap.add_argument("--write-docs", action="store_true", help="write the tables of sections 1-5 into docs/performance.md")
+    ap.add_argument("--write-docs", action="store_true", help="write the tables of sections 1-6 into docs/performance.md")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Using backward.. with create_graph=True")  # PyHessian's own call
     torch.set_num_threads(args.threads)
     ds = data.load("mnist1d", cache_dir=args.cache_dir)
-    model = trained_model(args.width, args.epochs, ds)
     b = ds.train.batch(args.batch, torch.Generator().manual_seed(0))
     x, y = b.x, b.y
-    print(f"resnet1d width {args.width}: {models.n_params(model)} parameters, {args.epochs} epochs of SGD; "
-          f"batch {len(y)} of MNIST-1D; float32; {args.threads} thread(s)")
-    parts = [f"resnet1d width {args.width} ({models.n_params(model)} parameters) trained {args.epochs} epochs, batch "
-             f"{len(y)} of MNIST-1D, float32, {args.threads} thread(s); times are medians of {args.repeats} repeats."]
-    parts.append(compare_top(model, x, y, exact_top(model, x, y), args.repeats))
-    parts.append(compare_trace(model, x, y, reference_trace(model, x, y, args.ref_sketch, args.ref_probes),
-                               args.repeats))
-    parts.append(compare_counts({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)},
-                                x, y, args.power_iters, args.seeds))
-    parts.append(compare_hvp(model, x, y, args.repeats))
-    parts.append(compare_topk({f"trained {args.epochs} ep": model, "at init": trained_model(args.width, 0, ds)}, x, y,
-                              tuple(args.top_k), args.power_iters, args.seeds))
+    trained = {}
+    for spec in dict.fromkeys(args.models + args.cert_models):
+        arch, width = spec.split(":")
+        model = trained_model(int(width), args.epochs, ds, arch)
+        trained[spec] = (model_label(arch, int(width), model, args.epochs), model)
+    nets = dict(trained[spec] for spec in args.models)
+    print("; ".join(nets) + f"; batch {len(y)} of MNIST-1D; float32; {args.threads} thread(s)")
+    parts = [f"Models: {'; '.join(nets)} (SGD on MNIST-1D); batch {len(y)} of MNIST-1D, float32, {args.threads} "
+             f"thread(s); times are medians of {args.repeats} repeats. The top eigenvalue and the trace against "
+             "PyHessian on every model; the certificates on "
+             + " and ".join(trained[spec][0] for spec in args.cert_models)
+             + f"; the product counts and the Hessian-vector product on the first ({next(iter(nets))}) and that "
+             "architecture at init."]
+    for label, model in nets.items():
+        parts.append(compare_top(model, x, y, exact_top(model, x, y), args.repeats, label))
+    for label, model in nets.items():
+        parts.append(compare_trace(model, x, y, reference_trace(model, x, y, args.ref_sketch, args.ref_probes),
+                                   args.repeats, label))
+    parts.append(compare_certificates(dict(trained[spec] for spec in args.cert_models), x, y, args.starts))
+    first_label, first = next(iter(nets.items()))
+    arch, width = args.models[0].split(":")
+    at_init = trained_model(int(width), 0, ds, arch)
+    pair = {f"{arch} width {width}, trained {args.epochs} ep": first, f"{arch} width {width}, at init": at_init}
+    parts.append(compare_counts(pair, x, y, args.power_iters, args.seeds))
+    parts.append(compare_hvp(first, x, y, args.repeats, first_label))
+    parts.append(compare_topk(pair, x, y, tuple(args.top_k), args.power_iters, args.seeds))
     if args.write_docs:
         report.write_section("hessian", report.command(__file__, argv), "\n\n".join(parts))
     if args.sweep:
