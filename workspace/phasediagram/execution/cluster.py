@@ -52,6 +52,7 @@ from phasediagram.resolve import load_spec
 from phasediagram.spec.experiment import Cell, ExperimentSpec
 from phasediagram.storage import checkpoints
 from phasediagram.storage.layout import Layout
+from phasediagram.training.train import RESUMABLE
 
 DEFAULT_SLURM_MINUTES = 60  # asked of Slurm per task when --time is not given (tasks requeue on timeout)
 DEFAULT_LOCAL_MINUTES = 7 * 24 * 60  # LocalExecutor kills tasks after 2 minutes unless told otherwise
@@ -104,13 +105,20 @@ class StageTask(submitit.helpers.Checkpointable):
 
     @staticmethod
     def _say_resume(spec, layout, cell) -> None:
+        """One line per unfinished run of `cell` with a training state on disk: the latest epoch of its
+        `last.pt` and `prev.pt` (a run stopped while saving an epoch holds only `prev.pt`)."""
         for seed in spec.seeds:
-            path = layout.checkpoint(cell, seed, "last")
-            if path.exists() and not layout.checkpoint(cell, seed, "final").exists():
+            if layout.checkpoint(cell, seed, "final").exists():
+                continue
+            states = []
+            for kind in RESUMABLE:
+                path = layout.checkpoint(cell, seed, kind)
                 try:
-                    epoch = checkpoints.load(path)["epoch"]
-                except CorruptFile:
-                    continue  # train.py reports it and starts over
+                    states.append((checkpoints.load(path)["epoch"], str(path)))
+                except (FileNotFoundError, CorruptFile):
+                    continue  # train.py reports a corrupt one and resumes from the other or starts over
+            if states:
+                epoch, path = max(states)
                 print(f"train:{cell.id} seed {seed}: resumes after epoch {epoch} from {path}", flush=True)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
