@@ -596,7 +596,7 @@ SWEEP = [("resnet1d", 4), ("resnet1d", 8), ("resnet1d", 32), ("mlp", 32), ("mlp"
 
 def sweep(ds, x, y, starts: int) -> None:
     configs = list(OURS[:4])
-    print(f"\n6. stopping rules on 20 Hessians, tol {TOL:g}, {starts} random starts each: median products / worst "
+    print(f"\n7. stopping rules on 20 Hessians, tol {TOL:g}, {starts} random starts each: median products / worst "
           f"error in units of tol / runs beyond tol (float32 products, float32 vectors)")
     print(f"  {'model':<16} {'lambda_1':>9} {'lambda_2':>9} " + " ".join(f"{r + '/' + st[:4]:>17}" for r, st in configs)
           + f" {'power (ref.)':>17}")
@@ -608,22 +608,10 @@ def sweep(ds, x, y, starts: int) -> None:
             op64 = HessianOperator(m64, x.double(), y)
             top2 = linalg.lanczos_eigs(op64, op64.dim, 2, 400, 1e-10, torch.Generator().manual_seed(123),
                                        rule="residual").top
-            op = HessianOperator(model, x, y)
-            hint = op.gradient()
+            runs = certificate_runs(HessianOperator(model, x, y), float(top2[0]), starts,
+                                    [(rule, start, False) for rule, start in total])
             cells = []
-            for rule, start in configs + [("power", "random")]:
-                used, errors = [], []
-                for r in range(starts):
-                    g = torch.Generator().manual_seed(r)
-                    if rule == "power":
-                        res = linalg.power_iteration(op, op.dim, MAX_ITER, TOL, g, dtype=vector_dtype(op))
-                        value, n = res.eigenvalue, res.n_products
-                    else:
-                        res = linalg.lanczos_eigs(op, op.dim, 1, MAX_ITER, TOL, g, rule=rule, dtype=vector_dtype(op),
-                                                  hint=hint if start == "gradient" else None)
-                        value, n = float(res.top[0]), res.n_products
-                    used.append(n)
-                    errors.append(rel(value, top2[0]) / TOL)
+            for (rule, start, _), (used, errors) in runs.items():
                 fails = sum(e > 1 for e in errors)
                 total[(rule, start)][0] += fails
                 total[(rule, start)][1] += starts
